@@ -1,0 +1,1 @@
+"""The coordinator: pair state, epochs, failed-extent derivation, node registry."""

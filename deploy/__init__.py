@@ -1,0 +1,1 @@
+"""Deployment: the local multi-process harness used by tests and `syncrep demo`."""

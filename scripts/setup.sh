@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Set up a development/run environment on a fresh machine:
+#   - Debian packages the tests use (when run as root and apt is available)
+#   - a virtualenv in .venv with syncrep installed (editable) plus dev tools
+# Idempotent: re-running only installs what is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+APT_PACKAGES=(iproute2 iptables)
+
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  missing=()
+  for p in "${APT_PACKAGES[@]}"; do
+    dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
+  done
+  if [ "${#missing[@]}" -gt 0 ]; then
+    echo "setup: installing Debian packages: ${missing[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+  fi
+fi
+
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  echo "setup: creating virtualenv .venv with $($PY --version)"
+  $PY -m venv .venv
+fi
+.venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
+echo "setup: installing syncrep and its dev dependencies into .venv"
+.venv/bin/python -m pip install -q -e '.[dev]' 2>&1 | grep -v -E '^(WARNING|DEPRECATION)' || true
+.venv/bin/python -c 'import syncrep.pb.syncrep_pb2, grpc, pyroaring, google_crc32c' \
+  || { echo "setup: installation failed" >&2; exit 1; }
+echo "setup: done. Run .venv/bin/syncrep --help"

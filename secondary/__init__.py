@@ -1,0 +1,1 @@
+"""The secondary role: applies replicated writes and resync streams, answers ack or NACK."""
