@@ -157,13 +157,13 @@ class ReplicationLink:
         self._outbox.put_nowait(pb.ReplicateRequest(batch=msg))
         return futs
 
-    def send_marker(self, seq: int, name: str) -> None:
+    def send_marker(self, seq: int, name: str, keep: int) -> None:
         """A common-snapshot marker, in order with the writes: it follows
         every write with a smaller seq."""
         if self.failed:
             raise LinkError("send on a failed link")
         self._outbox.put_nowait(
-            pb.ReplicateRequest(marker=pb.SnapshotMarker(seq=seq, name=name, epoch=self.epoch))
+            pb.ReplicateRequest(marker=pb.SnapshotMarker(seq=seq, name=name, epoch=self.epoch, keep=keep))
         )
 
     # ------------------------------------------------------------ tasks

@@ -26,18 +26,27 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
 
 from coordinator.extents import derive_failed_extents
-from coordinator.pairstate import Event, PairState, transition
+from coordinator.pairstate import PairEvent, PairState, transition
 from primary.link import LinkError, ReplicationLink
+from primary.resync import Counters, RateLimiter, ResyncError, ResyncPlan, RoundSender, RoundSpec, round_pieces
 from syncrep.blockstore import Extent
 from syncrep.config import NodeOptions
-from syncrep.errors import InvalidArgument, ResourceExhausted, SyncrepError, Unavailable, check_io_range
+from syncrep.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    ResourceExhausted,
+    SyncrepError,
+    Unavailable,
+    check_io_range,
+)
 from syncrep.pb import syncrep_pb2 as pb
 from syncrep.rpc import MAX_WRITE_BYTES
+from secondary.classify import nack_code
 from syncrep.volumes import LocalVolume
 
 log = logging.getLogger(__name__)
@@ -46,6 +55,13 @@ META_STATE = "pair.state"
 META_FAILED = "pair.failed_extents"
 META_FAULT_SNAP = "pair.fault_snapshot_id"
 META_LAST_ERROR = "pair.last_error"
+# "1" only after a graceful stop. A primary that finds "0" while in sync crashed
+# with writes possibly in flight: failure information is missing.
+META_CLEAN = "pair.clean"
+# Name of the common snapshot both sides roll back to when failure
+# information was lost (see ``_recover_from_unclean_stop``).
+META_ROLLBACK_TO = "pair.rollback_to"
+COMMON_PREFIX = "common-"
 
 Reporter = Callable[[pb.ReplicationReport], Awaitable[None]]
 
@@ -81,8 +97,11 @@ class PrimaryVolume:
         self.link: ReplicationLink | None = None
         self._queue: asyncio.Queue[_Write] = asyncio.Queue(maxsize=options.queue_writes)
         self._holdover: _Write | None = None
+        # The quiesce gate: the sequencer takes no new batch while any holder
+        # (degrade, periodic snapshot, final resync round) holds it closed.
         self._gate = asyncio.Event()
         self._gate.set()
+        self._gate_holds = 0
         self._settled = asyncio.Event()
         self._settled.set()
         self._degrading = False
@@ -90,10 +109,19 @@ class PrimaryVolume:
         self._closed = False
         self.last_stall_s = 0.0
         self.resync_progress = pb.ResyncProgress()
+        self.rollback_to = store.meta_get(META_ROLLBACK_TO) or ""
+        self.counters = Counters()
+        self._resync_task: asyncio.Task[None] | None = None
+        self._resync_t0 = 0.0
+        self._snapshot_lock = asyncio.Lock()
 
     # ------------------------------------------------------------ lifecycle
     async def start(self) -> None:
         self._spawn(self._sequencer(), "sequencer")
+        if self.state is PairState.IN_SYNC and self.lv.store.meta_get(META_CLEAN) == "0":
+            await self._recover_from_unclean_stop()
+        if self.options.snapshot_period_s > 0:
+            self._spawn(self._snapshot_loop(), "snapshots")
         if self.state is PairState.IN_SYNC:
             try:
                 await self._open_link()
@@ -122,6 +150,52 @@ class PrimaryVolume:
         if self.link is not None:
             await self.link.close()
             self.link = None
+        if self.state is PairState.IN_SYNC:
+            # Every write got its reply and is on both nodes: a clean stop.
+            await self.lv.run_io(self.lv.store.meta_set, {META_CLEAN: "1"})
+
+    def _hold_gate(self) -> None:
+        self._gate_holds += 1
+        self._gate.clear()
+
+    def _release_gate(self) -> None:
+        self._gate_holds -= 1
+        assert self._gate_holds >= 0, "quiesce gate released more often than held"
+        if self._gate_holds == 0:
+            self._gate.set()
+
+    async def _recover_from_unclean_stop(self) -> None:
+        """The primary crashed while in sync: writes that were in flight may be
+        on one node and not the other, and which ones is unknown. Fall back to
+        the last common snapshot: the secondary rolls back to it and receives
+        diff(common, head). Without one, a full copy — explicitly, and logged."""
+        store = self.lv.store
+        commons = [s for s in store.list_snapshots() if s.name.startswith(COMMON_PREFIX)]
+        if commons:
+            base = commons[-1]
+            extents: list[Extent] = []
+            self.rollback_to = base.name
+            reason = (f"primary restarted after a crash while in sync: in-flight writes unknown; resync from "
+                      f"common snapshot {base.name!r} (id {base.id}) with rollback of the secondary")
+            snap_id = base.id
+        else:
+            extents = [Extent(0, store.size_bytes)]
+            self.rollback_to = ""
+            reason = ("primary restarted after a crash while in sync and no common snapshot exists "
+                      "(enable --snapshot-period-s): LAST RESORT — full copy of the volume")
+            snap_id = (await self.lv.run_io(store.create_snapshot, f"fault-full-{int(time.time() * 1000)}")).id
+        log.error("volume %s: %s", self.lv.name, reason)
+        self.state = transition(self.state, PairEvent.SECONDARY_FAILED)
+        self.failed_extents = extents
+        self.fault_snapshot_id = snap_id
+        self.last_error = reason
+        await self.lv.run_io(store.meta_set, {
+            META_STATE: self.state.value,
+            META_FAILED: json.dumps([[e.offset, e.length] for e in extents]),
+            META_FAULT_SNAP: str(snap_id),
+            META_LAST_ERROR: reason,
+            META_ROLLBACK_TO: self.rollback_to,
+        })
 
     def _spawn(self, coro: Any, name: str) -> asyncio.Task[Any]:
         t = asyncio.get_running_loop().create_task(coro, name=name)
@@ -152,6 +226,7 @@ class PrimaryVolume:
                     on_failure=self._begin_degrade,
                 )
                 await link.open()
+                await self.lv.run_io(self.lv.store.meta_set, {META_CLEAN: "0"})
                 self.link = link
                 log.info(
                     "volume %s: replicating to %s (epoch %d, from seq %d)",
@@ -277,7 +352,7 @@ class PrimaryVolume:
         if self._degrading:
             return
         self._degrading = True
-        self._gate.clear()
+        self._hold_gate()
         self._settled.clear()
         self._spawn(self._degrade(reason, time.monotonic()), "degrade")
 
@@ -293,7 +368,7 @@ class PrimaryVolume:
                 [(w.offset, w.length) for w in unacked],
                 self.failed_extents,
             )
-            new_state = transition(self.state, Event.SECONDARY_FAILED)
+            new_state = transition(self.state, PairEvent.SECONDARY_FAILED)
             # Drain + snapshot: the I/O thread is FIFO, so the snapshot lands
             # after every write already submitted and before any new one (the
             # gate is closed).
@@ -319,7 +394,7 @@ class PrimaryVolume:
         finally:
             self._degrading = False
             self._settled.set()
-            self._gate.set()
+            self._release_gate()
         self.last_stall_s = time.monotonic() - t0
         log.warning(
             "volume %s degraded: %s; %d failed extents (%d bytes) from %d NACKs and %d unacked writes; "
@@ -333,7 +408,7 @@ class PrimaryVolume:
             epoch=self.lv.epoch,
             state=pb.PAIR_STATE_DEGRADED,
             nacks=[
-                pb.Nack(seq=n.seq, offset=n.offset, length=n.length, code=n.code, message=n.message)
+                pb.Nack(seq=n.seq, offset=n.offset, length=n.length, code=nack_code(n.code), message=n.message)
                 for n in nacks
             ],
             unacked=[pb.ReplicatedWriteRef(seq=w.seq, offset=w.offset, length=w.length) for w in unacked],
@@ -343,13 +418,283 @@ class PrimaryVolume:
         )
         self._spawn(self.reporter(report), "report")
 
+    # ------------------------------------------------------------ resync (method step 3)
+    async def start_resync(self, epoch: int) -> str:
+        """Called by the coordinator with a new epoch once the secondary is back."""
+        if epoch < self.lv.epoch:
+            raise FailedPrecondition(
+                f"stale resync request for {self.lv.name!r}: epoch {epoch} < current epoch {self.lv.epoch}"
+            )
+        if self.state is PairState.IN_SYNC:
+            raise FailedPrecondition(f"volume {self.lv.name!r} is in sync; there is nothing to resync")
+        if self._resync_task is not None and not self._resync_task.done():
+            if epoch == self.lv.epoch:
+                return f"volume {self.lv.name!r} is already resyncing at epoch {epoch}"
+            self._resync_task.cancel()
+            await asyncio.gather(self._resync_task, return_exceptions=True)
+        if self._degrading:
+            raise FailedPrecondition(f"volume {self.lv.name!r} is still entering degraded state; retry")
+        self.lv.epoch = epoch
+        self.state = transition(self.state, PairEvent.RESYNC_STARTED) if self.state is PairState.DEGRADED \
+            else self.state
+        await self.lv.run_io(self._persist_role_and_state)
+        self._resync_t0 = time.monotonic()
+        self._resync_task = self._spawn(self._resync_main(epoch), "resync")
+        mode = "rewrite" if self.lv.resync_mode == pb.RESYNC_MODE_REWRITE else "direct"
+        return f"resync of {self.lv.name!r} started at epoch {epoch} ({mode})"
+
+    def _persist_role_and_state(self) -> None:
+        self.lv.persist_role()
+        self.lv.store.meta_set({META_STATE: self.state.value})
+
+    def _on_progress(self, done: int, total: int, round_no: int) -> None:
+        elapsed = max(1e-6, time.monotonic() - self._resync_t0)
+        rate = self.counters.bytes_sent / elapsed
+        eta = (total - done) / rate if rate > 0 else 0.0
+        self.resync_progress = pb.ResyncProgress(
+            bytes_done=done, bytes_total=total, rate_bytes_per_s=rate, eta_s=eta, round=round_no
+        )
+
+    async def _send_round(self, plan: ResyncPlan, spec: RoundSpec, final: bool, limiter: RateLimiter) -> int:
+        store = self.lv.store
+        pieces = await asyncio.to_thread(round_pieces, store, spec, self.options.resync_chunk_bytes)
+        total = sum(n for _, n in pieces)
+        log.info("volume %s: resync %s round %d (%s%s): %d bytes in %d chunks",
+                 self.lv.name, plan.resync_id, spec.round, spec.kind, ", final" if final else "",
+                 total, len(pieces))
+        self._on_progress(0, total, spec.round)
+        sender = RoundSender(
+            store, self.lv.peer, self.lv.spec, self.lv.epoch, plan, spec, pieces, final, limiter,
+            self.counters, lambda done: self._on_progress(done, total, spec.round),
+        )
+        await sender.run()
+        return total
+
+    async def _persist_plan(self, plan: ResyncPlan | None) -> None:
+        await self.lv.run_io(self.lv.store.meta_set, {"resync.plan": plan.dump() if plan else None})
+
+    async def _snapshot(self, name: str) -> int:
+        return (await self.lv.run_io(self.lv.store.create_snapshot, name)).id
+
+    async def _resync_main(self, epoch: int) -> None:
+        try:
+            await self._resync(epoch)
+        except asyncio.CancelledError:
+            raise
+        except (ResyncError, LinkError, OSError) as e:
+            await self._resync_failed(str(e))
+        except Exception as e:
+            log.exception("volume %s: resync failed unexpectedly", self.lv.name)
+            await self._resync_failed(f"{type(e).__name__}: {e}")
+
+    async def _resync(self, epoch: int) -> None:
+        store = self.lv.store
+        limiter = RateLimiter(self.options.resync_max_rate_bytes_per_s)
+        plan = ResyncPlan.load(store.meta_get("resync.plan"))
+        if plan is None or plan.fault_snapshot != self.fault_snapshot_id:
+            mode = "rewrite" if self.lv.resync_mode == pb.RESYNC_MODE_REWRITE else "direct"
+            plan = ResyncPlan.new(mode, self.fault_snapshot_id, self.rollback_to)
+            log.info("volume %s: new resync %s, variant %s, base fault snapshot %d, %d failed extents "
+                     "(%d bytes)%s", self.lv.name, plan.resync_id,
+                     "A (rewrite)" if mode == "rewrite" else "B (direct)", plan.fault_snapshot,
+                     len(self.failed_extents), sum(e.length for e in self.failed_extents),
+                     f", secondary rolls back to {plan.rollback_to!r}" if plan.rollback_to else "")
+        else:
+            log.info("volume %s: resuming resync %s after %d completed rounds", self.lv.name,
+                     plan.resync_id, plan.rounds_done)
+        if plan.current is None and plan.rounds_done == 0:
+            failed = [[e.offset, e.length] for e in self.failed_extents]
+            if plan.mode == "rewrite":
+                # Variant A: the failed extents now count as changed after F.
+                if not plan.rewritten and failed:
+                    n = await self.lv.run_io(self._rewrite, self.failed_extents)
+                    log.info("volume %s: variant A rewrote %d bytes of failed extents", self.lv.name, n)
+                plan.rewritten = True
+                d1 = await self._snapshot(f"resync-{plan.resync_id}-d1")
+                plan.snapshots.append(d1)
+                plan.current = RoundSpec(1, "diff", plan.fault_snapshot, d1)
+            else:
+                # Variant B: the failed extents, read at a point in time, then the diff.
+                d0 = await self._snapshot(f"resync-{plan.resync_id}-d0")
+                plan.snapshots.append(d0)
+                plan.current = RoundSpec(0, "extents", 0, d0, failed)
+            await self._persist_plan(plan)
+        while True:
+            cur = plan.current
+            if cur is not None:
+                sent = await self._send_round(plan, cur, False, limiter)
+                plan.rounds_done += 1
+                if cur.kind == "diff":
+                    plan.last_target = cur.target
+                    plan.last_round_bytes = sent
+                plan.current = None
+                await self._persist_plan(plan)
+            if plan.last_target == 0:
+                # Variant B after round 0: the second diff snapshot, within diff_delay_s.
+                if self.options.diff_delay_s > 0:
+                    await asyncio.sleep(self.options.diff_delay_s)
+                d2 = await self._snapshot(f"resync-{plan.resync_id}-d2")
+                plan.snapshots.append(d2)
+                plan.current = RoundSpec(1, "diff", plan.fault_snapshot, d2)
+                await self._persist_plan(plan)
+                continue
+            pending = await asyncio.to_thread(store.bytes_written_since, plan.last_target)
+            shrinking = plan.last_round_bytes < 0 or pending < plan.last_round_bytes
+            if (pending > self.options.final_diff_threshold_bytes and shrinking
+                    and plan.rounds_done < self.options.max_diff_rounds):
+                dk = await self._snapshot(f"resync-{plan.resync_id}-r{plan.rounds_done + 1}")
+                plan.snapshots.append(dk)
+                plan.current = RoundSpec(plan.rounds_done + 1, "diff", plan.last_target, dk)
+                await self._persist_plan(plan)
+                continue
+            await self._final_round(plan, epoch, limiter)
+            return
+
+    def _rewrite(self, extents: list[Extent]) -> int:
+        """Variant A, on the I/O thread (atomic w.r.t. client writes): read the
+        failed extents and write them back, so they count as changed after F."""
+        store = self.lv.store
+        n = 0
+        batch: list[tuple[int, bytes]] = []
+        size = 0
+        for off, data in store.iter_extents(extents, None, chunk_bytes=self.options.resync_chunk_bytes):
+            batch.append((off, data))
+            size += len(data)
+            n += len(data)
+            if size >= 8 * self.options.resync_chunk_bytes:
+                store.write_batch(batch)
+                batch, size = [], 0
+        if batch:
+            store.write_batch(batch)
+        return n
+
+    async def _final_round(self, plan: ResyncPlan, epoch: int, limiter: RateLimiter) -> None:
+        """Quiesce, send the last difference, re-open synchronous replication at
+        the new epoch, release. The stall is bounded by final_diff_threshold_bytes."""
+        t0 = time.monotonic()
+        self._hold_gate()
+        released = False
+        try:
+            dfin = await self._snapshot(f"resync-{plan.resync_id}-final")
+            plan.snapshots.append(dfin)
+            spec = RoundSpec(plan.rounds_done + 1, "diff", plan.last_target, dfin)
+            plan.current = spec
+            await self._persist_plan(plan)
+            await self._send_round(plan, spec, True, limiter)
+            link = ReplicationLink(self.lv.spec, epoch, self.next_seq, self.lv.peer, self.address,
+                                   self.options, on_failure=self._begin_degrade)
+            await link.open()
+            old_snaps = [*plan.snapshots, self.fault_snapshot_id]
+            self.state = transition(self.state, PairEvent.RESYNC_DONE)
+            self.failed_extents = []
+            self.fault_snapshot_id = 0
+            self.rollback_to = ""
+            self.last_error = ""
+            await self.lv.run_io(self.lv.store.meta_set, {
+                META_STATE: self.state.value, META_FAILED: "[]", META_FAULT_SNAP: "0",
+                META_LAST_ERROR: "", META_ROLLBACK_TO: "", "resync.plan": None, META_CLEAN: "0",
+            })
+            self.link = link
+            self._release_gate()
+            released = True
+            stall = time.monotonic() - t0
+            self.last_stall_s = stall
+            log.info("volume %s: back in sync at epoch %d after %.1f s; resync sent %d bytes in %d rounds "
+                     "(%d chunks refused and re-sent); switch-back write stall %.1f ms",
+                     self.lv.name, epoch, time.monotonic() - self._resync_t0, self.counters.bytes_sent,
+                     plan.rounds_done + 1, self.counters.chunks_refused, stall * 1000)
+        finally:
+            if not released:
+                self._release_gate()
+        self.resync_progress = pb.ResyncProgress()
+        for sid in old_snaps:
+            try:
+                await self.lv.run_io(self.lv.store.delete_snapshot, sid)
+            except Exception as e:
+                log.info("volume %s: snapshot %d: %s", self.lv.name, sid, e)
+        self._spawn(self.reporter(pb.ReplicationReport(
+            volume=self.lv.name, reporter=self.address, epoch=epoch, state=pb.PAIR_STATE_IN_SYNC,
+            reason="resync complete",
+        )), "report")
+
+    async def _resync_failed(self, reason: str) -> None:
+        log.error("volume %s: resync interrupted: %s (it resumes when the secondary is back)",
+                  self.lv.name, reason)
+        if self.state is PairState.RESYNCING:
+            self.state = transition(self.state, PairEvent.SECONDARY_FAILED)
+        self.last_error = f"resync interrupted: {reason}"
+        await self.lv.run_io(self.lv.store.meta_set, {META_STATE: self.state.value,
+                                                       META_LAST_ERROR: self.last_error})
+        self._spawn(self.reporter(pb.ReplicationReport(
+            volume=self.lv.name, reporter=self.address, epoch=self.lv.epoch, state=pb.PAIR_STATE_DEGRADED,
+            reason=self.last_error, fault_snapshot_id=self.fault_snapshot_id,
+            failed_extents=[pb.Extent(offset=e.offset, length=e.length) for e in self.failed_extents],
+        )), "report")
+
+    async def repair(self, extents: list[Extent]) -> int:
+        """verify --repair: re-send just these extents, under quiesce so the
+        secondary ends identical to the primary."""
+        if self.state is not PairState.IN_SYNC or self.link is None:
+            raise FailedPrecondition(
+                f"volume {self.lv.name!r} is {self.state.value}; repair runs only in sync "
+                "(a resync already covers the differences)"
+            )
+        self._hold_gate()
+        try:
+            await self.lv.run_io(lambda: None)  # drain: every earlier write has landed
+            while self.link is not None and self.link.window.inflight_count:
+                await asyncio.sleep(0.005)
+            plan = ResyncPlan.new("repair", 0)
+            spec = RoundSpec(0, "repair", 0, 0, [[e.offset, e.length] for e in extents])
+            # final=True: a repair is complete in one round.
+            sent = await self._send_round(plan, spec, True, RateLimiter(0))
+        finally:
+            self._release_gate()
+        return sent
+
+    # ------------------------------------------------------------ periodic common snapshots
+    async def _snapshot_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.options.snapshot_period_s)
+            if self.state is PairState.IN_SYNC and self.link is not None and not self.link.failed:
+                try:
+                    await self.take_common_snapshot()
+                except (LinkError, OSError) as e:
+                    log.warning("volume %s: periodic snapshot skipped: %s", self.lv.name, e)
+
+    async def take_common_snapshot(self) -> str:
+        """Quiesce, drain, snapshot locally and send the marker in the write
+        stream, so the secondary cuts at exactly the same point."""
+        async with self._snapshot_lock:
+            t0 = time.monotonic()
+            self._hold_gate()
+            try:
+                link = self.link
+                if link is None or link.failed:
+                    raise LinkError("not replicating")
+                name = f"{COMMON_PREFIX}{int(time.time() * 1000)}"
+                seq = self.next_seq
+                await self._snapshot(name)
+                link.send_marker(seq, name, self.options.snapshots_keep)
+            finally:
+                self._release_gate()
+            await self.lv.run_io(self._prune_common)
+            log.info("volume %s: common snapshot %r at seq %d (write stall %.1f ms)",
+                     self.lv.name, name, seq, (time.monotonic() - t0) * 1000)
+            return name
+
+    def _prune_common(self) -> None:
+        commons = [s for s in self.lv.store.list_snapshots() if s.name.startswith(COMMON_PREFIX)]
+        for s in commons[: max(0, len(commons) - self.options.snapshots_keep)]:
+            self.lv.store.delete_snapshot(s.id)
+
     # ------------------------------------------------------------ status
     def report(self) -> pb.VolumeReport:
         r = pb.VolumeReport(
             name=self.lv.name,
             role=pb.ROLE_PRIMARY,
             epoch=self.lv.epoch,
-            state=self.state.to_proto(),
+            state=cast("pb.PairState.ValueType", self.state.to_proto()),
             last_seq=self.next_seq - 1,
             acked_seq=self.acked_seq,
             fault_snapshot_id=self.fault_snapshot_id,
@@ -359,6 +704,9 @@ class PrimaryVolume:
         )
         r.failed_extents.extend(pb.Extent(offset=e.offset, length=e.length) for e in self.failed_extents[:64])
         r.resync.CopyFrom(self.resync_progress)
+        r.resync_bytes_sent = self.counters.bytes_sent
+        r.resync_chunks_refused = self.counters.chunks_refused
+        r.last_stall_ms = self.last_stall_s * 1000
         return r
 
 

@@ -32,7 +32,6 @@ def generate(out_root: Path) -> list[Path]:
         f"--python_out={out_root}",
         f"--grpc_python_out={out_root}",
         f"--mypy_out={out_root}",
-        f"--mypy_grpc_out={out_root}",
         *[f"syncrep/pb/{p.name}" for p in protos],
     ]
     rc = protoc.main(args)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 from dataclasses import dataclass, field
+from typing import cast
 
 import google_crc32c
 
@@ -29,6 +30,10 @@ class Refusal:
 class Plan:
     apply: list[pb.ReplicatedWrite] = field(default_factory=list)
     refuse: list[Refusal] = field(default_factory=list)
+
+
+def nack_code(code: int) -> pb.NackCode.ValueType:
+    return cast("pb.NackCode.ValueType", code)
 
 
 def nack_code_for_errno(err: int | None) -> int:

@@ -115,8 +115,12 @@ async def wait_for_signal(signals: Iterable[int] = (signal.SIGTERM, signal.SIGIN
     """Block until one of ``signals`` arrives; return its number."""
     loop = asyncio.get_running_loop()
     fut: asyncio.Future[int] = loop.create_future()
+    def fire(s: int) -> None:
+        if not fut.done():
+            fut.set_result(s)
+
     for sig in signals:
-        loop.add_signal_handler(sig, lambda s=sig: fut.done() or fut.set_result(s))
+        loop.add_signal_handler(sig, fire, sig)
     try:
         return await fut
     finally:

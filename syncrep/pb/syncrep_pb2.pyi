@@ -423,19 +423,23 @@ class SnapshotMarker(_message.Message):
     SEQ_FIELD_NUMBER: _builtins.int
     NAME_FIELD_NUMBER: _builtins.int
     EPOCH_FIELD_NUMBER: _builtins.int
+    KEEP_FIELD_NUMBER: _builtins.int
     seq: _builtins.int
     name: _builtins.str
     epoch: _builtins.int
+    keep: _builtins.int
+    """Keep this many common snapshots (names starting "common-"); delete older ones."""
     def __init__(
         self,
         *,
         seq: _builtins.int = ...,
         name: _builtins.str = ...,
         epoch: _builtins.int = ...,
+        keep: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "name", b"name", "seq", b"seq"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "keep", b"keep", "name", b"name", "seq", b"seq"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -622,6 +626,9 @@ class ResyncHeader(_message.Message):
     TARGET_SNAPSHOT_ID_FIELD_NUMBER: _builtins.int
     TOTAL_BYTES_FIELD_NUMBER: _builtins.int
     START_INDEX_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    FINAL_FIELD_NUMBER: _builtins.int
+    ROLLBACK_TO_SNAPSHOT_FIELD_NUMBER: _builtins.int
     epoch: _builtins.int
     resync_id: _builtins.str
     """stable across restarts of one resync"""
@@ -634,6 +641,14 @@ class ResyncHeader(_message.Message):
     total_bytes: _builtins.int
     start_index: _builtins.int
     """first chunk index this stream carries (resume)"""
+    kind: _builtins.str
+    """"extents" (failed extents, variant B), "diff" (snapshot diff), "repair" (verify --repair)"""
+    final: _builtins.bool
+    """The last round: after its trailer the secondary is in sync with target."""
+    rollback_to_snapshot: _builtins.str
+    """Before applying anything, roll the secondary back to its snapshot with
+    this name (a common snapshot), when failure information was lost.
+    """
     @_builtins.property
     def volume(self) -> Global___VolumeSpec: ...
     def __init__(
@@ -647,10 +662,13 @@ class ResyncHeader(_message.Message):
         target_snapshot_id: _builtins.int = ...,
         total_bytes: _builtins.int = ...,
         start_index: _builtins.int = ...,
+        kind: _builtins.str = ...,
+        final: _builtins.bool = ...,
+        rollback_to_snapshot: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["volume", b"volume"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_snapshot_id", b"base_snapshot_id", "epoch", b"epoch", "resync_id", b"resync_id", "round", b"round", "start_index", b"start_index", "target_snapshot_id", b"target_snapshot_id", "total_bytes", b"total_bytes", "volume", b"volume"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_snapshot_id", b"base_snapshot_id", "epoch", b"epoch", "final", b"final", "kind", b"kind", "resync_id", b"resync_id", "rollback_to_snapshot", b"rollback_to_snapshot", "round", b"round", "start_index", b"start_index", "target_snapshot_id", b"target_snapshot_id", "total_bytes", b"total_bytes", "volume", b"volume"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -717,7 +735,9 @@ class ResyncReply(_message.Message):
     MESSAGE_FIELD_NUMBER: _builtins.int
     COMPLETE_FIELD_NUMBER: _builtins.int
     applied_below: _builtins.int
-    """Every chunk with index < applied_below is durable on the secondary."""
+    """Every chunk with index < applied_below is durable on the secondary. The
+    first reply (to the header) tells the primary where to resume.
+    """
     refused: _builtins.bool
     """Set when a chunk was refused (bad checksum); the primary re-sends it."""
     refused_index: _builtins.int
@@ -739,6 +759,134 @@ class ResyncReply(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ResyncReply: _TypeAlias = ResyncReply  # noqa: Y015
+
+@_typing.final
+class ListSnapshotsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VOLUME_FIELD_NUMBER: _builtins.int
+    volume: _builtins.str
+    def __init__(
+        self,
+        *,
+        volume: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["volume", b"volume"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListSnapshotsRequest: _TypeAlias = ListSnapshotsRequest  # noqa: Y015
+
+@_typing.final
+class ListSnapshotsReply(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SNAPSHOTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def snapshots(self) -> _containers.RepeatedCompositeFieldContainer[Global___SnapshotInfo]: ...
+    def __init__(
+        self,
+        *,
+        snapshots: _abc.Iterable[Global___SnapshotInfo] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["snapshots", b"snapshots"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListSnapshotsReply: _TypeAlias = ListSnapshotsReply  # noqa: Y015
+
+@_typing.final
+class RepairRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VOLUME_FIELD_NUMBER: _builtins.int
+    EXTENTS_FIELD_NUMBER: _builtins.int
+    volume: _builtins.str
+    @_builtins.property
+    def extents(self) -> _containers.RepeatedCompositeFieldContainer[Global___Extent]: ...
+    def __init__(
+        self,
+        *,
+        volume: _builtins.str = ...,
+        extents: _abc.Iterable[Global___Extent] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["extents", b"extents", "volume", b"volume"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RepairRequest: _TypeAlias = RepairRequest  # noqa: Y015
+
+@_typing.final
+class RepairReply(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BYTES_SENT_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    bytes_sent: _builtins.int
+    message: _builtins.str
+    def __init__(
+        self,
+        *,
+        bytes_sent: _builtins.int = ...,
+        message: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes_sent", b"bytes_sent", "message", b"message"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RepairReply: _TypeAlias = RepairReply  # noqa: Y015
+
+@_typing.final
+class AbortResyncRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VOLUME_FIELD_NUMBER: _builtins.int
+    ROLLBACK_FIELD_NUMBER: _builtins.int
+    volume: _builtins.str
+    rollback: _builtins.bool
+    def __init__(
+        self,
+        *,
+        volume: _builtins.str = ...,
+        rollback: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["rollback", b"rollback", "volume", b"volume"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AbortResyncRequest: _TypeAlias = AbortResyncRequest  # noqa: Y015
+
+@_typing.final
+class AbortResyncReply(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    ROLLED_BACK_BYTES_FIELD_NUMBER: _builtins.int
+    message: _builtins.str
+    rolled_back_bytes: _builtins.int
+    def __init__(
+        self,
+        *,
+        message: _builtins.str = ...,
+        rolled_back_bytes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["message", b"message", "rolled_back_bytes", b"rolled_back_bytes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AbortResyncReply: _TypeAlias = AbortResyncReply  # noqa: Y015
 
 @_typing.final
 class VolumeAssignment(_message.Message):
@@ -941,8 +1089,9 @@ class InjectFaultRequest(_message.Message):
     COUNT_FIELD_NUMBER: _builtins.int
     volume: _builtins.str
     kind: _builtins.str
-    """"eio" or "enospc": the next `count` writes fail with that error;
-    "clear" disarms.
+    """"eio" or "enospc": the next `count` store writes fail with that error;
+    "corrupt_chunk": the next `count` resync chunks this node sends carry a
+    bad checksum; "clear" disarms.
     """
     count: _builtins.int
     def __init__(
@@ -1097,6 +1246,10 @@ class VolumeReport(_message.Message):
     LAST_ERROR_FIELD_NUMBER: _builtins.int
     SIZE_BYTES_FIELD_NUMBER: _builtins.int
     BLOCK_SIZE_FIELD_NUMBER: _builtins.int
+    RESYNC_BYTES_SENT_FIELD_NUMBER: _builtins.int
+    RESYNC_CHUNKS_REFUSED_FIELD_NUMBER: _builtins.int
+    LAST_STALL_MS_FIELD_NUMBER: _builtins.int
+    COMMON_SNAPSHOTS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     role: Global___Role.ValueType
     epoch: _builtins.int
@@ -1107,6 +1260,11 @@ class VolumeReport(_message.Message):
     last_error: _builtins.str
     size_bytes: _builtins.int
     block_size: _builtins.int
+    resync_bytes_sent: _builtins.int
+    """Counters since the node started."""
+    resync_chunks_refused: _builtins.int
+    last_stall_ms: _builtins.float
+    common_snapshots: _builtins.int
     @_builtins.property
     def failed_extents(self) -> _containers.RepeatedCompositeFieldContainer[Global___Extent]: ...
     @_builtins.property
@@ -1126,10 +1284,14 @@ class VolumeReport(_message.Message):
         last_error: _builtins.str = ...,
         size_bytes: _builtins.int = ...,
         block_size: _builtins.int = ...,
+        resync_bytes_sent: _builtins.int = ...,
+        resync_chunks_refused: _builtins.int = ...,
+        last_stall_ms: _builtins.float = ...,
+        common_snapshots: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["resync", b"resync"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["acked_seq", b"acked_seq", "block_size", b"block_size", "epoch", b"epoch", "failed_extents", b"failed_extents", "fault_snapshot_id", b"fault_snapshot_id", "last_error", b"last_error", "last_seq", b"last_seq", "name", b"name", "resync", b"resync", "role", b"role", "size_bytes", b"size_bytes", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["acked_seq", b"acked_seq", "block_size", b"block_size", "common_snapshots", b"common_snapshots", "epoch", b"epoch", "failed_extents", b"failed_extents", "fault_snapshot_id", b"fault_snapshot_id", "last_error", b"last_error", "last_seq", b"last_seq", "last_stall_ms", b"last_stall_ms", "name", b"name", "resync", b"resync", "resync_bytes_sent", b"resync_bytes_sent", "resync_chunks_refused", b"resync_chunks_refused", "role", b"role", "size_bytes", b"size_bytes", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1275,6 +1437,9 @@ class VolumeStatus(_message.Message):
     SECONDARY_ALIVE_FIELD_NUMBER: _builtins.int
     ACKED_SEQ_FIELD_NUMBER: _builtins.int
     LAST_SEQ_FIELD_NUMBER: _builtins.int
+    RESYNC_BYTES_SENT_FIELD_NUMBER: _builtins.int
+    RESYNC_CHUNKS_REFUSED_FIELD_NUMBER: _builtins.int
+    LAST_STALL_MS_FIELD_NUMBER: _builtins.int
     state: Global___PairState.ValueType
     epoch: _builtins.int
     primary: _builtins.str
@@ -1289,6 +1454,9 @@ class VolumeStatus(_message.Message):
     secondary_alive: _builtins.bool
     acked_seq: _builtins.int
     last_seq: _builtins.int
+    resync_bytes_sent: _builtins.int
+    resync_chunks_refused: _builtins.int
+    last_stall_ms: _builtins.float
     @_builtins.property
     def spec(self) -> Global___VolumeSpec: ...
     @_builtins.property
@@ -1314,10 +1482,13 @@ class VolumeStatus(_message.Message):
         secondary_alive: _builtins.bool = ...,
         acked_seq: _builtins.int = ...,
         last_seq: _builtins.int = ...,
+        resync_bytes_sent: _builtins.int = ...,
+        resync_chunks_refused: _builtins.int = ...,
+        last_stall_ms: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["resync", b"resync", "spec", b"spec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["acked_seq", b"acked_seq", "epoch", b"epoch", "failed_bytes", b"failed_bytes", "failed_extents", b"failed_extents", "fault_snapshot_id", b"fault_snapshot_id", "last_error", b"last_error", "last_seq", b"last_seq", "primary", b"primary", "primary_alive", b"primary_alive", "resync", b"resync", "resync_mode", b"resync_mode", "secondary", b"secondary", "secondary_alive", b"secondary_alive", "spec", b"spec", "state", b"state", "state_changed_at", b"state_changed_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["acked_seq", b"acked_seq", "epoch", b"epoch", "failed_bytes", b"failed_bytes", "failed_extents", b"failed_extents", "fault_snapshot_id", b"fault_snapshot_id", "last_error", b"last_error", "last_seq", b"last_seq", "last_stall_ms", b"last_stall_ms", "primary", b"primary", "primary_alive", b"primary_alive", "resync", b"resync", "resync_bytes_sent", b"resync_bytes_sent", "resync_chunks_refused", b"resync_chunks_refused", "resync_mode", b"resync_mode", "secondary", b"secondary", "secondary_alive", b"secondary_alive", "spec", b"spec", "state", b"state", "state_changed_at", b"state_changed_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -366,6 +366,21 @@ class NodeServiceStub:
                 request_serializer=syncrep_dot_pb_dot_syncrep__pb2.InjectFaultRequest.SerializeToString,
                 response_deserializer=syncrep_dot_pb_dot_syncrep__pb2.InjectFaultReply.FromString,
                 _registered_method=True)
+        self.ListSnapshots = channel.unary_unary(
+                '/syncrep.v1.NodeService/ListSnapshots',
+                request_serializer=syncrep_dot_pb_dot_syncrep__pb2.ListSnapshotsRequest.SerializeToString,
+                response_deserializer=syncrep_dot_pb_dot_syncrep__pb2.ListSnapshotsReply.FromString,
+                _registered_method=True)
+        self.Repair = channel.unary_unary(
+                '/syncrep.v1.NodeService/Repair',
+                request_serializer=syncrep_dot_pb_dot_syncrep__pb2.RepairRequest.SerializeToString,
+                response_deserializer=syncrep_dot_pb_dot_syncrep__pb2.RepairReply.FromString,
+                _registered_method=True)
+        self.AbortResync = channel.unary_unary(
+                '/syncrep.v1.NodeService/AbortResync',
+                request_serializer=syncrep_dot_pb_dot_syncrep__pb2.AbortResyncRequest.SerializeToString,
+                response_deserializer=syncrep_dot_pb_dot_syncrep__pb2.AbortResyncReply.FromString,
+                _registered_method=True)
 
 
 class NodeServiceServicer:
@@ -415,6 +430,27 @@ class NodeServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListSnapshots(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Repair(self, request, context):
+        """On the primary: re-send just these extents to the secondary (verify --repair).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AbortResync(self, request, context):
+        """On the secondary: abandon an interrupted resync; optionally roll back to
+        the pre-resync snapshot (the last consistent state).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_NodeServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -447,6 +483,21 @@ def add_NodeServiceServicer_to_server(servicer, server):
                     servicer.InjectFault,
                     request_deserializer=syncrep_dot_pb_dot_syncrep__pb2.InjectFaultRequest.FromString,
                     response_serializer=syncrep_dot_pb_dot_syncrep__pb2.InjectFaultReply.SerializeToString,
+            ),
+            'ListSnapshots': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListSnapshots,
+                    request_deserializer=syncrep_dot_pb_dot_syncrep__pb2.ListSnapshotsRequest.FromString,
+                    response_serializer=syncrep_dot_pb_dot_syncrep__pb2.ListSnapshotsReply.SerializeToString,
+            ),
+            'Repair': grpc.unary_unary_rpc_method_handler(
+                    servicer.Repair,
+                    request_deserializer=syncrep_dot_pb_dot_syncrep__pb2.RepairRequest.FromString,
+                    response_serializer=syncrep_dot_pb_dot_syncrep__pb2.RepairReply.SerializeToString,
+            ),
+            'AbortResync': grpc.unary_unary_rpc_method_handler(
+                    servicer.AbortResync,
+                    request_deserializer=syncrep_dot_pb_dot_syncrep__pb2.AbortResyncRequest.FromString,
+                    response_serializer=syncrep_dot_pb_dot_syncrep__pb2.AbortResyncReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -615,6 +666,87 @@ class NodeService:
             '/syncrep.v1.NodeService/InjectFault',
             syncrep_dot_pb_dot_syncrep__pb2.InjectFaultRequest.SerializeToString,
             syncrep_dot_pb_dot_syncrep__pb2.InjectFaultReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListSnapshots(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/syncrep.v1.NodeService/ListSnapshots',
+            syncrep_dot_pb_dot_syncrep__pb2.ListSnapshotsRequest.SerializeToString,
+            syncrep_dot_pb_dot_syncrep__pb2.ListSnapshotsReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Repair(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/syncrep.v1.NodeService/Repair',
+            syncrep_dot_pb_dot_syncrep__pb2.RepairRequest.SerializeToString,
+            syncrep_dot_pb_dot_syncrep__pb2.RepairReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AbortResync(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/syncrep.v1.NodeService/AbortResync',
+            syncrep_dot_pb_dot_syncrep__pb2.AbortResyncRequest.SerializeToString,
+            syncrep_dot_pb_dot_syncrep__pb2.AbortResyncReply.FromString,
             options,
             channel_credentials,
             insecure,

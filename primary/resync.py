@@ -1,0 +1,303 @@
+"""The primary's side of resync (method step 3): plan, rounds, and the switch back.
+
+Pure planning lives in ``plan_pieces`` and ``ResyncPlan`` (a JSON-persisted
+record of where the resync is); ``RoundSender`` carries one round over one
+``Resync`` stream; ``run_resync`` strings the rounds together:
+
+Variant A (rewrite):  rewrite the failed extents in place (read + write on the
+                      I/O thread, atomic w.r.t. client writes) -> snapshot D1
+                      -> round 1 = diff(F, D1)
+Variant B (direct):   snapshot D0 -> round 0 = the failed extents as of D0
+                      -> wait diff_delay_s -> snapshot D2 -> round 1 = diff(F, D2)
+Then:                 rounds k = diff(D_{k-1}, D_k) while the difference shrinks
+                      and is above final_diff_threshold_bytes (at most
+                      max_diff_rounds), then quiesce -> D_final -> the final
+                      round diff(D_last, D_final) -> open the replication stream
+                      at the new epoch -> release: in sync.
+
+Each round's chunk list is derived only from immutable snapshots, so it is
+the same after any restart: the secondary tells where to resume and nothing
+it already applied travels twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import secrets
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import google_crc32c
+import grpc
+
+from syncrep import rpc
+from syncrep.blockstore import BlockStore, Extent
+from syncrep.pb import syncrep_pb2 as pb
+from syncrep.pb import syncrep_pb2_grpc as pbg
+
+log = logging.getLogger(__name__)
+
+META_PLAN = "resync.plan"
+# Chunks sent but not yet applied (bounds memory: window * chunk_bytes).
+WINDOW_CHUNKS = 8
+REPLY_TIMEOUT_S = 30.0
+# A chunk refused more often than this in one round aborts the round.
+MAX_REFUSALS_PER_CHUNK = 5
+
+
+class ResyncError(Exception):
+    pass
+
+
+def plan_pieces(extents: Iterable[Extent], block_size: int, chunk_bytes: int) -> list[tuple[int, int]]:
+    """Cut extents (aligned outward to blocks) into pieces of at most
+    chunk_bytes, in offset order. Deterministic: the chunk index of a piece is
+    its position in this list."""
+    out: list[tuple[int, int]] = []
+    step = max(block_size, chunk_bytes - chunk_bytes % block_size)
+    for e in extents:
+        start = e.offset - e.offset % block_size
+        end = -(-(e.offset + e.length) // block_size) * block_size
+        off = start
+        while off < end:
+            n = min(step, end - off)
+            out.append((off, n))
+            off += n
+    return out
+
+
+@dataclass
+class RoundSpec:
+    round: int
+    kind: str  # "extents" | "diff" | "repair"
+    base: int  # snapshot id (0 for extents/repair)
+    target: int  # snapshot id to read from (0 = live head, repair only)
+    extents: list[list[int]] = field(default_factory=list)  # for "extents"/"repair"
+
+
+@dataclass
+class ResyncPlan:
+    """Where a resync stands; persisted in the volume's metadata after every step."""
+
+    resync_id: str
+    mode: str  # "rewrite" | "direct"
+    fault_snapshot: int
+    rollback_to: str = ""
+    snapshots: list[int] = field(default_factory=list)  # created by the resync, deleted at the end
+    current: RoundSpec | None = None
+    rounds_done: int = 0
+    last_target: int = 0
+    last_round_bytes: int = -1
+    rewritten: bool = False
+
+    def dump(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def load(cls, raw: str | None) -> ResyncPlan | None:
+        if not raw:
+            return None
+        d = json.loads(raw)
+        cur = d.pop("current", None)
+        plan = cls(**d)
+        plan.current = RoundSpec(**cur) if cur else None
+        return plan
+
+    @classmethod
+    def new(cls, mode: str, fault_snapshot: int, rollback_to: str = "") -> ResyncPlan:
+        return cls(
+            resync_id=f"f{fault_snapshot}-{secrets.token_hex(4)}",
+            mode=mode,
+            fault_snapshot=fault_snapshot,
+            rollback_to=rollback_to,
+        )
+
+
+def round_pieces(store: BlockStore, spec: RoundSpec, chunk_bytes: int) -> list[tuple[int, int]]:
+    if spec.kind == "diff":
+        extents = store.diff(spec.base, spec.target)
+    else:
+        extents = [Extent(o, n) for o, n in spec.extents]
+    return plan_pieces(extents, store.block_size, chunk_bytes)
+
+
+class RateLimiter:
+    """Caps bytes per second (0 = unlimited) over the life of one resync."""
+
+    def __init__(self, max_rate_bytes_per_s: int) -> None:
+        self.rate = max_rate_bytes_per_s
+        self.t0 = time.monotonic()
+        self.sent = 0
+
+    async def take(self, n: int) -> None:
+        self.sent += n
+        if self.rate <= 0:
+            return
+        ahead = self.sent / self.rate - (time.monotonic() - self.t0)
+        if ahead > 0:
+            await asyncio.sleep(ahead)
+
+
+@dataclass
+class Counters:
+    bytes_sent: int = 0
+    chunks_refused: int = 0
+    # Test hook: corrupt the next N chunks sent (checksum computed over the
+    # original data, then a byte flipped), so the secondary must refuse them.
+    corrupt_next: int = 0
+
+
+class RoundSender:
+    """Send one round over one Resync stream, resuming where the secondary says."""
+
+    def __init__(
+        self,
+        store: BlockStore,
+        secondary: str,
+        spec_pb: pb.VolumeSpec,
+        epoch: int,
+        plan: ResyncPlan,
+        spec: RoundSpec,
+        pieces: list[tuple[int, int]],
+        final: bool,
+        limiter: RateLimiter,
+        counters: Counters,
+        on_progress: Callable[[int], None],
+    ) -> None:
+        self.store = store
+        self.secondary = secondary
+        self.spec_pb = spec_pb
+        self.epoch = epoch
+        self.plan = plan
+        self.spec = spec
+        self.pieces = pieces
+        self.final = final
+        self.limiter = limiter
+        self.counters = counters
+        self.on_progress = on_progress
+
+    def _read(self, i: int) -> pb.ResyncChunk:
+        off, n = self.pieces[i]
+        snap = self.spec.target or None
+        data = self.store.read_at(snap, off, n)
+        crc = google_crc32c.value(data)
+        if self.counters.corrupt_next > 0:
+            self.counters.corrupt_next -= 1
+            data = bytes([data[0] ^ 0xFF]) + data[1:]
+            log.warning("resync chunk %d at offset %d deliberately corrupted (fault injection)", i, off)
+        return pb.ResyncChunk(index=i, offset=off, data=data, crc32c=crc)
+
+    async def run(self) -> None:
+        total = sum(n for _, n in self.pieces)
+        async with rpc.channel(self.secondary) as ch:
+            call = pbg.ReplicaServiceStub(ch).Resync()
+            header = pb.ResyncHeader(
+                volume=self.spec_pb,
+                epoch=self.epoch,
+                resync_id=self.plan.resync_id,
+                round=self.spec.round,
+                base_snapshot_id=self.spec.base,
+                target_snapshot_id=self.spec.target,
+                total_bytes=total,
+                kind=self.spec.kind,
+                final=self.final,
+                rollback_to_snapshot=self.plan.rollback_to,
+            )
+            try:
+                await call.write(pb.ResyncRequest(header=header))
+                first = await asyncio.wait_for(call.read(), REPLY_TIMEOUT_S)
+                if first is grpc.aio.EOF:
+                    raise ResyncError(f"secondary {self.secondary} closed the resync stream")
+                start = first.applied_below
+                if start > len(self.pieces):
+                    raise ResyncError(
+                        f"secondary claims {start} chunks applied of a {len(self.pieces)}-chunk round"
+                    )
+                if start:
+                    log.info("volume %s: resync round %d resumes at chunk %d of %d (%d bytes already applied)",
+                             self.spec_pb.name, self.spec.round, start, len(self.pieces),
+                             sum(n for _, n in self.pieces[:start]))
+                self.on_progress(sum(n for _, n in self.pieces[:start]))
+                await self._stream(call, start)
+            except grpc.RpcError as e:
+                raise ResyncError(
+                    f"resync stream to {self.secondary} failed: {e.code().name}: {e.details()}"
+                ) from e
+            except TimeoutError:
+                raise ResyncError(f"secondary {self.secondary} stopped answering the resync stream "
+                                  f"for {REPLY_TIMEOUT_S} s") from None
+            finally:
+                call.cancel()
+
+    async def _stream(self, call: Any, start: int) -> None:
+        n = len(self.pieces)
+        applied = start
+        next_i = start
+        sent: dict[int, pb.ResyncChunk] = {}
+        refusals: dict[int, int] = {}
+        digest = hashlib.sha256()
+        digest_upto = start  # chunks [start, digest_upto) are in the digest
+        replies: asyncio.Queue[Any] = asyncio.Queue()
+
+        async def reader() -> None:
+            try:
+                while True:
+                    r = await call.read()
+                    await replies.put(r)
+                    if r is grpc.aio.EOF:
+                        return
+            except Exception as e:
+                await replies.put(e)
+
+        rt = asyncio.create_task(reader())
+        try:
+            while applied < n:
+                while next_i < n and next_i - applied < WINDOW_CHUNKS:
+                    c = await asyncio.to_thread(self._read, next_i)
+                    sent[next_i] = c
+                    await self.limiter.take(len(c.data))
+                    await call.write(pb.ResyncRequest(chunk=c))
+                    self.counters.bytes_sent += len(c.data)
+                    next_i += 1
+                r = await asyncio.wait_for(replies.get(), REPLY_TIMEOUT_S)
+                if isinstance(r, Exception):
+                    raise r
+                if r is grpc.aio.EOF:
+                    raise ResyncError(f"secondary {self.secondary} closed the resync stream mid-round")
+                if r.applied_below > applied:
+                    for i in range(applied, r.applied_below):
+                        c = sent.pop(i)
+                        if i == digest_upto:
+                            digest.update(i.to_bytes(8, "little") + c.offset.to_bytes(8, "little"))
+                            digest.update(c.data)
+                            digest_upto += 1
+                    applied = r.applied_below
+                    self.on_progress(sum(len_ for _, len_ in self.pieces[:applied]))
+                if r.refused:
+                    i = r.refused_index
+                    self.counters.chunks_refused += 1
+                    refusals[i] = refusals.get(i, 0) + 1
+                    if refusals[i] > MAX_REFUSALS_PER_CHUNK:
+                        raise ResyncError(f"chunk {i} refused {refusals[i]} times: {r.message}")
+                    log.warning("volume %s: secondary refused resync chunk %d (%s); re-sending from it",
+                                self.spec_pb.name, i, r.message)
+                    # Go back: everything from the refused chunk on is re-sent.
+                    for j in range(i, next_i):
+                        sent.pop(j, None)
+                    next_i = i
+            await call.write(pb.ResyncRequest(trailer=pb.ResyncTrailer(chunk_count=n, digest=digest.digest())))
+            while True:
+                r = await asyncio.wait_for(replies.get(), REPLY_TIMEOUT_S)
+                if isinstance(r, Exception):
+                    raise r
+                if r is grpc.aio.EOF:
+                    raise ResyncError("secondary closed the stream before confirming the round")
+                if r.complete:
+                    return
+        finally:
+            rt.cancel()

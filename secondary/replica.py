@@ -1,0 +1,219 @@
+"""ReplicaService: the secondary end of the synchronous replication stream.
+
+Thin shell around ``secondary.classify.StreamState``: read messages, plan,
+apply the accepted writes in one group commit on the volume's I/O thread,
+then answer — NACKs first, one per refused write, then one cumulative ack.
+
+A reader task pulls messages off the stream while the previous group is
+being applied, and the applier coalesces everything that queued up meanwhile
+into the next group commit, so one fdatasync covers many writes under load.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import grpc
+
+from secondary.classify import Refusal, StreamState, nack_code, nack_code_for_errno
+from syncrep.errors import FailedPrecondition, NotFound, SyncrepError
+from syncrep.pb import syncrep_pb2 as pb
+from syncrep.pb import syncrep_pb2_grpc as pbg
+from syncrep.volumes import LocalVolume, VolumeRegistry, role_name
+
+log = logging.getLogger(__name__)
+
+# Messages read ahead of the applier (each up to MAX_MESSAGE_BYTES).
+READ_AHEAD_MESSAGES = 64
+# One group commit carries at most this much.
+GROUP_MAX_BYTES = 16 * 1024 * 1024
+OPEN_TIMEOUT_S = 10.0
+
+_EOF = object()
+
+
+class ReplicaServicer(pbg.ReplicaServiceServicer):
+    def __init__(self, registry: VolumeRegistry, resync: Any = None) -> None:
+        self.registry = registry
+        self.resync = resync  # secondary.resync.ResyncReceiver (method step 3), when present
+
+    def accept_stream(self, open_: pb.StreamOpen, fence: bool = True) -> tuple[LocalVolume, int]:
+        """Validate a stream opening and (unless ``fence`` is False) fence every
+        older stream of the volume. Returns (volume, token)."""
+        name = open_.volume.name
+        try:
+            lv = self.registry.get(name)
+        except NotFound:
+            raise NotFound(
+                f"volume {name!r} is not assigned to this node; create it through the coordinator first"
+            ) from None
+        if lv.role != pb.ROLE_SECONDARY:
+            raise FailedPrecondition(
+                f"this node is {role_name(lv.role)} for volume {name!r}, not its secondary"
+            )
+        if open_.epoch < lv.epoch:
+            raise FailedPrecondition(
+                f"stale epoch: stream for volume {name!r} carries epoch {open_.epoch}, "
+                f"but this node has seen epoch {lv.epoch}"
+            )
+        if (open_.volume.size_bytes, open_.volume.block_size) != (lv.store.size_bytes, lv.store.block_size):
+            raise FailedPrecondition(
+                f"volume {name!r} geometry mismatch: stream says {open_.volume.size_bytes} bytes / "
+                f"{open_.volume.block_size}-byte blocks, this node has {lv.store.size_bytes} / "
+                f"{lv.store.block_size}"
+            )
+        if open_.epoch > lv.epoch:
+            lv.epoch = open_.epoch
+            lv.persist_role()
+        if fence:
+            lv.stream_token += 1
+        return lv, lv.stream_token
+
+    async def Replicate(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> None:
+        try:
+            first = await asyncio.wait_for(context.read(), OPEN_TIMEOUT_S)
+        except TimeoutError:
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "no StreamOpen within 10 s")
+            return
+        if first is grpc.aio.EOF or not first.HasField("open"):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first message must be StreamOpen")
+            return
+        try:
+            lv, token = self.accept_stream(first.open)
+        except SyncrepError as e:
+            log.warning("refused replication stream: %s", e.message)
+            await context.abort(e.code, e.message)
+            return
+        st = StreamState(
+            volume=lv.name,
+            epoch=first.open.epoch,
+            next_seq=first.open.first_seq,
+            size_bytes=lv.store.size_bytes,
+            block_size=lv.store.block_size,
+        )
+        log.info(
+            "replication stream for %s accepted from %s: epoch %d, first seq %d",
+            lv.name, first.open.primary_address or context.peer(), st.epoch, st.next_seq,
+        )
+        await context.write(pb.ReplicateReply(accepted=pb.StreamAccepted(epoch=st.epoch)))
+
+        inbox: asyncio.Queue[Any] = asyncio.Queue(maxsize=READ_AHEAD_MESSAGES)
+
+        async def reader() -> None:
+            try:
+                while True:
+                    msg = await context.read()
+                    if msg is grpc.aio.EOF:
+                        break
+                    await inbox.put(msg)
+            finally:
+                await inbox.put(_EOF)
+
+        rt = asyncio.create_task(reader())
+        try:
+            await self._apply_loop(lv, token, st, inbox, context)
+        finally:
+            rt.cancel()
+            log.info("replication stream for %s (epoch %d) ended at seq %d", lv.name, st.epoch, st.next_seq - 1)
+
+    async def _apply_loop(
+        self,
+        lv: LocalVolume,
+        token: int,
+        st: StreamState,
+        inbox: asyncio.Queue[Any],
+        context: grpc.aio.ServicerContext,
+    ) -> None:
+        pending: Any = None
+        while True:
+            msg = pending if pending is not None else await inbox.get()
+            pending = None
+            if msg is _EOF:
+                return
+            if lv.stream_token != token:
+                await context.abort(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"stream superseded: a newer stream for volume {lv.name!r} (epoch {lv.epoch}) was accepted",
+                )
+                return
+            if msg.HasField("marker"):
+                await self._marker(lv, st, msg.marker, context)
+                continue
+            if not msg.HasField("batch"):
+                continue
+            # Coalesce every batch already queued into one group commit.
+            batches = [msg.batch]
+            nbytes = sum(len(w.data) for w in msg.batch.writes)
+            while nbytes < GROUP_MAX_BYTES and not inbox.empty():
+                nxt = inbox.get_nowait()
+                if nxt is _EOF or not nxt.HasField("batch"):
+                    pending = nxt
+                    break
+                batches.append(nxt.batch)
+                nbytes += sum(len(w.data) for w in nxt.batch.writes)
+            apply: list[pb.ReplicatedWrite] = []
+            refuse: list[Refusal] = []
+            last_seq = 0
+            for b in batches:
+                plan = st.plan(b.epoch, list(b.writes))
+                apply.extend(plan.apply)
+                refuse.extend(plan.refuse)
+                if b.writes:
+                    last_seq = max(last_seq, b.writes[-1].seq)
+            if apply:
+                try:
+                    await lv.run_io(self._write_group, lv, apply)
+                except OSError as e:
+                    code = nack_code_for_errno(e.errno)
+                    msg_text = f"secondary storage failed: {e.strerror or e}"
+                    log.error("volume %s: group commit of %d writes failed: %s", lv.name, len(apply), e)
+                    refuse.extend(st.fail_applied(apply, code, msg_text))
+            for r in sorted(refuse, key=lambda r: r.seq):
+                await context.write(
+                    pb.ReplicateReply(
+                        nack=pb.Nack(seq=r.seq, offset=r.offset, length=r.length, code=nack_code(r.code),
+                                     message=r.message, epoch=st.epoch)
+                    )
+                )
+            if refuse:
+                log.warning(
+                    "volume %s: NACKed %d writes (first: seq %d %s: %s)",
+                    lv.name, len(refuse), refuse[0].seq, pb.NackCode.Name(nack_code(refuse[0].code)), refuse[0].message,
+                )
+            if last_seq:
+                await context.write(pb.ReplicateReply(ack=pb.Ack(acked_through_seq=last_seq)))
+
+    @staticmethod
+    def _write_group(lv: LocalVolume, writes: list[pb.ReplicatedWrite]) -> None:
+        lv.faults.check()
+        lv.store.write_batch([(w.offset, w.data) for w in writes])
+
+    async def _marker(
+        self, lv: LocalVolume, st: StreamState, m: pb.SnapshotMarker, context: grpc.aio.ServicerContext
+    ) -> None:
+        """A common consistency point: every earlier write is applied (the
+        applier is sequential), no later one is; take the snapshot now."""
+        if st.failed or m.epoch != st.epoch:
+            return
+        info = await lv.run_io(self._common_snapshot, lv, m.name, m.keep)
+        log.info("volume %s: common snapshot %r (id %d) at seq %d", lv.name, m.name, info.id, m.seq)
+        await context.write(
+            pb.ReplicateReply(marker_done=pb.MarkerDone(seq=m.seq, snapshot_id=info.id, name=m.name))
+        )
+
+    @staticmethod
+    def _common_snapshot(lv: LocalVolume, name: str, keep: int) -> Any:
+        info = lv.store.create_snapshot(name)
+        if keep:
+            commons = [s for s in lv.store.list_snapshots() if s.name.startswith("common-")]
+            for s in commons[: max(0, len(commons) - keep)]:
+                lv.store.delete_snapshot(s.id)
+        return info
+
+    async def Resync(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> None:
+        if self.resync is None:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "resync is not available on this node")
+            return
+        await self.resync.serve(self, context)

@@ -1,0 +1,424 @@
+"""A node process: holds volumes, plays the primary or secondary role per pair.
+
+``syncrep primary`` and ``syncrep secondary`` both run this; the flag is only
+a hint recorded at registration. Which role a node plays for a volume is a
+property of the pair, assigned by the coordinator with an epoch, so promoting
+a secondary later is an assignment, not a different program.
+
+Servers: VolumeService (client writes/reads, on the primary), ReplicaService
+(replication and resync streams, on the secondary), NodeService (assignment,
+resync control, node-local reads and checksums, test fault hooks), health.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import grpc
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential_jitter
+
+from primary.volume import PrimaryVolume
+from secondary.replica import ReplicaServicer
+from secondary.resync import ResyncReceiver
+from syncrep.blockstore import Extent
+from syncrep import __version__, rpc
+from syncrep.config import NodeOptions
+from syncrep.errors import FailedPrecondition, InvalidArgument, SyncrepError, check_io_range
+from syncrep.pb import syncrep_pb2 as pb
+from syncrep.pb import syncrep_pb2_grpc as pbg
+from syncrep.volumes import LocalVolume, VolumeRegistry, role_name
+
+log = logging.getLogger(__name__)
+
+MAX_OUTSTANDING_PER_STREAM = 512
+REPORT_RETRY_MAX_S = 30.0
+
+
+class Node:
+    def __init__(
+        self,
+        role_hint: str,
+        listen: str,
+        data_dir: Path,
+        coordinator: str,
+        advertise: str | None,
+        options: NodeOptions,
+    ) -> None:
+        self.role_hint = role_hint
+        self.listen = listen
+        self.address = advertise or listen
+        self.coordinator = coordinator
+        self.options = options
+        self.data_dir = Path(data_dir)
+        self.registry = VolumeRegistry(self.data_dir, options.durability)
+        self.primaries: dict[str, PrimaryVolume] = {}
+        self.server = rpc.Server(listen)
+        self.heartbeat_interval_s = 0.5
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._coord_channel: Any = None
+        self._assign_lock = asyncio.Lock()
+        self.resync_receiver = ResyncReceiver(self.registry)
+        self.replica = ReplicaServicer(self.registry, self.resync_receiver)
+
+    # ------------------------------------------------------------ lifecycle
+    async def start(self) -> int:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        for lv in self.registry.open_existing():
+            if lv.role == pb.ROLE_PRIMARY:
+                await self._become_primary(lv)
+        self.server.add(pbg.add_VolumeServiceServicer_to_server, VolumeServicer(self), "syncrep.v1.VolumeService")
+        self.server.add(pbg.add_ReplicaServiceServicer_to_server, self.replica, "syncrep.v1.ReplicaService")
+        self.server.add(pbg.add_NodeServiceServicer_to_server, NodeServicer(self), "syncrep.v1.NodeService")
+        port = await self.server.start()
+        log.info("%s node listening on %s (advertised as %s), data in %s, durability %s",
+                 self.role_hint, self.listen, self.address, self.data_dir, self.options.durability)
+        self._coord_channel = rpc.channel(self.coordinator)
+        self._spawn(self._coordinator_loop(), "coordinator-loop")
+        return port
+
+    async def stop(self, grace_s: float = rpc.SHUTDOWN_GRACE_S) -> None:
+        log.info("node %s shutting down (grace %.1f s)", self.address, grace_s)
+        for t in list(self._tasks):
+            t.cancel()
+        for pv in self.primaries.values():
+            await pv.stop()
+        await self.server.stop(grace_s)
+        if self._coord_channel is not None:
+            await self._coord_channel.close()
+        self.registry.close()
+
+    def _spawn(self, coro: Any, name: str) -> None:
+        t = asyncio.get_running_loop().create_task(coro, name=name)
+        self._tasks.add(t)
+        t.add_done_callback(self._tasks.discard)
+
+    # ------------------------------------------------------------ roles
+    async def _become_primary(self, lv: LocalVolume) -> PrimaryVolume:
+        pv = self.primaries.get(lv.name)
+        if pv is None:
+            pv = PrimaryVolume(lv, self.options, self.address, self._report)
+            self.primaries[lv.name] = pv
+            await pv.start()
+        return pv
+
+    async def assign(self, a: pb.VolumeAssignment) -> str:
+        async with self._assign_lock:
+            lv, changed = await asyncio.to_thread(self.registry.assign, a)
+            if lv.role == pb.ROLE_PRIMARY:
+                pv = self.primaries.get(lv.name)
+                if pv is not None and changed:
+                    # New epoch or peer: restart the write path with the new fence.
+                    await pv.stop()
+                    del self.primaries[lv.name]
+                await self._become_primary(lv)
+            elif lv.name in self.primaries:
+                await self.primaries.pop(lv.name).stop()
+            return f"volume {lv.name} is {role_name(lv.role)} on {self.address} at epoch {lv.epoch}"
+
+    def primary(self, volume: str) -> PrimaryVolume:
+        pv = self.primaries.get(volume)
+        if pv is None:
+            lv = self.registry.get(volume)  # NOT_FOUND if unknown
+            raise FailedPrecondition(
+                f"this node ({self.address}) is {role_name(lv.role)} for volume {volume!r}, not its "
+                f"primary; writes go to the primary ({lv.peer})"
+            )
+        return pv
+
+    # ------------------------------------------------------------ coordinator
+    def reports(self) -> list[pb.VolumeReport]:
+        out = []
+        for name, lv in self.registry.volumes.items():
+            pv = self.primaries.get(name)
+            if pv is not None:
+                out.append(pv.report())
+            else:
+                out.append(
+                    pb.VolumeReport(
+                        name=name, role=lv.role, epoch=lv.epoch,
+                        size_bytes=lv.store.size_bytes, block_size=lv.store.block_size,
+                    )
+                )
+        return out
+
+    async def _register(self) -> None:
+        stub = pbg.CoordinatorServiceStub(self._coord_channel)
+        reply = await stub.RegisterNode(
+            pb.RegisterNodeRequest(
+                address=self.address, role_hint=self.role_hint, pid=os.getpid(), version=__version__
+            ),
+            timeout=rpc.DEFAULT_RPC_TIMEOUT_S,
+        )
+        self.heartbeat_interval_s = reply.heartbeat_interval_s or 0.5
+        log.info("registered with coordinator %s as %s (%d volumes assigned)",
+                 self.coordinator, self.address, len(reply.assignments))
+        await self._apply_assignments(reply.assignments)
+
+    async def _apply_assignments(self, assignments: Any) -> None:
+        for a in assignments:
+            lv = self.registry.volumes.get(a.spec.name)
+            if lv is not None and (lv.role, lv.epoch, lv.peer) == (a.role, a.epoch, a.peer_address):
+                if lv.role != pb.ROLE_PRIMARY or lv.name in self.primaries:
+                    continue
+            try:
+                await self.assign(a)
+            except SyncrepError as e:
+                log.error("cannot apply assignment of volume %s: %s", a.spec.name, e.message)
+
+    async def _coordinator_loop(self) -> None:
+        """Register (retrying with backoff), then heartbeat; re-register when
+        the coordinator forgot us (it restarted from an older state, say)."""
+        stub = pbg.CoordinatorServiceStub(self._coord_channel)
+        registered = False
+        warned = False
+        while True:
+            try:
+                if not registered:
+                    await self._register()
+                    registered = True
+                    warned = False
+                reply = await stub.Heartbeat(
+                    pb.HeartbeatRequest(address=self.address, volumes=self.reports()),
+                    timeout=max(1.0, self.heartbeat_interval_s * 4),
+                )
+                if not reply.known:
+                    registered = False
+                    continue
+                await self._apply_assignments(reply.assignments)
+            except grpc.RpcError as e:
+                if not warned:
+                    log.warning("coordinator %s unreachable: %s: %s (retrying)",
+                                self.coordinator, e.code().name, e.details())
+                    warned = True
+                registered = registered and e.code() != grpc.StatusCode.NOT_FOUND
+            await asyncio.sleep(self.heartbeat_interval_s)
+
+    async def _report(self, report: pb.ReplicationReport) -> None:
+        """Deliver a failure/state report to the coordinator, retried with
+        backoff for up to REPORT_RETRY_MAX_S (heartbeats carry the same state
+        afterwards, so nothing is lost if this gives up)."""
+        stub = pbg.CoordinatorServiceStub(self._coord_channel)
+        try:
+            async for attempt in AsyncRetrying(
+                stop=stop_after_delay(REPORT_RETRY_MAX_S),
+                wait=wait_exponential_jitter(initial=0.1, max=2.0),
+                retry=retry_if_exception_type(grpc.RpcError),
+                reraise=True,
+            ):
+                with attempt:
+                    await stub.ReportReplication(report, timeout=rpc.DEFAULT_RPC_TIMEOUT_S)
+        except grpc.RpcError as e:
+            log.warning("could not report %s state of volume %s to the coordinator: %s: %s",
+                        pb.PairState.Name(report.state), report.volume, e.code().name, e.details())
+
+
+async def _abort(context: grpc.aio.ServicerContext, e: SyncrepError) -> None:
+    await context.abort(e.code, e.message)
+
+
+class VolumeServicer(pbg.VolumeServiceServicer):
+    def __init__(self, node: Node) -> None:
+        self.node = node
+
+    async def Write(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> None:
+        replies: asyncio.Queue[pb.WriteReply | None] = asyncio.Queue()
+        sem = asyncio.Semaphore(MAX_OUTSTANDING_PER_STREAM)
+        tasks: set[asyncio.Task[None]] = set()
+
+        async def one(req: pb.WriteRequest) -> None:
+            try:
+                await self.node.primary(req.volume).write(req.offset, req.data)
+                reply = pb.WriteReply(client_seq=req.client_seq, code=0)
+            except SyncrepError as e:
+                reply = pb.WriteReply(client_seq=req.client_seq, code=rpc.code_value(e.code), message=e.message)
+            except Exception as e:  # a bug: report it on this write, keep the stream
+                log.exception("write failed")
+                reply = pb.WriteReply(
+                    client_seq=req.client_seq, code=rpc.code_value(grpc.StatusCode.INTERNAL), message=str(e)
+                )
+            finally:
+                sem.release()
+            await replies.put(reply)
+
+        async def reader() -> None:
+            try:
+                while True:
+                    req = await context.read()
+                    if req is grpc.aio.EOF:
+                        break
+                    await sem.acquire()
+                    t = asyncio.create_task(one(req))
+                    tasks.add(t)
+                    t.add_done_callback(tasks.discard)
+                if tasks:
+                    await asyncio.gather(*list(tasks), return_exceptions=True)
+            finally:
+                await replies.put(None)
+
+        rt = asyncio.create_task(reader())
+        try:
+            while (r := await replies.get()) is not None:
+                await context.write(r)
+        finally:
+            rt.cancel()
+
+    async def WriteOne(self, request: pb.WriteRequest, context: grpc.aio.ServicerContext) -> pb.WriteReply:
+        try:
+            await self.node.primary(request.volume).write(request.offset, request.data)
+        except SyncrepError as e:
+            await _abort(context, e)
+        return pb.WriteReply(client_seq=request.client_seq, code=0)
+
+    async def Read(self, request: pb.ReadRequest, context: grpc.aio.ServicerContext) -> pb.ReadReply:
+        try:
+            data = await self.node.primary(request.volume).read(
+                request.offset, request.length, request.snapshot_id
+            )
+        except SyncrepError as e:
+            await _abort(context, e)
+        except Exception as e:
+            await _abort(context, _store_error(e))
+        return pb.ReadReply(data=data)
+
+
+def _store_error(e: Exception) -> SyncrepError:
+    """Map a block store exception to a status: its message already names the bad value."""
+    name = type(e).__name__
+    code = {
+        "OutOfRangeError": grpc.StatusCode.OUT_OF_RANGE,
+        "MisalignedError": grpc.StatusCode.INVALID_ARGUMENT,
+        "EmptyWriteError": grpc.StatusCode.INVALID_ARGUMENT,
+        "UnknownSnapshotError": grpc.StatusCode.NOT_FOUND,
+        "InvalidDiffError": grpc.StatusCode.INVALID_ARGUMENT,
+    }.get(name, grpc.StatusCode.INTERNAL)
+    return SyncrepError(str(e), code)
+
+
+class NodeServicer(pbg.NodeServiceServicer):
+    def __init__(self, node: Node) -> None:
+        self.node = node
+
+    async def AssignVolume(self, request: pb.VolumeAssignment, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            msg = await self.node.assign(request)
+        except SyncrepError as e:
+            await _abort(context, e)
+        return pb.AssignVolumeReply(message=msg)
+
+    async def StartResync(self, request: pb.StartResyncRequest, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            msg = await self.node.primary(request.volume).start_resync(request.epoch)
+        except SyncrepError as e:
+            await _abort(context, e)
+        return pb.StartResyncReply(message=msg)
+
+    async def NodeStatus(self, request: pb.NodeStatusRequest, context: grpc.aio.ServicerContext) -> Any:
+        return pb.NodeStatusReply(address=self.node.address, volumes=self.node.reports())
+
+    async def ReadLocal(self, request: pb.ReadRequest, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            lv = self.node.registry.get(request.volume)
+            check_io_range(lv.name, lv.store.size_bytes, lv.store.block_size, request.offset,
+                           request.length, what="read")
+            if request.length > rpc.MAX_WRITE_BYTES:
+                raise InvalidArgument(
+                    f"read of {request.length} bytes exceeds the {rpc.MAX_WRITE_BYTES}-byte limit per read"
+                )
+            data = await asyncio.to_thread(
+                lv.store.read_at, request.snapshot_id or None, request.offset, request.length
+            )
+        except SyncrepError as e:
+            await _abort(context, e)
+        except Exception as e:
+            await _abort(context, _store_error(e))
+        return pb.ReadReply(data=data)
+
+    async def Checksum(self, request: pb.ChecksumRequest, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            lv = self.node.registry.get(request.volume)
+            chunk = request.chunk_bytes or (1 << 20)
+            if chunk % lv.store.block_size or chunk > (64 << 20):
+                raise InvalidArgument(
+                    f"chunk_bytes {chunk} must be a multiple of the {lv.store.block_size}-byte block size "
+                    "and at most 64 MiB"
+                )
+            sums = await asyncio.to_thread(
+                lv.store.checksums, request.offset, request.length, chunk, request.snapshot_id or None
+            )
+        except SyncrepError as e:
+            await _abort(context, e)
+        except Exception as e:
+            await _abort(context, _store_error(e))
+        return pb.ChecksumReply(chunk_bytes=chunk, crc32c=sums, offset=request.offset)
+
+    async def InjectFault(self, request: pb.InjectFaultRequest, context: grpc.aio.ServicerContext) -> Any:
+        if not self.node.options.enable_fault_injection:
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                "fault injection is disabled; start the node with --enable-fault-injection (tests only)",
+            )
+        try:
+            lv = self.node.registry.get(request.volume)
+            if request.kind == "corrupt_chunk":
+                self.node.primary(request.volume).counters.corrupt_next = max(1, request.count)
+            else:
+                lv.faults.arm(request.kind, request.count)
+        except SyncrepError as e:
+            await _abort(context, e)
+        log.warning("fault injection armed on volume %s: %s x%d", request.volume, request.kind, request.count)
+        return pb.InjectFaultReply(message=f"armed {request.kind} x{request.count} on {request.volume}")
+
+
+    async def ListSnapshots(self, request: pb.ListSnapshotsRequest, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            lv = self.node.registry.get(request.volume)
+        except SyncrepError as e:
+            await _abort(context, e)
+        snaps = await asyncio.to_thread(lv.store.list_snapshots)
+        return pb.ListSnapshotsReply(
+            snapshots=[pb.SnapshotInfo(id=s.id, name=s.name, created_at=s.created_at) for s in snaps]
+        )
+
+    async def Repair(self, request: pb.RepairRequest, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            pv = self.node.primary(request.volume)
+            for e in request.extents:
+                check_io_range(pv.lv.name, pv.lv.store.size_bytes, pv.lv.store.block_size,
+                               e.offset - e.offset % pv.lv.store.block_size,
+                               max(pv.lv.store.block_size, e.length), what="repair extent")
+            sent = await pv.repair([Extent(e.offset, e.length) for e in request.extents])
+        except SyncrepError as e:
+            await _abort(context, e)
+        return pb.RepairReply(bytes_sent=sent, message=f"re-sent {sent} bytes to the secondary")
+
+    async def AbortResync(self, request: pb.AbortResyncRequest, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            lv = self.node.registry.get(request.volume)
+            if lv.role != pb.ROLE_SECONDARY:
+                raise FailedPrecondition(f"this node is {role_name(lv.role)} for {lv.name!r}; "
+                                         "AbortResync runs on the secondary")
+            msg, n = await lv.run_io(self.node.resync_receiver.abort, lv, request.rollback)
+        except SyncrepError as e:
+            await _abort(context, e)
+        log.warning("volume %s: %s", request.volume, msg)
+        return pb.AbortResyncReply(message=msg, rolled_back_bytes=n)
+
+
+async def serve(
+    role_hint: str,
+    listen: str,
+    data_dir: Path,
+    coordinator: str,
+    advertise: str | None,
+    options: NodeOptions,
+) -> None:
+    """Run a node until SIGTERM/SIGINT, then stop gracefully."""
+    node = Node(role_hint, listen, data_dir, coordinator, advertise, options)
+    await node.start()
+    sig = await rpc.wait_for_signal()
+    log.info("received signal %d", sig)
+    await node.stop()
