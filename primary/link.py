@@ -128,6 +128,13 @@ class ReplicationLink:
             await self._channel.close(grace=None)
             self._channel = None
 
+    async def wait_drained(self) -> None:
+        """Wait until every write sent so far is acked (or the link failed).
+        Bounded: the watchdog fails the link after ack_timeout_s."""
+        while not self.failed and self.window.inflight_count:
+            self._room.clear()
+            await self._room.wait()
+
     # ------------------------------------------------------------ sending
     async def wait_room(self, n_writes: int, n_bytes: int) -> bool:
         """Wait until the window admits the batch. False if the link failed meanwhile."""

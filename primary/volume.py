@@ -33,7 +33,16 @@ from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt,
 from coordinator.extents import derive_failed_extents
 from coordinator.pairstate import PairEvent, PairState, transition
 from primary.link import LinkError, ReplicationLink
-from primary.resync import Counters, RateLimiter, ResyncError, ResyncPlan, RoundSender, RoundSpec, round_pieces
+from primary.resync import (
+    Counters,
+    RateLimiter,
+    ResyncError,
+    ResyncPlan,
+    RoundSender,
+    RoundSpec,
+    round_pieces,
+)
+from secondary.classify import nack_code
 from syncrep.blockstore import Extent
 from syncrep.config import NodeOptions
 from syncrep.errors import (
@@ -46,7 +55,6 @@ from syncrep.errors import (
 )
 from syncrep.pb import syncrep_pb2 as pb
 from syncrep.rpc import MAX_WRITE_BYTES
-from secondary.classify import nack_code
 from syncrep.volumes import LocalVolume
 
 log = logging.getLogger(__name__)
@@ -62,6 +70,8 @@ META_CLEAN = "pair.clean"
 # information was lost (see ``_recover_from_unclean_stop``).
 META_ROLLBACK_TO = "pair.rollback_to"
 COMMON_PREFIX = "common-"
+# Graceful stop: how long queued writes get to finish.
+STOP_DRAIN_S = 5.0
 
 Reporter = Callable[[pb.ReplicationReport], Awaitable[None]]
 
@@ -138,15 +148,19 @@ class PrimaryVolume:
     async def stop(self) -> None:
         """Graceful: stop taking writes, let queued ones finish, close the stream."""
         self._closed = True
-        deadline = time.monotonic() + 5.0
-        while (not self._queue.empty() or self._holdover) and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)
+        try:
+            # Every queued write gets sequenced (task_done per write) ...
+            await asyncio.wait_for(self._queue.join(), STOP_DRAIN_S)
+        except TimeoutError:
+            log.warning("volume %s: %d queued writes not sequenced within %.0f s of shutdown",
+                        self.lv.name, self._queue.qsize(), STOP_DRAIN_S)
         for t in list(self._tasks):
             if t.get_name() != "complete":
                 t.cancel()
+        # ... and completed (replicated, or tracked) before the stream closes.
         pending = [t for t in self._tasks if t.get_name() == "complete"]
         if pending:
-            await asyncio.wait(pending, timeout=5.0)
+            await asyncio.wait(pending, timeout=STOP_DRAIN_S)
         if self.link is not None:
             await self.link.close()
             self.link = None
@@ -297,9 +311,11 @@ class PrimaryVolume:
             for w in batch:
                 writes.append((self.next_seq, w.offset, w.data))
                 self.next_seq += 1
-            local = asyncio.ensure_future(self.lv.run_io(self._write_local, [(o, d) for _, o, d in writes]))
+            local = self.lv.submit_io(self._write_local, [(o, d) for _, o, d in writes])
             remote = link.send(writes) if link is not None else None
             self._spawn(self._complete(batch, writes, local, remote), "complete")
+            for _ in batch:
+                self._queue.task_done()
 
     def _write_local(self, writes: list[tuple[int, bytes]]) -> None:
         self.lv.store.write_batch(writes)
@@ -641,9 +657,9 @@ class PrimaryVolume:
             )
         self._hold_gate()
         try:
-            await self.lv.run_io(lambda: None)  # drain: every earlier write has landed
-            while self.link is not None and self.link.window.inflight_count:
-                await asyncio.sleep(0.005)
+            await self.lv.run_io(lambda: None)  # drain: every earlier write has landed locally ...
+            if self.link is not None:  # ... and on the secondary
+                await self.link.wait_drained()
             plan = ResyncPlan.new("repair", 0)
             spec = RoundSpec(0, "repair", 0, 0, [[e.offset, e.length] for e in extents])
             # final=True: a repair is complete in one round.

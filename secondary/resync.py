@@ -21,6 +21,7 @@ resumes from the last applied chunk.
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import json
 import logging
@@ -78,6 +79,7 @@ class ResyncReceiver:
     # ------------------------------------------------------------ control
     def begin(self, lv: LocalVolume, h: pb.ResyncHeader) -> tuple[ResyncState, int]:
         """Runs on the I/O thread. Returns (state, resume index)."""
+        lv.faults.check_armed()
         if h.kind == "repair":
             # verify --repair while in sync: nothing to roll back to, nothing to resume.
             return ResyncState(), 0
@@ -156,6 +158,11 @@ class ResyncReceiver:
         except SyncrepError as e:
             log.warning("refused resync stream: %s", e.message)
             await context.abort(e.code, e.message)
+            return
+        except OSError as e:
+            log.error("refused resync stream for %s: storage failed: %s", h.volume.name, e)
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED if e.errno == errno.ENOSPC else grpc.StatusCode.INTERNAL,
+                                f"secondary storage failed before resync: {e.strerror or e}")
             return
         log.info("volume %s: resync %s round %d (%s, snapshots %d->%d, %d bytes) resumes at chunk %d",
                  lv.name, h.resync_id, h.round, h.kind, h.base_snapshot_id, h.target_snapshot_id,

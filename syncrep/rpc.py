@@ -78,7 +78,10 @@ class Server:
 
     async def start(self) -> int:
         reflection.enable_server_reflection(self._services, self.server)
-        self.port = self.server.add_insecure_port(self.listen)
+        try:
+            self.port = self.server.add_insecure_port(self.listen)
+        except RuntimeError as e:  # grpcio >= 1.6x raises instead of returning 0
+            raise OSError(f"cannot listen on {self.listen}: {e}") from None
         if self.port == 0:
             raise OSError(f"cannot listen on {self.listen}: address in use or not available")
         await self.server.start()

@@ -65,6 +65,16 @@ class FaultInjector:
             self.kind = "" if kind == "clear" else kind
             self.remaining = 0 if kind == "clear" else max(1, count)
 
+    def check_armed(self) -> None:
+        """Fail like ``check`` while armed, without using up the count: a disk
+        that is full refuses a resync before the first chunk, too."""
+        with self._lock:
+            kind = self.kind if self.remaining > 0 else ""
+        if kind == "enospc":
+            raise OSError(errno.ENOSPC, "No space left on device (injected)")
+        if kind == "eio":
+            raise OSError(errno.EIO, "Input/output error (injected)")
+
     def check(self) -> None:
         with self._lock:
             if not self.kind or self.remaining <= 0:
@@ -101,10 +111,15 @@ class LocalVolume:
             name=self.name, size_bytes=self.store.size_bytes, block_size=self.store.block_size
         )
 
+    def submit_io(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
+        """Queue ``fn`` on this volume's I/O thread now (synchronously, so the
+        FIFO position is fixed at the call) and return a future of its result."""
+        assert self._io is not None
+        return asyncio.get_running_loop().run_in_executor(self._io, fn, *args)
+
     async def run_io(self, fn: Callable[..., T], *args: Any) -> T:
         """Run ``fn`` on this volume's I/O thread (FIFO with every other mutation)."""
-        assert self._io is not None
-        return await asyncio.get_running_loop().run_in_executor(self._io, fn, *args)
+        return await self.submit_io(fn, *args)
 
     def persist_role(self) -> None:
         self.store.meta_set(

@@ -1,0 +1,130 @@
+"""The volume-pair state machine (pure: no I/O, no dependencies beyond the stdlib).
+
+In the style of h11: a small set of states, a small set of events, ONE table
+``(state, event) -> state`` and a ``transition`` function that refuses anything
+the table does not list. The coordinator owns the authoritative pair state; the
+primary node imports this same module for its own view of the pair.
+
+::
+
+    in_sync   --SECONDARY_FAILED--> degraded
+    resyncing --SECONDARY_FAILED--> degraded
+    degraded  --SECONDARY_FAILED--> degraded   (more failure information)
+    degraded  --RESYNC_STARTED----> resyncing
+    resyncing --RESYNC_FAILED-----> degraded
+    resyncing --RESYNC_DONE-------> in_sync
+    degraded  --RESYNC_DONE-------> in_sync    (see below)
+
+``degraded --RESYNC_DONE--> in_sync`` exists because "degraded" can be an
+inference of the coordinator alone (the secondary stopped heartbeating to the
+coordinator, or a StartResync call timed out although the primary got it)
+while the primary keeps resyncing over its own link and then finishes. The
+coordinator guards this edge by the epoch: it accepts it only for a resync it
+started at the pair's current epoch.
+
+The proto enum values are written out here (they are part of the wire
+contract and never change) so that this module imports nothing from the
+generated code; ``tests/test_pairstate.py`` checks them against ``syncrep_pb2``.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Final
+
+__all__ = [
+    "TRANSITIONS",
+    "IllegalTransition",
+    "PairEvent",
+    "PairState",
+    "is_legal",
+    "transition",
+]
+
+
+class PairState(StrEnum):
+    """The state of a volume pair. The values are the strings stored and logged."""
+
+    IN_SYNC = "in_sync"
+    DEGRADED = "degraded"
+    RESYNCING = "resyncing"
+
+    def to_proto(self) -> int:
+        """The ``syncrep.v1.PairState`` enum value of this state."""
+        return _TO_PROTO[self]
+
+    @classmethod
+    def from_proto(cls, value: int) -> PairState:
+        """The state of a ``syncrep.v1.PairState`` enum value.
+
+        Raises ValueError for PAIR_STATE_UNSPECIFIED (0) and unknown values.
+        """
+        try:
+            return _FROM_PROTO[int(value)]
+        except KeyError:
+            raise ValueError(
+                f"pair state {value} is not one of PAIR_STATE_IN_SYNC (1), "
+                "PAIR_STATE_DEGRADED (2), PAIR_STATE_RESYNCING (3)"
+            ) from None
+
+
+class PairEvent(StrEnum):
+    """What happens to a pair."""
+
+    # The secondary failed (NACK, ack timeout, crash, stopped heartbeating) or
+    # a resync in progress failed on the primary's side.
+    SECONDARY_FAILED = "secondary_failed"
+    # The coordinator issued a new epoch and asked the primary to resync.
+    RESYNC_STARTED = "resync_started"
+    # Starting the resync failed (StartResync refused or unreachable).
+    RESYNC_FAILED = "resync_failed"
+    # The primary reports the pair back in sync.
+    RESYNC_DONE = "resync_done"
+
+
+# syncrep.v1.PairState values (protos/syncrep.proto).
+PROTO_PAIR_STATE_UNSPECIFIED: Final = 0
+_TO_PROTO: Final[dict[PairState, int]] = {
+    PairState.IN_SYNC: 1,
+    PairState.DEGRADED: 2,
+    PairState.RESYNCING: 3,
+}
+_FROM_PROTO: Final[dict[int, PairState]] = {v: k for k, v in _TO_PROTO.items()}
+
+
+# THE transition table. Anything not listed is illegal.
+TRANSITIONS: Final[dict[tuple[PairState, PairEvent], PairState]] = {
+    (PairState.IN_SYNC, PairEvent.SECONDARY_FAILED): PairState.DEGRADED,
+    (PairState.RESYNCING, PairEvent.SECONDARY_FAILED): PairState.DEGRADED,
+    (PairState.DEGRADED, PairEvent.SECONDARY_FAILED): PairState.DEGRADED,
+    (PairState.DEGRADED, PairEvent.RESYNC_STARTED): PairState.RESYNCING,
+    (PairState.RESYNCING, PairEvent.RESYNC_FAILED): PairState.DEGRADED,
+    (PairState.RESYNCING, PairEvent.RESYNC_DONE): PairState.IN_SYNC,
+    (PairState.DEGRADED, PairEvent.RESYNC_DONE): PairState.IN_SYNC,
+}
+
+
+class IllegalTransition(Exception):
+    """An event that the transition table does not allow in the current state."""
+
+    def __init__(self, state: PairState, event: PairEvent) -> None:
+        self.state = state
+        self.event = event
+        allowed = sorted(e.value for (s, e) in TRANSITIONS if s == state)
+        super().__init__(
+            f"illegal pair transition: event {event.value} in state {state.value} "
+            f"(allowed in {state.value}: {', '.join(allowed) or 'none'})"
+        )
+
+
+def is_legal(state: PairState, event: PairEvent) -> bool:
+    return (PairState(state), PairEvent(event)) in TRANSITIONS
+
+
+def transition(state: PairState, event: PairEvent) -> PairState:
+    """The state after ``event`` in ``state``; IllegalTransition if the table has no entry."""
+    s, e = PairState(state), PairEvent(event)
+    try:
+        return TRANSITIONS[(s, e)]
+    except KeyError:
+        raise IllegalTransition(s, e) from None

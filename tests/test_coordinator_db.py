@@ -1,0 +1,215 @@
+"""Coordinator persistence: everything survives a close and reopen."""
+
+from __future__ import annotations
+
+import sqlite3
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from coordinator.db import (
+    DB_FILENAME,
+    CoordinatorDB,
+    DBError,
+    PairExists,
+    PairRecord,
+    ProgressRecord,
+    StateChange,
+)
+from coordinator.pairstate import PairState
+from syncrep.blockstore import Extent
+
+
+@pytest.fixture
+def path(tmp_path: Path) -> Path:
+    return tmp_path / "data" / DB_FILENAME
+
+
+def _pair(name: str = "vol1", **kw: object) -> PairRecord:
+    base = PairRecord(
+        name=name,
+        size_bytes=64 * 1024 * 1024,
+        block_size=4096,
+        primary="127.0.0.1:7001",
+        secondary="127.0.0.1:7002",
+        resync_mode=2,
+    )
+    return replace(base, **kw)  # type: ignore[arg-type]
+
+
+def test_pragmas(path: Path) -> None:
+    db = CoordinatorDB(path)
+    try:
+        assert db._conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert db._conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+        assert db._conn.execute("PRAGMA foreign_keys").fetchone()[0] == 1
+    finally:
+        db.close()
+
+
+def test_nodes_persist_and_upsert(path: Path) -> None:
+    with CoordinatorDB(path) as db:
+        db.upsert_node("127.0.0.1:7001", "primary", registered_at=100.0)
+        db.upsert_node("127.0.0.1:7002", "secondary", registered_at=101.0)
+        db.upsert_node("127.0.0.1:7001", "secondary", registered_at=102.0)
+    with CoordinatorDB(path) as db:
+        nodes = db.list_nodes()
+        assert [(n.address, n.role_hint, n.registered_at) for n in nodes] == [
+            ("127.0.0.1:7001", "secondary", 102.0),
+            ("127.0.0.1:7002", "secondary", 101.0),
+        ]
+        assert db.get_node("127.0.0.1:7002") is not None
+        assert db.get_node("127.0.0.1:9999") is None
+
+
+def test_pair_roundtrip_all_fields(path: Path) -> None:
+    pair = _pair(
+        epoch=7,
+        state=PairState.DEGRADED,
+        failed_extents=(Extent(0, 4096), Extent(10_000, 3)),
+        fault_snapshot_id=2**64 - 1,  # uint64 max survives SQLite's signed INTEGER
+        progress=ProgressRecord(bytes_done=5, bytes_total=10, rate_bytes_per_s=1.5, eta_s=3.25, round=2),
+        last_error="NACK: EIO",
+        state_changed_at=1234.5,
+        created_at=1000.0,
+    )
+    with CoordinatorDB(path) as db:
+        created = db.create_pair(pair, "created")
+        assert created == pair
+    with CoordinatorDB(path) as db:
+        got = db.get_pair("vol1")
+        assert got == pair
+        assert got is not None and got.failed_bytes == 4099
+        assert db.list_pairs() == [pair]
+        assert db.pairs_for_node("127.0.0.1:7002") == [pair]
+        assert db.pairs_for_node("127.0.0.1:7003") == []
+
+
+def test_create_sets_timestamps_and_event(path: Path) -> None:
+    with CoordinatorDB(path) as db:
+        p = db.create_pair(_pair(), "created by test")
+        assert p.created_at > 0 and p.state_changed_at > 0
+        (ev,) = db.events("vol1")
+        assert (ev.from_state, ev.to_state, ev.epoch, ev.reason) == (
+            None,
+            PairState.IN_SYNC,
+            1,
+            "created by test",
+        )
+
+
+def test_duplicate_pair(path: Path) -> None:
+    with CoordinatorDB(path) as db:
+        db.create_pair(_pair(), "first")
+        with pytest.raises(PairExists, match="vol1"):
+            db.create_pair(_pair(primary="127.0.0.1:8001"), "second")
+        # The failed insert recorded nothing.
+        assert len(db.events("vol1")) == 1
+        assert db.get_pair("vol1") == db.list_pairs()[0]
+
+
+def test_save_pair_with_event_and_reopen(path: Path) -> None:
+    with CoordinatorDB(path) as db:
+        p = db.create_pair(_pair(), "created")
+        p = db.save_pair(
+            replace(
+                p,
+                state=PairState.DEGRADED,
+                failed_extents=(Extent(0, 10), Extent(20, 5)),
+                fault_snapshot_id=3,
+            ),
+            StateChange(PairState.IN_SYNC, "secondary failed: EIO"),
+        )
+        p = db.save_pair(
+            replace(p, epoch=2, state=PairState.RESYNCING), StateChange(PairState.DEGRADED, "resync")
+        )
+        # Extents replaced, not appended.
+        p = db.save_pair(replace(p, failed_extents=(Extent(0, 30),)))
+    with CoordinatorDB(path) as db:
+        got = db.get_pair("vol1")
+        assert got == p
+        assert got is not None and got.failed_extents == (Extent(0, 30),)
+        evs = db.events("vol1")
+        assert [(e.from_state, e.to_state, e.epoch) for e in evs] == [
+            (None, PairState.IN_SYNC, 1),
+            (PairState.IN_SYNC, PairState.DEGRADED, 1),
+            (PairState.DEGRADED, PairState.RESYNCING, 2),
+        ]
+        assert evs[1].reason == "secondary failed: EIO"
+        assert [e.to_state for e in db.events("vol1", limit=1)] == [PairState.RESYNCING]
+        assert db.resync_started_at_epoch("vol1", 2)
+        assert not db.resync_started_at_epoch("vol1", 1)
+
+
+def test_save_is_atomic(path: Path) -> None:
+    """A failing save leaves neither the pair update nor its event behind."""
+    with CoordinatorDB(path) as db:
+        p = db.create_pair(_pair(failed_extents=(Extent(0, 1),)), "created")
+        bad = replace(
+            p, state=PairState.DEGRADED, failed_extents=(Extent(0, 1), Extent(0, 2))
+        )  # duplicate key
+        with pytest.raises(sqlite3.IntegrityError):
+            db.save_pair(bad, StateChange(PairState.IN_SYNC, "boom"))
+        assert db.get_pair("vol1") == p
+        assert len(db.events("vol1")) == 1
+
+
+def test_save_unknown_pair(path: Path) -> None:
+    with CoordinatorDB(path) as db, pytest.raises(KeyError, match="nope"):
+        db.save_pair(_pair("nope"))
+
+
+def test_update_progress_only(path: Path) -> None:
+    with CoordinatorDB(path) as db:
+        p = db.create_pair(_pair(state=PairState.RESYNCING, failed_extents=(Extent(5, 5),)), "created")
+        db.update_progress(
+            "vol1", ProgressRecord(bytes_done=1, bytes_total=2, rate_bytes_per_s=3.0, eta_s=4.0, round=1)
+        )
+    with CoordinatorDB(path) as db:
+        got = db.get_pair("vol1")
+        assert got == replace(p, progress=ProgressRecord(1, 2, 3.0, 4.0, 1))
+
+
+def test_delete_pair(path: Path) -> None:
+    with CoordinatorDB(path) as db:
+        db.create_pair(_pair(failed_extents=(Extent(0, 1),)), "created")
+        assert db.delete_pair("vol1", "rolled back")
+        assert not db.delete_pair("vol1", "again")
+        assert db.get_pair("vol1") is None
+        assert db._conn.execute("SELECT COUNT(*) FROM failed_extents").fetchone()[0] == 0
+    with CoordinatorDB(path) as db:
+        assert db.list_pairs() == []
+        evs = db.events("vol1")
+        assert [(e.from_state, e.to_state) for e in evs] == [
+            (None, PairState.IN_SYNC),
+            (PairState.IN_SYNC, None),
+        ]
+        # The name can be used again.
+        db.create_pair(_pair(), "recreated")
+
+
+def test_many_extents(path: Path) -> None:
+    exts = tuple(Extent(i * 8192, 4096) for i in range(5000))
+    with CoordinatorDB(path) as db:
+        db.create_pair(_pair(failed_extents=exts), "created")
+    with CoordinatorDB(path) as db:
+        got = db.get_pair("vol1")
+        assert got is not None and got.failed_extents == exts
+
+
+def test_events_all_volumes_in_order(path: Path) -> None:
+    with CoordinatorDB(path) as db:
+        db.create_pair(_pair("a"), "a")
+        db.create_pair(_pair("b"), "b")
+        assert [e.volume for e in db.events()] == ["a", "b"]
+
+
+def test_schema_version_mismatch(path: Path) -> None:
+    CoordinatorDB(path).close()
+    conn = sqlite3.connect(path)
+    conn.execute("UPDATE meta SET value = '999' WHERE key = 'schema_version'")
+    conn.commit()
+    conn.close()
+    with pytest.raises(DBError, match="schema version 999"):
+        CoordinatorDB(path)
