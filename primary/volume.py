@@ -127,17 +127,23 @@ class PrimaryVolume:
 
     # ------------------------------------------------------------ lifecycle
     async def start(self) -> None:
-        self._spawn(self._sequencer(), "sequencer")
-        if self.state is PairState.IN_SYNC and self.lv.store.meta_get(META_CLEAN) == "0":
-            await self._recover_from_unclean_stop()
-        if self.options.snapshot_period_s > 0:
-            self._spawn(self._snapshot_loop(), "snapshots")
-        if self.state is PairState.IN_SYNC:
-            try:
-                await self._open_link()
-            except LinkError as e:
-                self._begin_degrade(f"secondary unreachable at startup: {e}")
-        else:
+        # Writes that arrive while we connect wait at the gate: in sync, no
+        # write may go to the local volume alone without being tracked.
+        self._hold_gate()
+        try:
+            self._spawn(self._sequencer(), "sequencer")
+            if self.state is PairState.IN_SYNC and self.lv.store.meta_get(META_CLEAN) == "0":
+                await self._recover_from_unclean_stop()
+            if self.options.snapshot_period_s > 0:
+                self._spawn(self._snapshot_loop(), "snapshots")
+            if self.state is PairState.IN_SYNC:
+                try:
+                    await self._open_link()
+                except LinkError as e:
+                    self._begin_degrade(f"secondary unreachable at startup: {e}")
+        finally:
+            self._release_gate()
+        if self.state is not PairState.IN_SYNC:
             log.warning(
                 "volume %s starts %s: %d failed extents (%d bytes), fault snapshot %d; writes are "
                 "tracked for resync",
@@ -301,6 +307,14 @@ class PrimaryVolume:
                 link = self.link
                 if link is None or link.failed:
                     link = None
+                    if self.state is PairState.IN_SYNC:
+                        # In sync but no stream (it just failed, or was
+                        # closed): this batch must not land untracked.
+                        # Degrade first (fault snapshot), then write.
+                        self._begin_degrade(
+                            self.link.failure_reason if self.link is not None else "no replication stream"
+                        )
+                        continue
                     break
                 if await link.wait_room(len(batch), nbytes) and self._gate.is_set():
                     break

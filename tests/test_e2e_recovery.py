@@ -11,6 +11,7 @@ import asyncio
 import random
 from typing import Any
 
+import grpc
 import pytest
 from e2e_helpers import (
     Workload,
@@ -243,12 +244,21 @@ async def test_periodic_common_snapshots_are_identical_on_both_sides(cluster_fac
     p, s = await snaps(c.primary_addr), await snaps(c.secondary_addr)
     common = sorted(set(p) & set(s))
     assert len(common) >= 2, (p, s)
-    assert len(p) <= 3 and len(s) <= 3, (p, s)
+    # Snapshots keep being taken (every 0.5 s) while we look: one extra may
+    # exist between a snapshot and the pruning that follows it.
+    assert len(p) <= 4 and len(s) <= 4, (p, s)
+    compared = 0
     for name in common:
-        ps, ss = await asyncio.gather(
-            sc.checksum(c.primary_addr, VOL, snapshot_id=p[name]),
-            sc.checksum(c.secondary_addr, VOL, snapshot_id=s[name]),
-        )
+        try:
+            ps, ss = await asyncio.gather(
+                sc.checksum(c.primary_addr, VOL, snapshot_id=p[name]),
+                sc.checksum(c.secondary_addr, VOL, snapshot_id=s[name]),
+            )
+        except sc.ClientError as e:  # pruned meanwhile
+            assert e.code == grpc.StatusCode.NOT_FOUND, e
+            continue
         assert ps == ss, f"common snapshot {name} differs between primary and secondary"
+        compared += 1
+    assert compared >= 1, "no common snapshot could be compared"
     await wait_in_sync_and_identical(c, VOL)
     await check_no_lost_writes(c, VOL, w)
