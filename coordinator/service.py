@@ -836,6 +836,13 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
             ready, _ = self.resync_ready(pair)
             if not ready:
                 continue
+            # Heartbeats are up to node_timeout_s stale: a secondary killed a
+            # moment ago still looks alive. Ask it directly before spending an
+            # epoch and a backoff step on a resync that cannot connect.
+            if not await rpc.health_check(pair.secondary, timeout_s=1.0):
+                log.debug("volume %s: secondary %s does not answer health checks yet", pair.name,
+                          pair.secondary)
+                continue
             async with self._lock:
                 cur = self._pairs.get(pair.name)
                 if cur is None or not self.resync_ready(cur)[0]:

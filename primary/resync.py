@@ -91,6 +91,7 @@ class ResyncPlan:
     snapshots: list[int] = field(default_factory=list)  # created by the resync, deleted at the end
     current: RoundSpec | None = None
     rounds_done: int = 0
+    last_round: int = -1  # number of the last completed round
     last_target: int = 0
     last_round_bytes: int = -1
     rewritten: bool = False

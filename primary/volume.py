@@ -123,6 +123,8 @@ class PrimaryVolume:
         self.counters = Counters()
         self._resync_task: asyncio.Task[None] | None = None
         self._resync_t0 = 0.0
+        self._resync_sent0 = 0
+        self._resync_refused0 = 0
         self._snapshot_lock = asyncio.Lock()
 
     # ------------------------------------------------------------ lifecycle
@@ -469,6 +471,8 @@ class PrimaryVolume:
             else self.state
         await self.lv.run_io(self._persist_role_and_state)
         self._resync_t0 = time.monotonic()
+        self._resync_sent0 = self.counters.bytes_sent
+        self._resync_refused0 = self.counters.chunks_refused
         self._resync_task = self._spawn(self._resync_main(epoch), "resync")
         mode = "rewrite" if self.lv.resync_mode == pb.RESYNC_MODE_REWRITE else "direct"
         return f"resync of {self.lv.name!r} started at epoch {epoch} ({mode})"
@@ -479,7 +483,7 @@ class PrimaryVolume:
 
     def _on_progress(self, done: int, total: int, round_no: int) -> None:
         elapsed = max(1e-6, time.monotonic() - self._resync_t0)
-        rate = self.counters.bytes_sent / elapsed
+        rate = (self.counters.bytes_sent - self._resync_sent0) / elapsed
         eta = (total - done) / rate if rate > 0 else 0.0
         self.resync_progress = pb.ResyncProgress(
             bytes_done=done, bytes_total=total, rate_bytes_per_s=rate, eta_s=eta, round=round_no
@@ -554,6 +558,7 @@ class PrimaryVolume:
             if cur is not None:
                 sent = await self._send_round(plan, cur, False, limiter)
                 plan.rounds_done += 1
+                plan.last_round = cur.round
                 if cur.kind == "diff":
                     plan.last_target = cur.target
                     plan.last_round_bytes = sent
@@ -572,9 +577,9 @@ class PrimaryVolume:
             shrinking = plan.last_round_bytes < 0 or pending < plan.last_round_bytes
             if (pending > self.options.final_diff_threshold_bytes and shrinking
                     and plan.rounds_done < self.options.max_diff_rounds):
-                dk = await self._snapshot(f"resync-{plan.resync_id}-r{plan.rounds_done + 1}")
+                dk = await self._snapshot(f"resync-{plan.resync_id}-r{plan.last_round + 1}")
                 plan.snapshots.append(dk)
-                plan.current = RoundSpec(plan.rounds_done + 1, "diff", plan.last_target, dk)
+                plan.current = RoundSpec(plan.last_round + 1, "diff", plan.last_target, dk)
                 await self._persist_plan(plan)
                 continue
             await self._final_round(plan, epoch, limiter)
@@ -607,7 +612,7 @@ class PrimaryVolume:
         try:
             dfin = await self._snapshot(f"resync-{plan.resync_id}-final")
             plan.snapshots.append(dfin)
-            spec = RoundSpec(plan.rounds_done + 1, "diff", plan.last_target, dfin)
+            spec = RoundSpec(plan.last_round + 1, "diff", plan.last_target, dfin)
             plan.current = spec
             await self._persist_plan(plan)
             await self._send_round(plan, spec, True, limiter)
@@ -631,8 +636,9 @@ class PrimaryVolume:
             self.last_stall_s = stall
             log.info("volume %s: back in sync at epoch %d after %.1f s; resync sent %d bytes in %d rounds "
                      "(%d chunks refused and re-sent); switch-back write stall %.1f ms",
-                     self.lv.name, epoch, time.monotonic() - self._resync_t0, self.counters.bytes_sent,
-                     plan.rounds_done + 1, self.counters.chunks_refused, stall * 1000)
+                     self.lv.name, epoch, time.monotonic() - self._resync_t0,
+                     self.counters.bytes_sent - self._resync_sent0, plan.rounds_done + 1,
+                     self.counters.chunks_refused - self._resync_refused0, stall * 1000)
         finally:
             if not released:
                 self._release_gate()

@@ -24,8 +24,8 @@ from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, w
 from primary.volume import PrimaryVolume
 from secondary.replica import ReplicaServicer
 from secondary.resync import ResyncReceiver
-from syncrep.blockstore import Extent
 from syncrep import __version__, rpc
+from syncrep.blockstore import Extent
 from syncrep.config import NodeOptions
 from syncrep.errors import FailedPrecondition, InvalidArgument, SyncrepError, check_io_range
 from syncrep.pb import syncrep_pb2 as pb
@@ -367,8 +367,14 @@ class NodeServicer(pbg.NodeServiceServicer):
                 self.node.primary(request.volume).counters.corrupt_next = max(1, request.count)
             else:
                 lv.faults.arm(request.kind, request.count)
+                pv = self.node.primaries.get(request.volume)
+                if request.kind == "clear" and pv is not None:
+                    pv.counters.corrupt_next = 0
         except SyncrepError as e:
             await _abort(context, e)
+        if request.kind == "clear":
+            log.warning("fault injection cleared on volume %s", request.volume)
+            return pb.InjectFaultReply(message=f"faults cleared on {request.volume}")
         log.warning("fault injection armed on volume %s: %s x%d", request.volume, request.kind, request.count)
         return pb.InjectFaultReply(message=f"armed {request.kind} x{request.count} on {request.volume}")
 
