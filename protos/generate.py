@@ -18,9 +18,8 @@ PROTO_DIR = ROOT / "protos"
 
 
 def generate(out_root: Path) -> list[Path]:
-    from grpc_tools import protoc  # dev dependency: grpcio-tools
-
     import grpc_tools
+    from grpc_tools import protoc  # dev dependency: grpcio-tools
 
     include = Path(grpc_tools.__file__).parent / "_proto"
     protos = sorted(PROTO_DIR.glob("*.proto"))
