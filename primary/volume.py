@@ -165,6 +165,8 @@ class PrimaryVolume:
         for t in list(self._tasks):
             if t.get_name() != "complete":
                 t.cancel()
+        if self._resync_task is not None:
+            await asyncio.gather(self._resync_task, return_exceptions=True)
         # ... and completed (replicated, or tracked) before the stream closes.
         pending = [t for t in self._tasks if t.get_name() == "complete"]
         if pending:
@@ -453,6 +455,8 @@ class PrimaryVolume:
     # ------------------------------------------------------------ resync (method step 3)
     async def start_resync(self, epoch: int) -> str:
         """Called by the coordinator with a new epoch once the secondary is back."""
+        if self._closed:
+            raise Unavailable(f"volume {self.lv.name!r} is shutting down")
         if epoch < self.lv.epoch:
             raise FailedPrecondition(
                 f"stale resync request for {self.lv.name!r}: epoch {epoch} < current epoch {self.lv.epoch}"

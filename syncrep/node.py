@@ -28,6 +28,7 @@ from syncrep import __version__, rpc
 from syncrep.blockstore import Extent
 from syncrep.config import NodeOptions
 from syncrep.errors import FailedPrecondition, InvalidArgument, SyncrepError, check_io_range
+from syncrep.nbd.server import NbdServer, NodeExports
 from syncrep.pb import syncrep_pb2 as pb
 from syncrep.pb import syncrep_pb2_grpc as pbg
 from syncrep.volumes import LocalVolume, VolumeRegistry, role_name
@@ -63,6 +64,7 @@ class Node:
         self._assign_lock = asyncio.Lock()
         self.resync_receiver = ResyncReceiver(self.registry)
         self.replica = ReplicaServicer(self.registry, self.resync_receiver)
+        self.nbd: NbdServer | None = None  # --nbd-listen: volumes as NBD exports
 
     # ------------------------------------------------------------ lifecycle
     async def start(self) -> int:
@@ -76,12 +78,19 @@ class Node:
         port = await self.server.start()
         log.info("%s node listening on %s (advertised as %s), data in %s, durability %s",
                  self.role_hint, self.listen, self.address, self.data_dir, self.options.durability)
+        if self.options.nbd_listen:
+            self.nbd = NbdServer(
+                self.options.nbd_listen, NodeExports(self.primaries, self.registry, self.options.durability)
+            )
+            await self.nbd.start()
         self._coord_channel = rpc.channel(self.coordinator)
         self._spawn(self._coordinator_loop(), "coordinator-loop")
         return port
 
     async def stop(self, grace_s: float = rpc.SHUTDOWN_GRACE_S) -> None:
         log.info("node %s shutting down (grace %.1f s)", self.address, grace_s)
+        if self.nbd is not None:
+            await self.nbd.stop()  # first: in-flight NBD writes finish on a running write path
         for t in list(self._tasks):
             t.cancel()
         for pv in self.primaries.values():
@@ -107,15 +116,17 @@ class Node:
 
     async def assign(self, a: pb.VolumeAssignment) -> str:
         async with self._assign_lock:
-            lv, changed = await asyncio.to_thread(self.registry.assign, a)
+            lv, role_changed = await asyncio.to_thread(self.registry.assign, a)
             if lv.role == pb.ROLE_PRIMARY:
                 pv = self.primaries.get(lv.name)
-                if pv is not None and changed:
-                    # New epoch or peer: restart the write path with the new fence.
-                    await pv.stop()
+                if pv is not None and role_changed:
+                    # New peer: restart the write path towards it.
                     del self.primaries[lv.name]
+                    await pv.stop()
                 await self._become_primary(lv)
             elif lv.name in self.primaries:
+                # Demoted: stop serving writes first (removed from the map
+                # before the await, so no request reaches a stopping volume).
                 await self.primaries.pop(lv.name).stop()
             return f"volume {lv.name} is {role_name(lv.role)} on {self.address} at epoch {lv.epoch}"
 
@@ -311,7 +322,10 @@ class NodeServicer(pbg.NodeServiceServicer):
 
     async def StartResync(self, request: pb.StartResyncRequest, context: grpc.aio.ServicerContext) -> Any:
         try:
-            msg = await self.node.primary(request.volume).start_resync(request.epoch)
+            # Serialised with assignments: a resync never starts on a write
+            # path that an assignment is replacing.
+            async with self.node._assign_lock:
+                msg = await self.node.primary(request.volume).start_resync(request.epoch)
         except SyncrepError as e:
             await _abort(context, e)
         return pb.StartResyncReply(message=msg)

@@ -180,8 +180,12 @@ class VolumeRegistry:
     def assign(self, a: pb.VolumeAssignment) -> tuple[LocalVolume, bool]:
         """Create or update a volume from the coordinator's assignment.
 
-        Returns (volume, changed). Idempotent. Refuses a stale epoch or a spec
-        that does not match the volume already on disk.
+        Returns (volume, role_changed): True when the volume is new or its role
+        or peer changed — the write path must (re)start. A newer epoch alone is
+        only recorded: the primary adopts epochs itself (StartResync), and
+        restarting its write path for one would race with the resync it starts.
+        Idempotent. Refuses a stale epoch or a spec that does not match the
+        volume already on disk.
         """
         name = a.spec.name
         if not NAME_RE.match(name):
@@ -209,6 +213,7 @@ class VolumeRegistry:
                 f"stale assignment for volume {name!r}: epoch {a.epoch} is older than this node's epoch {lv.epoch}"
             )
         changed = (a.role, a.epoch, a.peer_address) != (lv.role, lv.epoch, lv.peer)
+        role_changed = (a.role, a.peer_address) != (lv.role, lv.peer)
         if changed:
             log.info(
                 "volume %s reassigned: role %s -> %s, epoch %d -> %d, peer %s",
@@ -217,7 +222,7 @@ class VolumeRegistry:
             lv.role, lv.epoch, lv.peer = a.role, a.epoch, a.peer_address
             lv.resync_mode = a.resync_mode or lv.resync_mode
             lv.persist_role()
-        return lv, changed
+        return lv, role_changed
 
     @staticmethod
     def _check_spec(lv: LocalVolume, a: pb.VolumeAssignment) -> None:
