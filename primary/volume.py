@@ -32,6 +32,7 @@ from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt,
 
 from coordinator.extents import derive_failed_extents
 from coordinator.pairstate import PairEvent, PairState, transition
+from primary.activity import ActivityLog
 from primary.link import LinkError, ReplicationLink
 from primary.resync import (
     Counters,
@@ -69,6 +70,8 @@ META_CLEAN = "pair.clean"
 # Name of the common snapshot both sides roll back to when failure
 # information was lost (see ``_recover_from_unclean_stop``).
 META_ROLLBACK_TO = "pair.rollback_to"
+# The activity log (primary/activity.py): regions that may differ after a crash.
+META_AL = "pair.activity_log"
 COMMON_PREFIX = "common-"
 # Graceful stop: how long queued writes get to finish.
 STOP_DRAIN_S = 5.0
@@ -120,6 +123,9 @@ class PrimaryVolume:
         self.last_stall_s = 0.0
         self.resync_progress = pb.ResyncProgress()
         self.rollback_to = store.meta_get(META_ROLLBACK_TO) or ""
+        self.al = ActivityLog(regions=json.loads(store.meta_get(META_AL) or "[]"))
+        # The log on disk, as found at startup (before this run adds to it).
+        self._al_at_start = self.al.extents(store.size_bytes)
         self.counters = Counters()
         self._resync_task: asyncio.Task[None] | None = None
         self._resync_t0 = 0.0
@@ -152,6 +158,11 @@ class PrimaryVolume:
                 self.lv.name, self.state.value, len(self.failed_extents),
                 sum(e.length for e in self.failed_extents), self.fault_snapshot_id,
             )
+        if self.state is PairState.RESYNCING:
+            # The resync ran in a process that is gone: nothing drives it any
+            # more. Go back to degraded and say so, so the coordinator starts
+            # a new resync (which resumes the persisted plan).
+            await self._resync_failed("the primary restarted during the resync")
 
     async def stop(self) -> None:
         """Graceful: stop taking writes, let queued ones finish, close the stream."""
@@ -190,14 +201,23 @@ class PrimaryVolume:
 
     async def _recover_from_unclean_stop(self) -> None:
         """The primary crashed while in sync: writes that were in flight may be
-        on one node and not the other, and which ones is unknown. Fall back to
-        the last common snapshot: the secondary rolls back to it and receives
-        diff(common, head). Without one, a full copy — explicitly, and logged."""
+        on one node and not the other. The activity log names the regions where
+        that is possible: they become the failed extents. Without a log (a
+        volume from before it existed), fall back to the last common snapshot
+        (the secondary rolls back to it and receives diff(common, head)), and
+        without one of those, a full copy — explicitly, and logged."""
         store = self.lv.store
         commons = [s for s in store.list_snapshots() if s.name.startswith(COMMON_PREFIX)]
-        if commons:
+        extents: list[Extent]
+        if store.meta_get(META_AL) is not None:
+            extents = list(self._al_at_start)
+            self.rollback_to = ""
+            reason = (f"primary restarted after a crash while in sync: the {len(extents)} regions of the "
+                      f"activity log ({sum(e.length for e in extents)} bytes) may differ and are resynced")
+            snap_id = (await self.lv.run_io(store.create_snapshot, f"fault-al-{int(time.time() * 1000)}")).id
+        elif commons:
             base = commons[-1]
-            extents: list[Extent] = []
+            extents = []
             self.rollback_to = base.name
             reason = (f"primary restarted after a crash while in sync: in-flight writes unknown; resync from "
                       f"common snapshot {base.name!r} (id {base.id}) with rollback of the secondary")
@@ -250,7 +270,9 @@ class PrimaryVolume:
                     on_failure=self._begin_degrade,
                 )
                 await link.open()
-                await self.lv.run_io(self.lv.store.meta_set, {META_CLEAN: "0"})
+                await self.lv.run_io(self.lv.store.meta_set, {
+                    META_CLEAN: "0", META_AL: json.dumps(self.al.regions()),
+                })
                 self.link = link
                 log.info(
                     "volume %s: replicating to %s (epoch %d, from seq %d)",
@@ -306,6 +328,7 @@ class PrimaryVolume:
         while True:
             batch = await self._next_batch()
             nbytes = sum(len(w.data) for w in batch)
+            regions = self.al.regions_for((w.offset, len(w.data)) for w in batch)
             while True:
                 await self._gate.wait()
                 link = self.link
@@ -320,6 +343,11 @@ class PrimaryVolume:
                         )
                         continue
                     break
+                if self.al.missing(regions):
+                    # Log the regions durably before the write can reach
+                    # either node; then look at the gate and the link again.
+                    await self._log_regions(regions)
+                    continue
                 if await link.wait_room(len(batch), nbytes) and self._gate.is_set():
                     break
             # From here to the end of the loop body nothing awaits: the seq
@@ -331,14 +359,36 @@ class PrimaryVolume:
                 self.next_seq += 1
             local = self.lv.submit_io(self._write_local, [(o, d) for _, o, d in writes])
             remote = link.send(writes) if link is not None else None
-            self._spawn(self._complete(batch, writes, local, remote), "complete")
+            held = regions if link is not None else set()
+            self.al.acquire(held)
+            self._spawn(self._complete(batch, writes, local, remote, held), "complete")
             for _ in batch:
                 self._queue.task_done()
 
     def _write_local(self, writes: list[tuple[int, bytes]]) -> None:
         self.lv.store.write_batch(writes)
 
+    async def _log_regions(self, regions: set[int]) -> None:
+        evicted = self.al.add(regions)
+        await self.lv.run_io(self.lv.store.meta_set, {META_AL: json.dumps(self.al.regions())})
+        log.debug("volume %s: activity log +%d regions, -%d evicted (%d logged)", self.lv.name,
+                  len(regions), len(evicted), len(self.al.regions()))
+
     async def _complete(
+        self,
+        batch: list[_Write],
+        writes: list[tuple[int, int, bytes]],
+        local: asyncio.Future[None],
+        remote: list[asyncio.Future[bool]] | None,
+        held: set[int],
+    ) -> None:
+        try:
+            await self._settle(batch, writes, local, remote)
+        finally:
+            # Both sides have settled: the region may leave the activity log.
+            self.al.release(held)
+
+    async def _settle(
         self,
         batch: list[_Write],
         writes: list[tuple[int, int, bytes]],
@@ -355,6 +405,8 @@ class PrimaryVolume:
             for w in batch:
                 if not w.fut.done():
                     w.fut.set_exception(err)
+            if remote is not None:
+                await asyncio.gather(*remote)
             return
         lost = False
         if remote is not None:
@@ -632,6 +684,7 @@ class PrimaryVolume:
             await self.lv.run_io(self.lv.store.meta_set, {
                 META_STATE: self.state.value, META_FAILED: "[]", META_FAULT_SNAP: "0",
                 META_LAST_ERROR: "", META_ROLLBACK_TO: "", "resync.plan": None, META_CLEAN: "0",
+                META_AL: json.dumps(self.al.regions()),
             })
             self.link = link
             self._release_gate()
