@@ -279,6 +279,12 @@ class PrimaryVolume:
                     self.lv.name, self.lv.peer, self.lv.epoch, self.next_seq,
                 )
 
+    @property
+    def closing(self) -> bool:
+        """True once stop() began: refused writes may be retried on the write
+        path that replaces this one."""
+        return self._closed
+
     # ------------------------------------------------------------ client API
     def validate(self, offset: int, data: bytes) -> None:
         if len(data) > MAX_WRITE_BYTES:
@@ -666,7 +672,15 @@ class PrimaryVolume:
         self._hold_gate()
         released = False
         try:
-            dfin = await self._snapshot(f"resync-{plan.resync_id}-final")
+            # One name per attempt: an interrupted final round is resumed as an
+            # ordinary round (its snapshot stays in the plan), and the next
+            # final round needs a snapshot of its own.
+            name = f"resync-{plan.resync_id}-final-r{plan.last_round + 1}"
+            stale = await self.lv.run_io(self.lv.store.find_snapshot, name)
+            if stale is not None and stale.id not in plan.snapshots:
+                # Left by a crash between creating it and persisting the plan.
+                await self.lv.run_io(self.lv.store.delete_snapshot, stale.id)
+            dfin = await self._snapshot(name)
             plan.snapshots.append(dfin)
             spec = RoundSpec(plan.last_round + 1, "diff", plan.last_target, dfin)
             plan.current = spec

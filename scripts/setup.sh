@@ -6,7 +6,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(iproute2 iptables)
+# NBD tests and bench (tests/test_nbd_e2e.py, bench/bench_nbd.py): qemu-img (qemu-utils),
+# nbdinfo/nbdcopy (libnbd-bin), fio with its nbd ioengine, nbd-client (kernel /dev/nbdX;
+# its test skips where the nbd module is unavailable, e.g. in containers).
+APT_PACKAGES=(iproute2 iptables qemu-utils libnbd-bin fio nbd-client)
 
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
   missing=()

@@ -9,6 +9,7 @@ ack. ``nack_for_oserror`` turns a storage failure into failure information.
 from __future__ import annotations
 
 import errno
+import sqlite3
 from dataclasses import dataclass, field
 from typing import cast
 
@@ -34,6 +35,24 @@ class Plan:
 
 def nack_code(code: int) -> pb.NackCode.ValueType:
     return cast("pb.NackCode.ValueType", code)
+
+
+#: What a failing store raises: OSError from the files, sqlite3.Error from its
+#: metadata database (a full disk surfaces as "database or disk is full").
+STORAGE_ERRORS: tuple[type[Exception], ...] = (OSError, sqlite3.Error)
+
+
+def storage_errno(e: BaseException) -> int | None:
+    """The errno of a storage failure (ENOSPC for SQLite's "disk is full")."""
+    if isinstance(e, OSError):
+        return e.errno
+    if isinstance(e, sqlite3.Error) and "full" in str(e).lower():
+        return errno.ENOSPC
+    return errno.EIO
+
+
+def storage_error_text(e: BaseException) -> str:
+    return (e.strerror if isinstance(e, OSError) else None) or str(e) or type(e).__name__
 
 
 def nack_code_for_errno(err: int | None) -> int:

@@ -17,7 +17,15 @@ from typing import Any
 
 import grpc
 
-from secondary.classify import Refusal, StreamState, nack_code, nack_code_for_errno
+from secondary.classify import (
+    STORAGE_ERRORS,
+    Refusal,
+    StreamState,
+    nack_code,
+    nack_code_for_errno,
+    storage_errno,
+    storage_error_text,
+)
 from syncrep.errors import FailedPrecondition, NotFound, SyncrepError
 from syncrep.pb import syncrep_pb2 as pb
 from syncrep.pb import syncrep_pb2_grpc as pbg
@@ -65,8 +73,12 @@ class ReplicaServicer(pbg.ReplicaServiceServicer):
                 f"{lv.store.block_size}"
             )
         if open_.epoch > lv.epoch:
-            lv.epoch = open_.epoch
-            lv.persist_role()
+            old_epoch, lv.epoch = lv.epoch, open_.epoch
+            try:
+                lv.persist_role()
+            except BaseException:
+                lv.epoch = old_epoch  # not persisted: do not claim it (the assignment retries it)
+                raise
         if fence:
             lv.stream_token += 1
         return lv, lv.stream_token
@@ -165,9 +177,9 @@ class ReplicaServicer(pbg.ReplicaServiceServicer):
             if apply:
                 try:
                     await lv.run_io(self._write_group, lv, apply)
-                except OSError as e:
-                    code = nack_code_for_errno(e.errno)
-                    msg_text = f"secondary storage failed: {e.strerror or e}"
+                except STORAGE_ERRORS as e:
+                    code = nack_code_for_errno(storage_errno(e))
+                    msg_text = f"secondary storage failed: {storage_error_text(e)}"
                     log.error("volume %s: group commit of %d writes failed: %s", lv.name, len(apply), e)
                     refuse.extend(st.fail_applied(apply, code, msg_text))
             for r in sorted(refuse, key=lambda r: r.seq):

@@ -31,6 +31,7 @@ from typing import Any
 import google_crc32c
 import grpc
 
+from secondary.classify import STORAGE_ERRORS, storage_errno, storage_error_text
 from syncrep.errors import FailedPrecondition, SyncrepError
 from syncrep.pb import syncrep_pb2 as pb
 from syncrep.volumes import LocalVolume, VolumeRegistry
@@ -159,10 +160,11 @@ class ResyncReceiver:
             log.warning("refused resync stream: %s", e.message)
             await context.abort(e.code, e.message)
             return
-        except OSError as e:
+        except STORAGE_ERRORS as e:
             log.error("refused resync stream for %s: storage failed: %s", h.volume.name, e)
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED if e.errno == errno.ENOSPC else grpc.StatusCode.INTERNAL,
-                                f"secondary storage failed before resync: {e.strerror or e}")
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED if storage_errno(e) == errno.ENOSPC else grpc.StatusCode.INTERNAL,
+                f"secondary storage failed before resync: {storage_error_text(e)}")
             return
         log.info("volume %s: resync %s round %d (%s, snapshots %d->%d, %d bytes) resumes at chunk %d",
                  lv.name, h.resync_id, h.round, h.kind, h.base_snapshot_id, h.target_snapshot_id,
@@ -250,9 +252,9 @@ class ResyncReceiver:
             if group:
                 try:
                     await lv.run_io(self._write_group, lv, group, st, key, expected + len(group))
-                except OSError as e:
+                except STORAGE_ERRORS as e:
                     await context.abort(grpc.StatusCode.INTERNAL,
-                                        f"secondary storage failed applying resync: {e.strerror or e}")
+                                        f"secondary storage failed applying resync: {storage_error_text(e)}")
                     return
                 for c in group:
                     digest.update(c.index.to_bytes(8, "little") + c.offset.to_bytes(8, "little"))

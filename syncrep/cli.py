@@ -52,6 +52,7 @@ from syncrep.client import (
     volume_status_dict,
 )
 from syncrep.config import NodeOptions
+from syncrep.nbd.server import nbd_listen_type
 from syncrep.units import format_size, parse_size
 from syncrep.verify import RepairError, VerifyError, VerifyResult, verify_volume
 
@@ -279,6 +280,11 @@ NODE_FLAGS: tuple[_NodeFlag, ...] = (
               "period of common consistency snapshots on both nodes, in seconds (0 = off)", type=_seconds),
     _NodeFlag("snapshots_keep", "--snapshots-keep",
               "how many periodic snapshots to keep", type=_positive_int),
+    _NodeFlag("nbd_listen", "--nbd-listen",
+              "serve the node's volumes over NBD on HOST:PORT (or unix:PATH; comma-separated for "
+              "several): export VOLUME is read-write on its primary and read-only on its secondary, "
+              "VOLUME@SNAPSHOT a read-only snapshot (for qemu-img, nbdcopy, fio, nbd-client; "
+              "default: off)", type=nbd_listen_type),
 )
 
 
@@ -298,6 +304,8 @@ def _add_node_flags(p: argparse.ArgumentParser) -> None:
             metavar = "SIZE" if f.is_size else "S" if f.field.endswith("_s") else "N"
             if f.type is _rate:
                 metavar = "RATE"
+            elif f.type is nbd_listen_type:
+                metavar = "HOST:PORT"
             g.add_argument(f.flag, dest=f.field, type=f.type, default=shown, metavar=metavar, help=f.help)
 
 

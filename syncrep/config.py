@@ -46,3 +46,8 @@ class NodeOptions:
     # Periodic common snapshots (0 = off) and how many to keep.
     snapshot_period_s: float = 0.0
     snapshots_keep: int = 3
+    # NBD export of the node's volumes ("" = off): "HOST:PORT", "unix:/path",
+    # or several, comma-separated. Export name = volume name (read-write on the
+    # primary, read-only on the secondary); "VOLUME@SNAPSHOT" is a read-only
+    # snapshot. See syncrep/nbd.
+    nbd_listen: str = ""

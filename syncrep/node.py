@@ -179,6 +179,8 @@ class Node:
                 await self.assign(a)
             except SyncrepError as e:
                 log.error("cannot apply assignment of volume %s: %s", a.spec.name, e.message)
+            except Exception as e:  # a storage failure (disk full, ...): retried at the next heartbeat
+                log.error("cannot apply assignment of volume %s: %s: %s", a.spec.name, type(e).__name__, e)
 
     async def _coordinator_loop(self) -> None:
         """Register (retrying with backoff), then heartbeat; re-register when
@@ -206,6 +208,10 @@ class Node:
                                 self.coordinator, e.code().name, e.details())
                     warned = True
                 registered = registered and e.code() != grpc.StatusCode.NOT_FOUND
+            except Exception:
+                # Never let the loop die: a node that stops heartbeating is
+                # declared dead for good, and its pairs never resync.
+                log.exception("coordinator loop: unexpected error (retrying)")
             await asyncio.sleep(self.heartbeat_interval_s)
 
     async def _report(self, report: pb.ReplicationReport) -> None:

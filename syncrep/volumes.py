@@ -219,9 +219,16 @@ class VolumeRegistry:
                 "volume %s reassigned: role %s -> %s, epoch %d -> %d, peer %s",
                 name, role_name(lv.role), role_name(a.role), lv.epoch, a.epoch, a.peer_address,
             )
+            old = (lv.role, lv.epoch, lv.peer, lv.resync_mode)
             lv.role, lv.epoch, lv.peer = a.role, a.epoch, a.peer_address
             lv.resync_mode = a.resync_mode or lv.resync_mode
-            lv.persist_role()
+            try:
+                lv.persist_role()
+            except BaseException:
+                # Not persisted (disk full, ...): memory must not claim it was,
+                # or the next heartbeat sees nothing to do and never retries.
+                lv.role, lv.epoch, lv.peer, lv.resync_mode = old
+                raise
         return lv, role_changed
 
     @staticmethod
