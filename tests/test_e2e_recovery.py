@@ -281,6 +281,10 @@ async def test_primary_sigkill_while_in_sync_resyncs_only_the_activity_log(clust
     await c.restart("primary")
     await w.wait_acked(50, timeout_s=60)  # clients reconnect and carry on
     await w.stop()
+    # Back in sync means after a resync, i.e. at a newer epoch.
+    await c.wait_for_volume(
+        VOL, lambda st: st.epoch >= 2 and sc.volume_status_dict(st)["state"] == "in_sync", timeout_s=120
+    )
     await wait_in_sync_and_identical(c, VOL, timeout_s=120)
     await check_no_lost_writes(c, VOL, w)
     rep = await primary_report(c)
