@@ -44,7 +44,13 @@ log = logging.getLogger(__name__)
 
 META_PLAN = "resync.plan"
 # Chunks sent but not yet applied (bounds memory: window * chunk_bytes).
-WINDOW_CHUNKS = 8
+# Chunks sent but not yet applied: bounded by count and bytes (memory on both
+# sides). Small chunks need a deep window: each window's worth becomes one
+# group commit (fdatasync) on the secondary.
+WINDOW_CHUNKS = 1024
+WINDOW_BYTES = 8 * 1024 * 1024
+# Chunks read from the store per thread hop.
+READ_BATCH_CHUNKS = 64
 REPLY_TIMEOUT_S = 30.0
 # A chunk refused more often than this in one round aborts the round.
 MAX_REFUSALS_PER_CHUNK = 5
@@ -193,6 +199,9 @@ class RoundSender:
             log.warning("resync chunk %d at offset %d deliberately corrupted (fault injection)", i, off)
         return pb.ResyncChunk(index=i, offset=off, data=data, crc32c=crc)
 
+    def _read_many(self, first: int, end: int) -> list[pb.ResyncChunk]:
+        return [self._read(i) for i in range(first, end)]
+
     async def run(self) -> None:
         total = sum(n for _, n in self.pieces)
         async with rpc.channel(self.secondary) as ch:
@@ -229,6 +238,11 @@ class RoundSender:
                 raise ResyncError(
                     f"resync stream to {self.secondary} failed: {e.code().name}: {e.details()}"
                 ) from e
+            except asyncio.InvalidStateError:
+                # A write after the secondary ended the call (aborted it): say why it did.
+                raise ResyncError(
+                    f"resync stream to {self.secondary} failed: {(await call.code()).name}: {await call.details()}"
+                ) from None
             except TimeoutError:
                 raise ResyncError(f"secondary {self.secondary} stopped answering the resync stream "
                                   f"for {REPLY_TIMEOUT_S} s") from None
@@ -243,6 +257,7 @@ class RoundSender:
         refusals: dict[int, int] = {}
         digest = hashlib.sha256()
         digest_upto = start  # chunks [start, digest_upto) are in the digest
+        inflight_bytes = 0
         replies: asyncio.Queue[Any] = asyncio.Queue()
 
         async def reader() -> None:
@@ -256,41 +271,66 @@ class RoundSender:
                 await replies.put(e)
 
         rt = asyncio.create_task(reader())
+        # prefix[i] = bytes in pieces[:i]: progress without rescanning the list
+        prefix = [0]
+        for _, length in self.pieces:
+            prefix.append(prefix[-1] + length)
+
+        def handle(r: Any) -> None:
+            nonlocal applied, inflight_bytes, digest_upto, next_i
+            if isinstance(r, Exception):
+                raise r
+            if r is grpc.aio.EOF:
+                raise ResyncError(f"secondary {self.secondary} closed the resync stream mid-round")
+            if r.applied_below > applied:
+                for i in range(applied, r.applied_below):
+                    c = sent.pop(i)
+                    inflight_bytes -= len(c.data)
+                    if i == digest_upto:
+                        digest.update(i.to_bytes(8, "little") + c.offset.to_bytes(8, "little"))
+                        digest.update(c.data)
+                        digest_upto += 1
+                applied = r.applied_below
+                self.on_progress(prefix[applied])
+            if r.refused:
+                i = r.refused_index
+                self.counters.chunks_refused += 1
+                refusals[i] = refusals.get(i, 0) + 1
+                if refusals[i] > MAX_REFUSALS_PER_CHUNK:
+                    raise ResyncError(f"chunk {i} refused {refusals[i]} times: {r.message}")
+                log.warning("volume %s: secondary refused resync chunk %d (%s); re-sending from it",
+                            self.spec_pb.name, i, r.message)
+                # Go back: everything from the refused chunk on is re-sent.
+                for j in range(i, next_i):
+                    if j in sent:
+                        inflight_bytes -= len(sent.pop(j).data)
+                next_i = i
+
         try:
             while applied < n:
-                while next_i < n and next_i - applied < WINDOW_CHUNKS:
-                    c = await asyncio.to_thread(self._read, next_i)
-                    sent[next_i] = c
-                    await self.limiter.take(len(c.data))
-                    await call.write(pb.ResyncRequest(chunk=c))
-                    self.counters.bytes_sent += len(c.data)
-                    next_i += 1
-                r = await asyncio.wait_for(replies.get(), REPLY_TIMEOUT_S)
-                if isinstance(r, Exception):
-                    raise r
-                if r is grpc.aio.EOF:
-                    raise ResyncError(f"secondary {self.secondary} closed the resync stream mid-round")
-                if r.applied_below > applied:
-                    for i in range(applied, r.applied_below):
-                        c = sent.pop(i)
-                        if i == digest_upto:
-                            digest.update(i.to_bytes(8, "little") + c.offset.to_bytes(8, "little"))
-                            digest.update(c.data)
-                            digest_upto += 1
-                    applied = r.applied_below
-                    self.on_progress(sum(len_ for _, len_ in self.pieces[:applied]))
-                if r.refused:
-                    i = r.refused_index
-                    self.counters.chunks_refused += 1
-                    refusals[i] = refusals.get(i, 0) + 1
-                    if refusals[i] > MAX_REFUSALS_PER_CHUNK:
-                        raise ResyncError(f"chunk {i} refused {refusals[i]} times: {r.message}")
-                    log.warning("volume %s: secondary refused resync chunk %d (%s); re-sending from it",
-                                self.spec_pb.name, i, r.message)
-                    # Go back: everything from the refused chunk on is re-sent.
-                    for j in range(i, next_i):
-                        sent.pop(j, None)
-                    next_i = i
+                if next_i < n and next_i - applied < WINDOW_CHUNKS and (
+                    inflight_bytes < WINDOW_BYTES or next_i == applied
+                ):
+                    # Room in the window: send one read batch, then take in
+                    # whatever replies arrived meanwhile (progress, refusals).
+                    k = next_i
+                    room = WINDOW_BYTES - inflight_bytes
+                    while (k < n and k - next_i < READ_BATCH_CHUNKS and k - applied < WINDOW_CHUNKS
+                           and (room > 0 or k == next_i)):
+                        room -= self.pieces[k][1]
+                        k += 1
+                    chunks = await asyncio.to_thread(self._read_many, next_i, k)
+                    for c in chunks:
+                        sent[c.index] = c
+                        inflight_bytes += len(c.data)
+                        await self.limiter.take(len(c.data))
+                        await call.write(pb.ResyncRequest(chunk=c))
+                        self.counters.bytes_sent += len(c.data)
+                    next_i = k
+                    while not replies.empty():
+                        handle(replies.get_nowait())
+                    continue
+                handle(await asyncio.wait_for(replies.get(), REPLY_TIMEOUT_S))
             await call.write(pb.ResyncRequest(trailer=pb.ResyncTrailer(chunk_count=n, digest=digest.digest())))
             while True:
                 r = await asyncio.wait_for(replies.get(), REPLY_TIMEOUT_S)

@@ -40,7 +40,9 @@ log = logging.getLogger(__name__)
 
 META_RESYNC = "secondary.resync"
 GROUP_MAX_BYTES = 8 * 1024 * 1024
-READ_AHEAD_MESSAGES = 16
+# Chunks read ahead of the applier, coalesced into one group commit. The
+# primary's resync window (primary/resync.py WINDOW_BYTES) bounds the bytes.
+READ_AHEAD_MESSAGES = 256
 HEADER_TIMEOUT_S = 10.0
 
 _EOF = object()
@@ -102,6 +104,10 @@ class ResyncReceiver:
                 pre_id = st.pre_snapshot_id
             else:
                 name = f"pre-resync-{h.resync_id}"
+                for s in lv.store.list_snapshots():
+                    if s.name.startswith("pre-resync-") and s.name != name:
+                        # Orphan of a completed resync (crash before its release).
+                        lv.store.delete_snapshot(s.id)
                 existing = lv.store.find_snapshot(name)
                 pre_id = existing.id if existing else lv.store.create_snapshot(name).id
             st = ResyncState(h.resync_id, pre_id, {})
@@ -111,14 +117,21 @@ class ResyncReceiver:
         return st, st.progress.get(round_key(h), 0)
 
     def finish(self, lv: LocalVolume, st: ResyncState) -> None:
-        """The final round is complete: the rollback point is no longer needed."""
-        if st.pre_snapshot_id:
-            try:
-                lv.store.delete_snapshot(st.pre_snapshot_id)
-            except Exception as e:  # already gone is fine
-                log.info("volume %s: pre-resync snapshot %d: %s", lv.name, st.pre_snapshot_id, e)
+        """The final round is complete: the resync is over (the rollback point
+        is released right after, by ``release_pre_snapshot``; a crash in
+        between leaves an orphan that the next resync removes)."""
         lv.store.meta_set({META_RESYNC: None})
-        log.info("volume %s: resync %s complete; pre-resync snapshot released", lv.name, st.resync_id)
+        log.info("volume %s: resync %s complete", lv.name, st.resync_id)
+
+    @staticmethod
+    def release_pre_snapshot(lv: LocalVolume, snapshot_id: int) -> None:
+        if not snapshot_id:
+            return
+        try:
+            lv.store.delete_snapshot(snapshot_id)
+            log.info("volume %s: pre-resync snapshot %d released", lv.name, snapshot_id)
+        except Exception as e:  # already gone is fine
+            log.info("volume %s: pre-resync snapshot %d: %s", lv.name, snapshot_id, e)
 
     def abort(self, lv: LocalVolume, rollback: bool) -> tuple[str, int]:
         """Abandon the resync in progress (operator abort, primary lost)."""
@@ -221,9 +234,15 @@ class ResyncReceiver:
                         f"{expected} applied, digest {'ok' if t.digest == digest.digest() else 'differs'}",
                     )
                     return
-                if h.final and h.kind != "repair":
+                done = h.final and h.kind != "repair"
+                if done:
                     await lv.run_io(self.finish, lv, st)
                 await context.write(pb.ResyncReply(applied_below=expected, complete=True))
+                if done:
+                    # After the reply: the primary holds its writes paused until
+                    # it hears "complete", and deleting a snapshot costs time in
+                    # proportion to what it tracked.
+                    await lv.run_io(self.release_pre_snapshot, lv, st.pre_snapshot_id)
                 return
             if not msg.HasField("chunk"):
                 continue
