@@ -156,7 +156,9 @@ _BACK_IN_SYNC = re.compile(
 )
 _DEGRADED = re.compile(r"degraded: .*write stall ([\d.]+) ms")
 _ROUND = re.compile(r"resync \S+ round (\d+) \((\w+)(, final)?\): (\d+) bytes in (\d+) chunks")
-_RELEASED = r"resync \S+ complete; pre-resync snapshot released"
+# The secondary's "resync <id> complete" line: logged when the final round is
+# applied, before it answers (its pre-resync snapshot is released after).
+_RELEASED = r"resync \S+ complete"
 
 
 @dataclass
@@ -651,9 +653,9 @@ async def main_async(args: argparse.Namespace) -> int:
             "in_sync (p=primary, s=secondary, all=whole machine, max 200).\n"
             "stalls: the primary's last_stall_ms after the degrade and after the switch-back (one sample each; "
             "see the next table for repeated cycles).\n"
-            "switch-back breakdown (log timestamps): primary 'round N (diff, final)' -> secondary 'resync complete; "
-            "pre-resync snapshot released' (the final chunks, then the secondary\n  deletes its pre-resync snapshot "
-            "before it confirms) + that -> primary 'back in sync' (replication stream re-opened, state persisted).\n"
+            "switch-back breakdown (log timestamps): primary 'round N (diff, final)' -> secondary 'resync complete' "
+            "(the final chunks applied; the secondary\n  deletes its pre-resync snapshot after answering) "
+            "+ that -> primary 'back in sync' (replication stream re-opened, state persisted).\n"
             "rounds: e=failed extents (variant B round 0), d=diff, F=final round (writes quiesced while it is sent)."
         ),
     )

@@ -41,7 +41,9 @@ class NodeOptions:
     resync_chunk_bytes: int = 1024 * 1024
     resync_max_rate_bytes_per_s: int = 0  # 0 = unlimited
     diff_delay_s: float = 0.0  # variant B: wait before the second diff snapshot
-    final_diff_threshold_bytes: int = 4 * 1024 * 1024
+    # Diff rounds continue while the remaining difference shrinks and exceeds
+    # this; the last round is sent with writes paused, so it bounds the stall.
+    final_diff_threshold_bytes: int = 1024 * 1024
     max_diff_rounds: int = 8
     # Periodic common snapshots (0 = off) and how many to keep.
     snapshot_period_s: float = 0.0
