@@ -17,6 +17,17 @@ Each process runs ``sys.executable -m syncrep <role> ...`` in its own session
 in ``<workdir>/<name>.log`` (appended across restarts). Teardown sends SIGTERM
 (and SIGCONT, in case the process is stopped) to the group, then SIGKILL after a
 bounded grace; an ``atexit`` hook kills whatever a crashed test left behind.
+
+Test hosts (optional): ``hosts={"primary": placement, ...}`` puts a process on
+its own host -- anything with an ``address`` (the IP it listens on and is
+reached at) and an ``exec_prefix`` (e.g. ``["ip", "netns", "exec", NS]``),
+such as :class:`deploy.netns.Host`. A placed process listens on
+``<address>:<HOST_PORT>`` (the host is private, so the port is fixed) and is
+spawned as ``exec_prefix + command`` (``ip netns exec`` execs, so the pid and
+the process group are those of the process itself). The harness talks to
+the processes (health checks, volume creation), so the caller must run where
+every host is reachable -- on the client host (see ``deploy.nemesis``).
+Without ``hosts`` (the default) everything runs on loopback as before.
 """
 
 from __future__ import annotations
@@ -36,7 +47,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 
@@ -49,6 +60,8 @@ from syncrep.pb import syncrep_pb2_grpc as pb_grpc
 log = logging.getLogger(__name__)
 
 NAMES = ("coordinator", "primary", "secondary")
+#: Port of a process placed on its own test host (``hosts=``).
+HOST_PORT = 7000
 DEFAULT_STARTUP_TIMEOUT_S = 20.0
 # Longer than the servers' own graceful-shutdown grace, so a clean stop is not cut short.
 DEFAULT_STOP_GRACE_S = rpc.SHUTDOWN_GRACE_S + 3.0
@@ -140,6 +153,16 @@ def _tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
+class HostPlacement(Protocol):
+    """Where a process runs: its address and the command prefix that enters its host."""
+
+    @property
+    def address(self) -> str: ...
+
+    @property
+    def exec_prefix(self) -> list[str]: ...
+
+
 @dataclass
 class ManagedProcess:
     """One process of the cluster."""
@@ -153,6 +176,9 @@ class ManagedProcess:
     extra_args: list[str] = field(default_factory=list)
     popen: subprocess.Popen[bytes] | None = None
     starts: int = 0
+    # Test-host placement: command prefix (e.g. ``ip netns exec NS``) and a fixed port.
+    exec_prefix: list[str] = field(default_factory=list)
+    fixed_port: int = 0
 
     @property
     def address(self) -> str:
@@ -199,6 +225,7 @@ class LocalCluster:
         startup_timeout_s: float = DEFAULT_STARTUP_TIMEOUT_S,
         stop_grace_s: float = DEFAULT_STOP_GRACE_S,
         env: Mapping[str, str] | None = None,
+        hosts: Mapping[str, HostPlacement] | None = None,
     ) -> None:
         self.workdir = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="syncrep-cluster-"))
         self.host = host
@@ -227,6 +254,14 @@ class LocalCluster:
             )
             for name in NAMES
         }
+        for name, h in (hosts or {}).items():
+            if name not in self.procs:
+                continue  # e.g. the workload client's host
+            p = self.procs[name]
+            p.host = h.address
+            p.exec_prefix = list(h.exec_prefix)
+            p.fixed_port = HOST_PORT
+        self.hosts = dict(hosts or {})
         self._started = False
 
     # ------------------------------------------------------------ addresses
@@ -282,6 +317,7 @@ class LocalCluster:
 
     def _command(self, p: ManagedProcess) -> list[str]:
         cmd = [
+            *p.exec_prefix,
             sys.executable, "-m", "syncrep", "--log-level", self.log_level,
             p.role, "--listen", p.address, "--data-dir", str(p.data_dir),
         ]
@@ -348,6 +384,9 @@ class LocalCluster:
         """Spawn ``p`` and wait until healthy. With ``new_port``, pick a free
         port and retry on a collision; otherwise keep the process's port (its
         address is its identity)."""
+        if p.fixed_port:
+            new_port = False  # a host of its own: the port is always free
+            p.port = p.fixed_port
         attempts = PORT_ATTEMPTS if new_port else 1
         for attempt in range(1, attempts + 1):
             if new_port:

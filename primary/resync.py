@@ -219,7 +219,7 @@ class RoundSender:
                 rollback_to_snapshot=self.plan.rollback_to,
             )
             try:
-                await call.write(pb.ResyncRequest(header=header))
+                await asyncio.wait_for(call.write(pb.ResyncRequest(header=header)), REPLY_TIMEOUT_S)
                 first = await asyncio.wait_for(call.read(), REPLY_TIMEOUT_S)
                 if first is grpc.aio.EOF:
                     raise ResyncError(f"secondary {self.secondary} closed the resync stream")
@@ -244,8 +244,8 @@ class RoundSender:
                     f"resync stream to {self.secondary} failed: {(await call.code()).name}: {await call.details()}"
                 ) from None
             except TimeoutError:
-                raise ResyncError(f"secondary {self.secondary} stopped answering the resync stream "
-                                  f"for {REPLY_TIMEOUT_S} s") from None
+                raise ResyncError(f"secondary {self.secondary} stopped answering (or reading) the resync "
+                                  f"stream for {REPLY_TIMEOUT_S} s") from None
             finally:
                 call.cancel()
 
@@ -324,14 +324,20 @@ class RoundSender:
                         sent[c.index] = c
                         inflight_bytes += len(c.data)
                         await self.limiter.take(len(c.data))
-                        await call.write(pb.ResyncRequest(chunk=c))
+                        # Bounded like the replies: a write blocked on flow
+                        # control (a stalled connection) must fail the round,
+                        # not hang it until TCP gives up.
+                        await asyncio.wait_for(call.write(pb.ResyncRequest(chunk=c)), REPLY_TIMEOUT_S)
                         self.counters.bytes_sent += len(c.data)
                     next_i = k
                     while not replies.empty():
                         handle(replies.get_nowait())
                     continue
                 handle(await asyncio.wait_for(replies.get(), REPLY_TIMEOUT_S))
-            await call.write(pb.ResyncRequest(trailer=pb.ResyncTrailer(chunk_count=n, digest=digest.digest())))
+            await asyncio.wait_for(
+                call.write(pb.ResyncRequest(trailer=pb.ResyncTrailer(chunk_count=n, digest=digest.digest()))),
+                REPLY_TIMEOUT_S,
+            )
             while True:
                 r = await asyncio.wait_for(replies.get(), REPLY_TIMEOUT_S)
                 if isinstance(r, Exception):

@@ -240,6 +240,13 @@ class PrimaryVolume:
             META_LAST_ERROR: reason,
             META_ROLLBACK_TO: self.rollback_to,
         })
+        # Tell the coordinator now: until it knows, it shows the pair in_sync
+        # although the replicas may differ.
+        self._spawn(self.reporter(pb.ReplicationReport(
+            volume=self.lv.name, reporter=self.address, epoch=self.lv.epoch, state=pb.PAIR_STATE_DEGRADED,
+            reason=reason, fault_snapshot_id=snap_id,
+            failed_extents=[pb.Extent(offset=e.offset, length=e.length) for e in extents],
+        )), "report")
 
     def _spawn(self, coro: Any, name: str) -> asyncio.Task[Any]:
         t = asyncio.get_running_loop().create_task(coro, name=name)
@@ -570,7 +577,20 @@ class PrimaryVolume:
         await self.lv.run_io(self.lv.store.meta_set, {"resync.plan": plan.dump() if plan else None})
 
     async def _snapshot(self, name: str) -> int:
-        return (await self.lv.run_io(self.lv.store.create_snapshot, name)).id
+        return (await self.lv.run_io(self._fresh_snapshot, name)).id
+
+    def _fresh_snapshot(self, name: str) -> Any:
+        """On the I/O thread: create snapshot ``name``. A resync snapshot of that
+        name can only be a leftover of a crash between creating it and
+        persisting the plan that names it (the plan never names it twice):
+        drop it, or the resync fails on SnapshotExistsError forever."""
+        store = self.lv.store
+        stale = store.find_snapshot(name)
+        if stale is not None:
+            log.warning("volume %s: dropping snapshot %r (id %d) left by an interrupted resync step",
+                        self.lv.name, name, stale.id)
+            store.delete_snapshot(stale.id)
+        return store.create_snapshot(name)
 
     async def _resync_main(self, epoch: int) -> None:
         try:

@@ -69,6 +69,9 @@ class Node:
     # ------------------------------------------------------------ lifecycle
     async def start(self) -> int:
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        # Before the volumes start: a primary that recovers from a crash
+        # reports the pair degraded right away, through this channel.
+        self._coord_channel = rpc.channel(self.coordinator)
         for lv in self.registry.open_existing():
             if lv.role == pb.ROLE_PRIMARY:
                 await self._become_primary(lv)
@@ -83,7 +86,6 @@ class Node:
                 self.options.nbd_listen, NodeExports(self.primaries, self.registry, self.options.durability)
             )
             await self.nbd.start()
-        self._coord_channel = rpc.channel(self.coordinator)
         self._spawn(self._coordinator_loop(), "coordinator-loop")
         return port
 
