@@ -39,7 +39,26 @@ READ_AHEAD_MESSAGES = 64
 GROUP_MAX_BYTES = 16 * 1024 * 1024
 OPEN_TIMEOUT_S = 10.0
 
-_EOF = object()
+EOF_MARK = object()
+
+
+def read_ahead(context: grpc.aio.ServicerContext, maxsize: int) -> tuple[asyncio.Queue[Any], asyncio.Task[None]]:
+    """Read a request stream into a bounded queue from a task of its own, so
+    the applier can work on one group while the next messages arrive. The
+    queue ends with ``EOF_MARK``; cancel the task when done."""
+    inbox: asyncio.Queue[Any] = asyncio.Queue(maxsize=maxsize)
+
+    async def reader() -> None:
+        try:
+            while True:
+                msg = await context.read()
+                if msg is grpc.aio.EOF:
+                    break
+                await inbox.put(msg)
+        finally:
+            await inbox.put(EOF_MARK)
+
+    return inbox, asyncio.create_task(reader())
 
 
 class ReplicaServicer(pbg.ReplicaServiceServicer):
@@ -111,19 +130,7 @@ class ReplicaServicer(pbg.ReplicaServiceServicer):
         )
         await context.write(pb.ReplicateReply(accepted=pb.StreamAccepted(epoch=st.epoch)))
 
-        inbox: asyncio.Queue[Any] = asyncio.Queue(maxsize=READ_AHEAD_MESSAGES)
-
-        async def reader() -> None:
-            try:
-                while True:
-                    msg = await context.read()
-                    if msg is grpc.aio.EOF:
-                        break
-                    await inbox.put(msg)
-            finally:
-                await inbox.put(_EOF)
-
-        rt = asyncio.create_task(reader())
+        inbox, rt = read_ahead(context, READ_AHEAD_MESSAGES)
         try:
             await self._apply_loop(lv, token, st, inbox, context)
         finally:
@@ -142,7 +149,7 @@ class ReplicaServicer(pbg.ReplicaServiceServicer):
         while True:
             msg = pending if pending is not None else await inbox.get()
             pending = None
-            if msg is _EOF:
+            if msg is EOF_MARK:
                 return
             if lv.stream_token != token:
                 await context.abort(
@@ -160,7 +167,7 @@ class ReplicaServicer(pbg.ReplicaServiceServicer):
             nbytes = sum(len(w.data) for w in msg.batch.writes)
             while nbytes < GROUP_MAX_BYTES and not inbox.empty():
                 nxt = inbox.get_nowait()
-                if nxt is _EOF or not nxt.HasField("batch"):
+                if nxt is EOF_MARK or not nxt.HasField("batch"):
                     pending = nxt
                     break
                 batches.append(nxt.batch)

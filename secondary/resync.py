@@ -32,6 +32,7 @@ import google_crc32c
 import grpc
 
 from secondary.classify import STORAGE_ERRORS, storage_errno, storage_error_text
+from secondary.replica import EOF_MARK, read_ahead
 from syncrep.errors import FailedPrecondition, SyncrepError
 from syncrep.pb import syncrep_pb2 as pb
 from syncrep.volumes import LocalVolume, VolumeRegistry
@@ -45,7 +46,6 @@ GROUP_MAX_BYTES = 8 * 1024 * 1024
 READ_AHEAD_MESSAGES = 256
 HEADER_TIMEOUT_S = 10.0
 
-_EOF = object()
 
 
 @dataclass
@@ -184,19 +184,7 @@ class ResyncReceiver:
                  h.total_bytes, resume)
         await context.write(pb.ResyncReply(applied_below=resume))
 
-        inbox: asyncio.Queue[Any] = asyncio.Queue(maxsize=READ_AHEAD_MESSAGES)
-
-        async def reader() -> None:
-            try:
-                while True:
-                    msg = await context.read()
-                    if msg is grpc.aio.EOF:
-                        break
-                    await inbox.put(msg)
-            finally:
-                await inbox.put(_EOF)
-
-        rt = asyncio.create_task(reader())
+        inbox, rt = read_ahead(context, READ_AHEAD_MESSAGES)
         try:
             await self._apply(lv, token, h, st, resume, inbox, context)
         finally:
@@ -219,7 +207,7 @@ class ResyncReceiver:
         while True:
             msg = pending if pending is not None else await inbox.get()
             pending = None
-            if msg is _EOF:
+            if msg is EOF_MARK:
                 return
             if lv.stream_token != token:
                 await context.abort(grpc.StatusCode.ABORTED,
@@ -265,7 +253,7 @@ class ResyncReceiver:
                 if nbytes >= GROUP_MAX_BYTES or inbox.empty():
                     break
                 m = inbox.get_nowait()
-                if m is _EOF or not m.HasField("chunk"):
+                if m is EOF_MARK or not m.HasField("chunk"):
                     pending = m
                     break
             if group:
