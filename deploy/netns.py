@@ -95,7 +95,7 @@ def netns_available() -> tuple[bool, str]:
         return False, f"network namespaces need root (running as uid {os.geteuid()})"
     if shutil.which("ip") is None:
         return False, "the `ip` command (iproute2) is not installed"
-    probe = f"{PREFIX}{os.getpid()}-probe"
+    probe = f"{PREFIX}{os.getpid()}-probe{next(_TAGS)}"  # unique: several runs may probe at once
     try:
         _run(["ip", "netns", "add", probe])
     except NetnsError as e:

@@ -705,7 +705,9 @@ class PrimaryVolume:
             spec = RoundSpec(plan.last_round + 1, "diff", plan.last_target, dfin)
             plan.current = spec
             await self._persist_plan(plan)
-            await self._send_round(plan, spec, True, limiter)
+            # Unthrottled: writes are paused while this round travels, so
+            # --resync-max-rate would only lengthen the stall.
+            await self._send_round(plan, spec, True, RateLimiter(0))
             link = ReplicationLink(self.lv.spec, epoch, self.next_seq, self.lv.peer, self.address,
                                    self.options, on_failure=self._begin_degrade)
             await link.open()
