@@ -61,6 +61,20 @@ def read_ahead(context: grpc.aio.ServicerContext, maxsize: int) -> tuple[asyncio
     return inbox, asyncio.create_task(reader())
 
 
+async def first_message(context: grpc.aio.ServicerContext, field: str, what: str, timeout_s: float) -> Any:
+    """The stream's opening message, which must carry ``field``; aborts the
+    call (and returns None) when it is missing or late."""
+    try:
+        first = await asyncio.wait_for(context.read(), timeout_s)
+    except TimeoutError:
+        await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"no {what} within {timeout_s:.0f} s")
+        return None
+    if first is grpc.aio.EOF or not first.HasField(field):
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"the first message must be {what}")
+        return None
+    return first
+
+
 class ReplicaServicer(pbg.ReplicaServiceServicer):
     def __init__(self, registry: VolumeRegistry, resync: Any = None) -> None:
         self.registry = registry
@@ -103,13 +117,8 @@ class ReplicaServicer(pbg.ReplicaServiceServicer):
         return lv, lv.stream_token
 
     async def Replicate(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> None:
-        try:
-            first = await asyncio.wait_for(context.read(), OPEN_TIMEOUT_S)
-        except TimeoutError:
-            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "no StreamOpen within 10 s")
-            return
-        if first is grpc.aio.EOF or not first.HasField("open"):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first message must be StreamOpen")
+        first = await first_message(context, "open", "StreamOpen", OPEN_TIMEOUT_S)
+        if first is None:
             return
         try:
             lv, token = self.accept_stream(first.open)

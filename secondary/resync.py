@@ -32,7 +32,7 @@ import google_crc32c
 import grpc
 
 from secondary.classify import STORAGE_ERRORS, storage_errno, storage_error_text
-from secondary.replica import EOF_MARK, read_ahead
+from secondary.replica import EOF_MARK, first_message, read_ahead
 from syncrep.errors import FailedPrecondition, SyncrepError
 from syncrep.pb import syncrep_pb2 as pb
 from syncrep.volumes import LocalVolume, VolumeRegistry
@@ -153,13 +153,8 @@ class ResyncReceiver:
 
     # ------------------------------------------------------------ stream
     async def serve(self, replica: Any, context: grpc.aio.ServicerContext) -> None:
-        try:
-            first = await asyncio.wait_for(context.read(), HEADER_TIMEOUT_S)
-        except TimeoutError:
-            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "no ResyncHeader within 10 s")
-            return
-        if first is grpc.aio.EOF or not first.HasField("header"):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first message must be ResyncHeader")
+        first = await first_message(context, "header", "ResyncHeader", HEADER_TIMEOUT_S)
+        if first is None:
             return
         h = first.header
         try:

@@ -175,3 +175,25 @@ async def wait_state(cluster: LocalCluster, volume: str, state: str, timeout_s: 
 async def wait_in_sync_and_identical(cluster: LocalCluster, volume: str, timeout_s: float = 90.0) -> None:
     await cluster.wait_for_volume(volume, "in_sync", timeout_s=timeout_s)
     await assert_replicas_identical(cluster, volume)
+
+
+async def write_blocks(cl: sc.VolumeClient, first_block: int, count: int, per_write: int, seed: int,
+                       model: dict[int, bytes]) -> int:
+    """Write ``count`` distinct blocks from ``first_block``, ``per_write`` blocks
+    per write, 8 in flight; record each block's bytes in ``model``. Returns bytes written."""
+    rng = random.Random(seed)
+    plan = []
+    for b in range(first_block, first_block + count, per_write):
+        data = rng.randbytes(per_write * BLOCK)
+        plan.append((b * BLOCK, data))
+        for i in range(per_write):
+            model[b + i] = data[i * BLOCK:(i + 1) * BLOCK]
+    await cl.write_many(plan, depth=8)
+    return count * BLOCK
+
+
+async def check_model(cluster: LocalCluster, volume: str, model: dict[int, bytes]) -> None:
+    """Every block in ``model`` holds, on the primary, the bytes last acknowledged."""
+    for b, want in sorted(model.items()):
+        got = await sc.read_local(cluster.primary_addr, volume, b * BLOCK, BLOCK)
+        assert got == want, f"LOST WRITE at block {b} (offset {b * BLOCK})"

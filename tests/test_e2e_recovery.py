@@ -16,9 +16,11 @@ import pytest
 from e2e_helpers import (
     Workload,
     assert_replicas_identical,
+    check_model,
     check_no_lost_writes,
     wait_in_sync_and_identical,
     wait_state,
+    write_blocks,
 )
 
 from deploy.cluster import LocalCluster
@@ -56,26 +58,6 @@ async def primary_report(c: LocalCluster) -> pb.VolumeReport:
     return next(v for v in r.volumes if v.name == VOL)
 
 
-async def write_blocks(cl: sc.VolumeClient, first_block: int, count: int, per_write: int, seed: int,
-                       model: dict[int, bytes]) -> int:
-    """Write `count` distinct blocks from first_block, `per_write` blocks per write, 8 in flight."""
-    rng = random.Random(seed)
-    plan = []
-    for b in range(first_block, first_block + count, per_write):
-        data = rng.randbytes(per_write * BLOCK)
-        plan.append((b * BLOCK, data))
-        for i in range(per_write):
-            model[b + i] = data[i * BLOCK:(i + 1) * BLOCK]
-    await cl.write_many(plan, depth=8)
-    return count * BLOCK
-
-
-async def check_model(c: LocalCluster, model: dict[int, bytes]) -> None:
-    for b, want in sorted(model.items()):
-        got = await sc.read_local(c.primary_addr, VOL, b * BLOCK, BLOCK)
-        assert got == want, f"LOST WRITE at block {b} (offset {b * BLOCK})"
-
-
 @pytest.mark.parametrize("mode", ["rewrite", "direct"])
 async def test_nack_from_full_secondary_resyncs_only_failed_extents_and_changes(
     cluster_factory: Any, mode: str
@@ -105,7 +87,7 @@ async def test_nack_from_full_secondary_resyncs_only_failed_extents_and_changes(
     # not the 16 MiB volume. (Every block here was written once, so the
     # failed extents and the post-fault writes do not overlap.)
     assert sent == a_bytes + b_bytes, (sent, a_bytes, b_bytes)
-    await check_model(c, model)
+    await check_model(c, VOL, model)
     await cl.close()
 
 
@@ -159,7 +141,7 @@ async def test_secondary_sigkill_mid_resync_resumes_instead_of_restarting(cluste
     assert "resumes at chunk 0" in log and any(
         "resumes at chunk" in ln and "resumes at chunk 0" not in ln for ln in log.splitlines()
     ), "the secondary never resumed mid-round"
-    await check_model(c, model)
+    await check_model(c, VOL, model)
     await cl.close()
 
 
@@ -183,10 +165,10 @@ async def test_primary_sigkill_while_degraded_keeps_failed_extents_and_fault_sna
     assert after.state == pb.PAIR_STATE_DEGRADED or after.state == pb.PAIR_STATE_RESYNCING
     assert after.fault_snapshot_id == before.fault_snapshot_id
     assert list(after.failed_extents) == list(before.failed_extents)
-    await check_model(c, model)  # every acknowledged write survived the crash
+    await check_model(c, VOL, model)  # every acknowledged write survived the crash
     await sc.inject_fault(c.secondary_addr, VOL, "clear", 0)
     await wait_in_sync_and_identical(c, VOL)
-    await check_model(c, model)
+    await check_model(c, VOL, model)
 
 
 async def test_coordinator_sigkill_during_resync_picks_the_state_back_up(cluster_factory: Any) -> None:
@@ -204,7 +186,7 @@ async def test_coordinator_sigkill_during_resync_picks_the_state_back_up(cluster
     await wait_in_sync_and_identical(c, VOL)
     await write_blocks(cl, 3000, 16, 4, seed=22, model=model)  # replicating again
     await assert_replicas_identical(c, VOL)
-    await check_model(c, model)
+    await check_model(c, VOL, model)
     await cl.close()
 
 
@@ -223,7 +205,7 @@ async def test_corrupt_resync_chunk_is_refused_and_resent(cluster_factory: Any) 
     rep = await primary_report(c)
     assert rep.resync_chunks_refused >= 1
     assert "refused" in c.log_path("secondary").read_text()
-    await check_model(c, model)
+    await check_model(c, VOL, model)
     await cl.close()
 
 

@@ -16,7 +16,7 @@ import time
 from typing import Any
 
 import pytest
-from e2e_helpers import wait_in_sync_and_identical, wait_state
+from e2e_helpers import check_model, wait_in_sync_and_identical, wait_state, write_blocks
 
 from deploy import netns
 from deploy.cluster import LocalCluster
@@ -47,24 +47,6 @@ async def _cluster(cluster_factory: Any, mode: str = "direct", *, primary: list[
     return c
 
 
-async def _write(cl: sc.VolumeClient, first_block: int, count: int, per_write: int, seed: int,
-                 model: dict[int, bytes]) -> None:
-    rng = random.Random(seed)
-    plan = []
-    for b in range(first_block, first_block + count, per_write):
-        data = rng.randbytes(per_write * BLOCK)
-        plan.append((b * BLOCK, data))
-        for i in range(per_write):
-            model[b + i] = data[i * BLOCK:(i + 1) * BLOCK]
-    await cl.write_many(plan, depth=8)
-
-
-async def _check_model(c: LocalCluster, model: dict[int, bytes]) -> None:
-    for b, want in sorted(model.items()):
-        got = await sc.read_local(c.primary_addr, VOL, b * BLOCK, BLOCK)
-        assert got == want, f"LOST WRITE at block {b}"
-
-
 async def test_primary_sigkill_during_resync_restarts_the_resync(cluster_factory: Any) -> None:
     """Seed 1 (--schedule-s 15): the primary was SIGKILLed while resyncing. It
     came back with its persisted state "resyncing", but no process drove that resync any more and
@@ -77,7 +59,7 @@ async def test_primary_sigkill_during_resync_restarts_the_resync(cluster_factory
     model: dict[int, bytes] = {}
     c.kill("secondary")
     await wait_state(c, VOL, "degraded", timeout_s=20)
-    await _write(cl, 0, 2048, 32, seed=1, model=model)  # 8 MiB: ~4 s of resync at 2 MiB/s
+    await write_blocks(cl, 0, 2048, 32, seed=1, model=model)  # 8 MiB: ~4 s of resync at 2 MiB/s
     await c.restart("secondary")
     await wait_state(c, VOL, "resyncing", timeout_s=30)
     await cl.close()
@@ -86,7 +68,7 @@ async def test_primary_sigkill_during_resync_restarts_the_resync(cluster_factory
     st = await c.wait_for_volume(VOL, lambda s: s.state != pb.PAIR_STATE_RESYNCING or s.epoch > 2, timeout_s=30)
     assert st.state != pb.PAIR_STATE_IN_SYNC or st.epoch > 2, sc.volume_status_dict(st)
     await wait_in_sync_and_identical(c, VOL, timeout_s=60)
-    await _check_model(c, model)
+    await check_model(c, VOL, model)
 
 
 @pytest.fixture
@@ -118,22 +100,22 @@ async def test_secondary_disk_full_keeps_heartbeating_and_resyncs_once_freed(
                        secondary=["--snapshot-period-s", "0.3"])
     cl = await c.connect(VOL)
     model: dict[int, bytes] = {}
-    await _write(cl, 0, 256, 8, seed=61, model=model)
+    await write_blocks(cl, 0, 256, 8, seed=61, model=model)
     filler = small_disk / "filler"
     netns.fill_disk(small_disk, filler.name)
     try:
-        await _write(cl, 512, 512, 8, seed=62, model=model)
+        await write_blocks(cl, 512, 512, 8, seed=62, model=model)
         st = await wait_state(c, VOL, "degraded", timeout_s=20) and await c.get_volume(VOL)
         err = sc.volume_status_dict(st)["last_error"]
         assert "NO_SPACE" in err or "full" in err or "No space" in err, err
-        await _write(cl, 1024, 256, 8, seed=63, model=model)
+        await write_blocks(cl, 1024, 256, 8, seed=63, model=model)
         await asyncio.sleep(4.0)  # longer than the coordinator's node timeout (3 s)
         st = await c.get_volume(VOL)
         assert st.secondary_alive, "the secondary stopped heartbeating while its disk was full"
     finally:
         filler.unlink()
     await wait_in_sync_and_identical(c, VOL, timeout_s=60)
-    await _check_model(c, model)
+    await check_model(c, VOL, model)
     await cl.close()
 
 
@@ -149,7 +131,7 @@ async def test_secondary_sigkill_during_final_round_resumes_and_switches_back(cl
     model: dict[int, bytes] = {}
     c.kill("secondary")
     await wait_state(c, VOL, "degraded", timeout_s=20)
-    await _write(cl, 0, 512, 32, seed=71, model=model)  # 2 MiB while degraded: ~2 s of resync
+    await write_blocks(cl, 0, 512, 32, seed=71, model=model)  # 2 MiB while degraded: ~2 s of resync
     final = LogWatcher(c.log_path("primary"), ", final)")
     await c.restart("secondary")
     # Writes all through the resync, so the final round has something to
@@ -177,7 +159,7 @@ async def test_secondary_sigkill_during_final_round_resumes_and_switches_back(cl
     await wait_state(c, VOL, "degraded", timeout_s=20)
     await c.restart("secondary")
     await wait_in_sync_and_identical(c, VOL, timeout_s=60)
-    await _check_model(c, model)
+    await check_model(c, VOL, model)
     await cl.close()
 
 
@@ -193,7 +175,7 @@ async def test_primary_sigkill_while_in_sync_is_reported_degraded_at_once(cluste
     c = await _cluster(cluster_factory)
     cl = await c.connect(VOL)
     model: dict[int, bytes] = {}
-    await _write(cl, 0, 64, 8, seed=81, model=model)
+    await write_blocks(cl, 0, 64, 8, seed=81, model=model)
     await cl.close()
     c.kill("primary")
     await c.restart("primary")
@@ -201,7 +183,7 @@ async def test_primary_sigkill_while_in_sync_is_reported_degraded_at_once(cluste
     st = await c.wait_for_volume(VOL, lambda s: s.state != pb.PAIR_STATE_IN_SYNC or s.epoch > 1, timeout_s=1.5)
     assert st.state != pb.PAIR_STATE_IN_SYNC or st.epoch > 1
     await wait_in_sync_and_identical(c, VOL, timeout_s=60)
-    await _check_model(c, model)
+    await check_model(c, VOL, model)
 
 
 async def test_primary_sigkill_between_resync_snapshot_and_plan_drops_the_leftover(tmp_path: Any) -> None:
