@@ -10,11 +10,31 @@ generated modules import each other as ``syncrep.pb.x_pb2`` — no sys.path hack
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTO_DIR = ROOT / "protos"
+
+
+def _plugin(name: str) -> Path:
+    """The protoc plugin ``name``, found next to the running interpreter first.
+
+    Why not rely on PATH: ``scripts/test.sh`` runs ``.venv/bin/python`` directly,
+    so ``.venv/bin`` (where pip put ``protoc-gen-mypy``) is not on PATH there, and
+    a plugin found on PATH from earlier work would hide a missing install step.
+    """
+    beside = Path(sys.executable).parent / name  # not resolved: a venv's bin/ holds symlinks
+    if beside.is_file():
+        return beside
+    found = shutil.which(name)
+    if found is None:
+        raise SystemExit(
+            f"{name} not found next to {sys.executable} nor on PATH: "
+            "install the dev dependencies (pip install -e '.[dev]', which brings mypy-protobuf)"
+        )
+    return Path(found)
 
 
 def generate(out_root: Path) -> list[Path]:
@@ -30,6 +50,7 @@ def generate(out_root: Path) -> list[Path]:
         f"-Isyncrep/pb={PROTO_DIR}",
         f"--python_out={out_root}",
         f"--grpc_python_out={out_root}",
+        f"--plugin=protoc-gen-mypy={_plugin('protoc-gen-mypy')}",
         f"--mypy_out={out_root}",
         *[f"syncrep/pb/{p.name}" for p in protos],
     ]

@@ -18,8 +18,22 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
   done
   if [ "${#missing[@]}" -gt 0 ]; then
     echo "setup: installing Debian packages: ${missing[*]}"
-    apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+    # Another apt/dpkg process (unattended-upgrades, a parallel setup) may hold the
+    # locks: wait for them up to APT_LOCK_TIMEOUT_S instead of failing at once.
+    # DPkg::Lock::Timeout covers the dpkg frontend lock; `apt-get update` takes the
+    # lists lock, which that option does not cover, so it is retried within the same bound.
+    lock_timeout_s=${APT_LOCK_TIMEOUT_S:-600}
+    deadline=$(( $(date +%s) + lock_timeout_s ))
+    until apt-get -o DPkg::Lock::Timeout="$lock_timeout_s" update -qq; do
+      if [ "$(date +%s)" -ge "$deadline" ]; then
+        echo "setup: apt-get update kept failing for ${lock_timeout_s}s (is another apt process holding its lock?)" >&2
+        exit 1
+      fi
+      echo "setup: apt-get update failed (lock held?), retrying in 5 s" >&2
+      sleep 5
+    done
+    DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout="$lock_timeout_s" \
+      install -y -qq "${missing[@]}" >/dev/null
   fi
 fi
 
