@@ -20,8 +20,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from coordinator.pairstate import PairState
 from syncrep.blockstore import Extent
+from syncrep.core.pairstate import PairState
 
 __all__ = [
     "DB_FILENAME",

@@ -40,10 +40,11 @@ from tenacity import (
 )
 
 from coordinator.db import CoordinatorDB, NodeRecord, PairExists, PairRecord, ProgressRecord, StateChange
-from coordinator.extents import derive_failed_extents, summarize_extents, to_extent
-from coordinator.pairstate import IllegalTransition, PairEvent, PairState, transition
 from syncrep import rpc
 from syncrep.blockstore import Extent
+from syncrep.core.extents import derive_failed_extents, summarize_extents, to_extent
+from syncrep.core.pairstate import IllegalTransition, PairEvent, PairState, transition
+from syncrep.core.vocab import validate_dial_address
 from syncrep.pb import syncrep_pb2 as pb
 from syncrep.pb import syncrep_pb2_grpc as pb_grpc
 
@@ -68,7 +69,6 @@ MAX_BLOCKS = 2**32
 # VolumeStatus carries the first this-many failed extents (failed_bytes counts all).
 STATUS_MAX_EXTENTS = 64
 
-_ADDRESS_RE = re.compile(r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):([0-9]{1,5})")
 _ROLE_HINTS = ("", "primary", "secondary")
 # StartResync errors worth retrying within one attempt; anything else (the
 # primary refused: stale epoch, no fault snapshot, ...) fails the attempt at once.
@@ -79,13 +79,7 @@ _RETRYABLE_CODES = frozenset(
 
 def validate_address(address: str) -> str | None:
     """None if ``address`` is a usable "host:port", else what is wrong with it."""
-    m = _ADDRESS_RE.fullmatch(address)
-    if not m:
-        return f"address {address!r} is not of the form host:port (e.g. 127.0.0.1:7001)"
-    port = int(m.group(1))
-    if not 1 <= port <= 65535:
-        return f"address {address!r} has port {port}, outside 1..65535 (expected host:port)"
-    return None
+    return validate_dial_address(address)
 
 
 def _rpc_error_text(e: BaseException) -> str:

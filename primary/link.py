@@ -25,9 +25,9 @@ from typing import Any
 import google_crc32c
 import grpc
 
-from primary.window import InFlight, NackInfo, ReplicationWindow
 from syncrep import rpc
 from syncrep.config import NodeOptions
+from syncrep.core.window import InFlight, NackInfo, ReplicationWindow
 from syncrep.pb import syncrep_pb2 as pb
 from syncrep.pb import syncrep_pb2_grpc as pbg
 

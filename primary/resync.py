@@ -1,8 +1,9 @@
 """The primary's side of resync (method step 3): plan, rounds, and the switch back.
 
-Pure planning lives in ``plan_pieces`` and ``ResyncPlan`` (a JSON-persisted
-record of where the resync is); ``RoundSender`` carries one round over one
-``Resync`` stream; ``run_resync`` strings the rounds together:
+Pure planning lives in ``syncrep.core.resync_plan`` (``ResyncPlan``, a
+JSON-persisted record of where the resync is, and ``next_step``, the choice of
+what comes next); ``RoundSender`` here carries one round over one ``Resync``
+stream; ``PrimaryVolume._resync`` executes the steps:
 
 Variant A (rewrite):  rewrite the failed extents in place (read + write on the
                       I/O thread, atomic w.r.t. client writes) -> snapshot D1
@@ -24,12 +25,10 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import logging
-import secrets
 import time
-from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import google_crc32c
@@ -37,12 +36,13 @@ import grpc
 
 from syncrep import rpc
 from syncrep.blockstore import BlockStore, Extent
+from syncrep.core.resync_plan import ResyncPlan, RoundSpec, plan_pieces
+from syncrep.core.vocab import RoundKind
 from syncrep.pb import syncrep_pb2 as pb
 from syncrep.pb import syncrep_pb2_grpc as pbg
 
 log = logging.getLogger(__name__)
 
-META_PLAN = "resync.plan"
 # Chunks sent but not yet applied (bounds memory: window * chunk_bytes).
 # Chunks sent but not yet applied: bounded by count and bytes (memory on both
 # sides). Small chunks need a deep window: each window's worth becomes one
@@ -60,73 +60,8 @@ class ResyncError(Exception):
     pass
 
 
-def plan_pieces(extents: Iterable[Extent], block_size: int, chunk_bytes: int) -> list[tuple[int, int]]:
-    """Cut extents (aligned outward to blocks) into pieces of at most
-    chunk_bytes, in offset order. Deterministic: the chunk index of a piece is
-    its position in this list."""
-    out: list[tuple[int, int]] = []
-    step = max(block_size, chunk_bytes - chunk_bytes % block_size)
-    for e in extents:
-        start = e.offset - e.offset % block_size
-        end = -(-(e.offset + e.length) // block_size) * block_size
-        off = start
-        while off < end:
-            n = min(step, end - off)
-            out.append((off, n))
-            off += n
-    return out
-
-
-@dataclass
-class RoundSpec:
-    round: int
-    kind: str  # "extents" | "diff" | "repair"
-    base: int  # snapshot id (0 for extents/repair)
-    target: int  # snapshot id to read from (0 = live head, repair only)
-    extents: list[list[int]] = field(default_factory=list)  # for "extents"/"repair"
-
-
-@dataclass
-class ResyncPlan:
-    """Where a resync stands; persisted in the volume's metadata after every step."""
-
-    resync_id: str
-    mode: str  # "rewrite" | "direct"
-    fault_snapshot: int
-    rollback_to: str = ""
-    snapshots: list[int] = field(default_factory=list)  # created by the resync, deleted at the end
-    current: RoundSpec | None = None
-    rounds_done: int = 0
-    last_round: int = -1  # number of the last completed round
-    last_target: int = 0
-    last_round_bytes: int = -1
-    rewritten: bool = False
-
-    def dump(self) -> str:
-        return json.dumps(asdict(self))
-
-    @classmethod
-    def load(cls, raw: str | None) -> ResyncPlan | None:
-        if not raw:
-            return None
-        d = json.loads(raw)
-        cur = d.pop("current", None)
-        plan = cls(**d)
-        plan.current = RoundSpec(**cur) if cur else None
-        return plan
-
-    @classmethod
-    def new(cls, mode: str, fault_snapshot: int, rollback_to: str = "") -> ResyncPlan:
-        return cls(
-            resync_id=f"f{fault_snapshot}-{secrets.token_hex(4)}",
-            mode=mode,
-            fault_snapshot=fault_snapshot,
-            rollback_to=rollback_to,
-        )
-
-
 def round_pieces(store: BlockStore, spec: RoundSpec, chunk_bytes: int) -> list[tuple[int, int]]:
-    if spec.kind == "diff":
+    if spec.kind == RoundKind.DIFF:
         extents = store.diff(spec.base, spec.target)
     else:
         extents = [Extent(o, n) for o, n in spec.extents]

@@ -30,22 +30,43 @@ from typing import Any, cast
 
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
 
-from coordinator.extents import derive_failed_extents
-from coordinator.pairstate import PairEvent, PairState, transition
-from primary.activity import ActivityLog
 from primary.link import LinkError, ReplicationLink
-from primary.resync import (
-    Counters,
-    RateLimiter,
-    ResyncError,
-    ResyncPlan,
-    RoundSender,
-    RoundSpec,
-    round_pieces,
-)
-from secondary.classify import nack_code
+from primary.resync import Counters, RateLimiter, ResyncError, RoundSender, round_pieces
 from syncrep.blockstore import Extent
 from syncrep.config import NodeOptions
+from syncrep.core.activity import ActivityLog
+from syncrep.core.classify import nack_code
+from syncrep.core.extents import derive_failed_extents
+from syncrep.core.pairstate import PairEvent, PairState, transition
+from syncrep.core.resync_plan import (
+    FinalRound,
+    MeasurePending,
+    ResyncLimits,
+    ResyncPlan,
+    RewriteFailed,
+    RoundSpec,
+    SendRound,
+    TakeRoundSnapshot,
+    next_step,
+)
+from syncrep.core.vocab import (
+    COMMON_PREFIX,
+    MAX_WRITE_BYTES,
+    META_AL,
+    META_CLEAN,
+    META_FAILED,
+    META_FAULT_SNAP,
+    META_LAST_ERROR,
+    META_RESYNC_PLAN,
+    META_ROLLBACK_TO,
+    META_STATE,
+    ResyncMode,
+    RoundKind,
+    common_snapshot_name,
+    fault_snapshot_name,
+    resync_final_snapshot_name,
+    resync_snapshot_name,
+)
 from syncrep.errors import (
     FailedPrecondition,
     InvalidArgument,
@@ -55,24 +76,10 @@ from syncrep.errors import (
     check_io_range,
 )
 from syncrep.pb import syncrep_pb2 as pb
-from syncrep.rpc import MAX_WRITE_BYTES
 from syncrep.volumes import LocalVolume
 
 log = logging.getLogger(__name__)
 
-META_STATE = "pair.state"
-META_FAILED = "pair.failed_extents"
-META_FAULT_SNAP = "pair.fault_snapshot_id"
-META_LAST_ERROR = "pair.last_error"
-# "1" only after a graceful stop. A primary that finds "0" while in sync crashed
-# with writes possibly in flight: failure information is missing.
-META_CLEAN = "pair.clean"
-# Name of the common snapshot both sides roll back to when failure
-# information was lost (see ``_recover_from_unclean_stop``).
-META_ROLLBACK_TO = "pair.rollback_to"
-# The activity log (primary/activity.py): regions that may differ after a crash.
-META_AL = "pair.activity_log"
-COMMON_PREFIX = "common-"
 # Graceful stop: how long queued writes get to finish.
 STOP_DRAIN_S = 5.0
 
@@ -214,7 +221,7 @@ class PrimaryVolume:
             self.rollback_to = ""
             reason = (f"primary restarted after a crash while in sync: the {len(extents)} regions of the "
                       f"activity log ({sum(e.length for e in extents)} bytes) may differ and are resynced")
-            snap_id = (await self.lv.run_io(store.create_snapshot, f"fault-al-{int(time.time() * 1000)}")).id
+            snap_id = (await self.lv.run_io(store.create_snapshot, fault_snapshot_name("al", self._now_ms()))).id
         elif commons:
             base = commons[-1]
             extents = []
@@ -227,7 +234,7 @@ class PrimaryVolume:
             self.rollback_to = ""
             reason = ("primary restarted after a crash while in sync and no common snapshot exists "
                       "(enable --snapshot-period-s): LAST RESORT — full copy of the volume")
-            snap_id = (await self.lv.run_io(store.create_snapshot, f"fault-full-{int(time.time() * 1000)}")).id
+            snap_id = (await self.lv.run_io(store.create_snapshot, fault_snapshot_name("full", self._now_ms()))).id
         log.error("volume %s: %s", self.lv.name, reason)
         self.state = transition(self.state, PairEvent.SECONDARY_FAILED)
         self.failed_extents = extents
@@ -247,6 +254,12 @@ class PrimaryVolume:
             reason=reason, fault_snapshot_id=snap_id,
             failed_extents=[pb.Extent(offset=e.offset, length=e.length) for e in extents],
         )), "report")
+
+    @staticmethod
+    def _now_ms() -> int:
+        """Wall-clock milliseconds, for snapshot names only (unique and readable
+        by an operator); no decision depends on it."""
+        return int(time.time() * 1000)
 
     def _spawn(self, coro: Any, name: str) -> asyncio.Task[Any]:
         t = asyncio.get_running_loop().create_task(coro, name=name)
@@ -474,7 +487,7 @@ class PrimaryVolume:
             snap_id = self.fault_snapshot_id
             if not snap_id:
                 info = await self.lv.run_io(
-                    self.lv.store.create_snapshot, f"fault-e{self.lv.epoch}-{int(time.time() * 1000)}"
+                    self.lv.store.create_snapshot, fault_snapshot_name(f"e{self.lv.epoch}", self._now_ms())
                 )
                 snap_id = info.id
             await self.lv.run_io(
@@ -543,8 +556,8 @@ class PrimaryVolume:
         self._resync_sent0 = self.counters.bytes_sent
         self._resync_refused0 = self.counters.chunks_refused
         self._resync_task = self._spawn(self._resync_main(epoch), "resync")
-        mode = "rewrite" if self.lv.resync_mode == pb.RESYNC_MODE_REWRITE else "direct"
-        return f"resync of {self.lv.name!r} started at epoch {epoch} ({mode})"
+        mode = ResyncMode.from_proto(self.lv.resync_mode)
+        return f"resync of {self.lv.name!r} started at epoch {epoch} ({mode.value})"
 
     def _persist_role_and_state(self) -> None:
         self.lv.persist_role()
@@ -574,7 +587,7 @@ class PrimaryVolume:
         return total
 
     async def _persist_plan(self, plan: ResyncPlan | None) -> None:
-        await self.lv.run_io(self.lv.store.meta_set, {"resync.plan": plan.dump() if plan else None})
+        await self.lv.run_io(self.lv.store.meta_set, {META_RESYNC_PLAN: plan.dump() if plan else None})
 
     async def _snapshot(self, name: str) -> int:
         return (await self.lv.run_io(self._fresh_snapshot, name)).id
@@ -604,68 +617,51 @@ class PrimaryVolume:
             await self._resync_failed(f"{type(e).__name__}: {e}")
 
     async def _resync(self, epoch: int) -> None:
+        """Carry out the steps of ``next_step`` (syncrep/core/resync_plan.py)
+        until the final round has switched the pair back to in sync. The plan
+        is persisted after every step that changes it, so a restart resumes."""
         store = self.lv.store
         limiter = RateLimiter(self.options.resync_max_rate_bytes_per_s)
-        plan = ResyncPlan.load(store.meta_get("resync.plan"))
+        plan = ResyncPlan.load(store.meta_get(META_RESYNC_PLAN))
         if plan is None or plan.fault_snapshot != self.fault_snapshot_id:
-            mode = "rewrite" if self.lv.resync_mode == pb.RESYNC_MODE_REWRITE else "direct"
+            mode = ResyncMode.from_proto(self.lv.resync_mode)
             plan = ResyncPlan.new(mode, self.fault_snapshot_id, self.rollback_to)
             log.info("volume %s: new resync %s, variant %s, base fault snapshot %d, %d failed extents "
-                     "(%d bytes)%s", self.lv.name, plan.resync_id,
-                     "A (rewrite)" if mode == "rewrite" else "B (direct)", plan.fault_snapshot,
+                     "(%d bytes)%s", self.lv.name, plan.resync_id, mode.variant, plan.fault_snapshot,
                      len(self.failed_extents), sum(e.length for e in self.failed_extents),
                      f", secondary rolls back to {plan.rollback_to!r}" if plan.rollback_to else "")
         else:
             log.info("volume %s: resuming resync %s after %d completed rounds", self.lv.name,
                      plan.resync_id, plan.rounds_done)
-        if plan.current is None and plan.rounds_done == 0:
-            failed = [[e.offset, e.length] for e in self.failed_extents]
-            if plan.mode == "rewrite":
-                # Variant A: the failed extents now count as changed after F.
-                if not plan.rewritten and failed:
+        limits = ResyncLimits(
+            final_diff_threshold_bytes=self.options.final_diff_threshold_bytes,
+            max_diff_rounds=self.options.max_diff_rounds,
+            diff_delay_s=self.options.diff_delay_s,
+        )
+        pending: int | None = None
+        while True:
+            step = next_step(plan, self.failed_extents, limits, pending)
+            pending = None
+            match step:
+                case RewriteFailed():
                     n = await self.lv.run_io(self._rewrite, self.failed_extents)
                     log.info("volume %s: variant A rewrote %d bytes of failed extents", self.lv.name, n)
-                plan.rewritten = True
-                d1 = await self._snapshot(f"resync-{plan.resync_id}-d1")
-                plan.snapshots.append(d1)
-                plan.current = RoundSpec(1, "diff", plan.fault_snapshot, d1)
-            else:
-                # Variant B: the failed extents, read at a point in time, then the diff.
-                d0 = await self._snapshot(f"resync-{plan.resync_id}-d0")
-                plan.snapshots.append(d0)
-                plan.current = RoundSpec(0, "extents", 0, d0, failed)
-            await self._persist_plan(plan)
-        while True:
-            cur = plan.current
-            if cur is not None:
-                sent = await self._send_round(plan, cur, False, limiter)
-                plan.rounds_done += 1
-                plan.last_round = cur.round
-                if cur.kind == "diff":
-                    plan.last_target = cur.target
-                    plan.last_round_bytes = sent
-                plan.current = None
-                await self._persist_plan(plan)
-            if plan.last_target == 0:
-                # Variant B after round 0: the second diff snapshot, within diff_delay_s.
-                if self.options.diff_delay_s > 0:
-                    await asyncio.sleep(self.options.diff_delay_s)
-                d2 = await self._snapshot(f"resync-{plan.resync_id}-d2")
-                plan.snapshots.append(d2)
-                plan.current = RoundSpec(1, "diff", plan.fault_snapshot, d2)
-                await self._persist_plan(plan)
-                continue
-            pending = await asyncio.to_thread(store.bytes_written_since, plan.last_target)
-            shrinking = plan.last_round_bytes < 0 or pending < plan.last_round_bytes
-            if (pending > self.options.final_diff_threshold_bytes and shrinking
-                    and plan.rounds_done < self.options.max_diff_rounds):
-                dk = await self._snapshot(f"resync-{plan.resync_id}-r{plan.last_round + 1}")
-                plan.snapshots.append(dk)
-                plan.current = RoundSpec(plan.last_round + 1, "diff", plan.last_target, dk)
-                await self._persist_plan(plan)
-                continue
-            await self._final_round(plan, epoch, limiter)
-            return
+                    plan.rewritten = True
+                case TakeRoundSnapshot():
+                    if step.delay_s > 0:
+                        await asyncio.sleep(step.delay_s)
+                    snap = await self._snapshot(resync_snapshot_name(plan.resync_id, step.tag))
+                    plan.round_planned(step.spec(snap))
+                    await self._persist_plan(plan)
+                case SendRound(spec=spec):
+                    sent = await self._send_round(plan, spec, False, limiter)
+                    plan.round_sent(spec, sent)
+                    await self._persist_plan(plan)
+                case MeasurePending(since=since):
+                    pending = await asyncio.to_thread(store.bytes_written_since, since)
+                case FinalRound():
+                    await self._final_round(plan, step, epoch)
+                    return
 
     def _rewrite(self, extents: list[Extent]) -> int:
         """Variant A, on the I/O thread (atomic w.r.t. client writes): read the
@@ -685,7 +681,7 @@ class PrimaryVolume:
             store.write_batch(batch)
         return n
 
-    async def _final_round(self, plan: ResyncPlan, epoch: int, limiter: RateLimiter) -> None:
+    async def _final_round(self, plan: ResyncPlan, step: FinalRound, epoch: int) -> None:
         """Quiesce, send the last difference, re-open synchronous replication at
         the new epoch, release. The stall is bounded by final_diff_threshold_bytes."""
         t0 = time.monotonic()
@@ -695,15 +691,14 @@ class PrimaryVolume:
             # One name per attempt: an interrupted final round is resumed as an
             # ordinary round (its snapshot stays in the plan), and the next
             # final round needs a snapshot of its own.
-            name = f"resync-{plan.resync_id}-final-r{plan.last_round + 1}"
+            name = resync_final_snapshot_name(plan.resync_id, step.round)
             stale = await self.lv.run_io(self.lv.store.find_snapshot, name)
             if stale is not None and stale.id not in plan.snapshots:
                 # Left by a crash between creating it and persisting the plan.
                 await self.lv.run_io(self.lv.store.delete_snapshot, stale.id)
             dfin = await self._snapshot(name)
-            plan.snapshots.append(dfin)
-            spec = RoundSpec(plan.last_round + 1, "diff", plan.last_target, dfin)
-            plan.current = spec
+            spec = RoundSpec(step.round, RoundKind.DIFF, step.base, dfin)
+            plan.round_planned(spec)
             await self._persist_plan(plan)
             # Unthrottled: writes are paused while this round travels, so
             # --resync-max-rate would only lengthen the stall.
@@ -719,7 +714,7 @@ class PrimaryVolume:
             self.last_error = ""
             await self.lv.run_io(self.lv.store.meta_set, {
                 META_STATE: self.state.value, META_FAILED: "[]", META_FAULT_SNAP: "0",
-                META_LAST_ERROR: "", META_ROLLBACK_TO: "", "resync.plan": None, META_CLEAN: "0",
+                META_LAST_ERROR: "", META_ROLLBACK_TO: "", META_RESYNC_PLAN: None, META_CLEAN: "0",
                 META_AL: json.dumps(self.al.regions()),
             })
             self.link = link
@@ -773,8 +768,8 @@ class PrimaryVolume:
             await self.lv.run_io(lambda: None)  # drain: every earlier write has landed locally ...
             if self.link is not None:  # ... and on the secondary
                 await self.link.wait_drained()
-            plan = ResyncPlan.new("repair", 0)
-            spec = RoundSpec(0, "repair", 0, 0, [[e.offset, e.length] for e in extents])
+            plan = ResyncPlan.new(ResyncMode.REPAIR, 0)
+            spec = RoundSpec(0, RoundKind.REPAIR, 0, 0, [[e.offset, e.length] for e in extents])
             # final=True: a repair is complete in one round.
             sent = await self._send_round(plan, spec, True, RateLimiter(0))
         finally:
@@ -801,7 +796,7 @@ class PrimaryVolume:
                 link = self.link
                 if link is None or link.failed:
                     raise LinkError("not replicating")
-                name = f"{COMMON_PREFIX}{int(time.time() * 1000)}"
+                name = common_snapshot_name(self._now_ms())
                 seq = self.next_seq
                 await self._snapshot(name)
                 link.send_marker(seq, name, self.options.snapshots_keep)

@@ -44,7 +44,9 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
 echo "setup: installing syncrep and its dev dependencies into .venv"
-.venv/bin/python -m pip install -q -e '.[dev]' 2>&1 | grep -v -E '^(WARNING|DEPRECATION)' || true
+# PYTHONWARNINGS reaches the isolated build backend: setuptools' generic notice
+# about editable installs is not actionable here and would bury real errors.
+PYTHONWARNINGS=ignore::UserWarning .venv/bin/python -m pip install -q -e '.[dev]' 2>&1 | grep -v -E '^(WARNING|DEPRECATION)' || true
 .venv/bin/python -c 'import syncrep.pb.syncrep_pb2, grpc, pyroaring, google_crc32c' \
   || { echo "setup: installation failed" >&2; exit 1; }
 echo "setup: done. Run .venv/bin/syncrep --help"

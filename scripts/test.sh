@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
-# Run every check: setup, lint (ruff), types (mypy), then the test suite.
+# Run every check: setup, lint (ruff), layers (import-linter), types (mypy), then the test suite.
+# Every tool is called by its path in .venv/bin (or comes from the Debian packages
+# scripts/setup.sh installs): nothing here relies on PATH holding the venv.
 # Extra arguments go to pytest, e.g.  bash scripts/test.sh -k window
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 echo "== ruff"
 .venv/bin/ruff check .
+echo "== import-linter (the layers of docs/LAYERS.md)"
+.venv/bin/lint-imports
 echo "== mypy"
 .venv/bin/mypy
 echo "== pytest"

@@ -1,6 +1,6 @@
 """ReplicaService: the secondary end of the synchronous replication stream.
 
-Thin shell around ``secondary.classify.StreamState``: read messages, plan,
+Thin shell around ``syncrep.core.classify.StreamState``: read messages, plan,
 apply the accepted writes in one group commit on the volume's I/O thread,
 then answer — NACKs first, one per refused write, then one cumulative ack.
 
@@ -17,7 +17,7 @@ from typing import Any
 
 import grpc
 
-from secondary.classify import (
+from syncrep.core.classify import (
     STORAGE_ERRORS,
     Refusal,
     StreamState,

@@ -31,15 +31,16 @@ from typing import Any
 import google_crc32c
 import grpc
 
-from secondary.classify import STORAGE_ERRORS, storage_errno, storage_error_text
 from secondary.replica import EOF_MARK, first_message, read_ahead
+from syncrep.core.classify import STORAGE_ERRORS, storage_errno, storage_error_text
+from syncrep.core.vocab import META_SECONDARY_RESYNC, PRE_RESYNC_PREFIX, pre_resync_snapshot_name
 from syncrep.errors import FailedPrecondition, SyncrepError
 from syncrep.pb import syncrep_pb2 as pb
 from syncrep.volumes import LocalVolume, VolumeRegistry
 
 log = logging.getLogger(__name__)
 
-META_RESYNC = "secondary.resync"
+META_RESYNC = META_SECONDARY_RESYNC
 GROUP_MAX_BYTES = 8 * 1024 * 1024
 # Chunks read ahead of the applier, coalesced into one group commit. The
 # primary's resync window (primary/resync.py WINDOW_BYTES) bounds the bytes.
@@ -103,9 +104,9 @@ class ResyncReceiver:
                 # still our last consistent point. Keep it.
                 pre_id = st.pre_snapshot_id
             else:
-                name = f"pre-resync-{h.resync_id}"
+                name = pre_resync_snapshot_name(h.resync_id)
                 for s in lv.store.list_snapshots():
-                    if s.name.startswith("pre-resync-") and s.name != name:
+                    if s.name.startswith(PRE_RESYNC_PREFIX) and s.name != name:
                         # Orphan of a completed resync (crash before its release).
                         lv.store.delete_snapshot(s.id)
                 existing = lv.store.find_snapshot(name)

@@ -39,7 +39,7 @@ from typing import IO, TYPE_CHECKING, Any, NoReturn
 
 import grpc
 
-from syncrep import __version__, rpc
+from syncrep import __version__
 from syncrep.client import (
     RESYNC_MODES,
     ClientError,
@@ -52,6 +52,7 @@ from syncrep.client import (
     volume_status_dict,
 )
 from syncrep.config import NodeOptions
+from syncrep.core.vocab import MAX_WRITE_BYTES, parse_address
 from syncrep.nbd.server import nbd_listen_type
 from syncrep.units import format_size, parse_size
 from syncrep.verify import RepairError, VerifyError, VerifyResult, verify_volume
@@ -133,15 +134,8 @@ def _positive_seconds(text: str) -> float:
     return s
 
 
-def split_address(text: str) -> tuple[str, int]:
-    """``host:port`` (or ``[v6]:port``) -> (host, port); ValueError when malformed."""
-    host, sep, port_s = text.strip().rpartition(":")
-    if not sep or not host or not port_s.isdigit():
-        raise ValueError(f"invalid address {text!r}: expected HOST:PORT, e.g. 127.0.0.1:7001")
-    port = int(port_s)
-    if port > 65535:
-        raise ValueError(f"invalid address {text!r}: port must be 0..65535")
-    return host, port
+# The one address parser lives in the core vocabulary.
+split_address = parse_address
 
 
 def _listen_address(text: str) -> str:
@@ -436,7 +430,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the coordinator's address (used to find the primary)")
     p.add_argument("--input", type=Path, default=None, metavar="FILE", help="read from FILE (default: stdin)")
     p.add_argument("--write-size", type=_positive_size, default="1MiB", metavar="SIZE",
-                   help=f"largest single write (at most {_size_text(rpc.MAX_WRITE_BYTES)})")
+                   help=f"largest single write (at most {_size_text(MAX_WRITE_BYTES)})")
     p.add_argument("--depth", type=_positive_int, default=8, metavar="N", help="writes in flight at once")
     p.add_argument("--pad", action="store_true",
                    help="zero-pad the end of the input to a whole number of blocks")
@@ -716,9 +710,9 @@ async def _write_stream(
 
 
 def cmd_write(args: argparse.Namespace) -> int:
-    if args.write_size > rpc.MAX_WRITE_BYTES:
+    if args.write_size > MAX_WRITE_BYTES:
         raise CliError(
-            f"--write-size {args.write_size}: larger than the largest write ({_size_text(rpc.MAX_WRITE_BYTES)})"
+            f"--write-size {args.write_size}: larger than the largest write ({_size_text(MAX_WRITE_BYTES)})"
         )
 
     async def run(src: IO[bytes]) -> tuple[int, int, float]:
@@ -757,7 +751,7 @@ def cmd_read(args: argparse.Namespace) -> int:
         try:
             done = 0
             while done < args.length:
-                n = min(rpc.MAX_WRITE_BYTES, args.length - done)
+                n = min(MAX_WRITE_BYTES, args.length - done)
                 data = await client.read(args.offset + done, n)
                 dst.write(data)
                 done += n
@@ -1085,7 +1079,7 @@ class DemoContext:
         # the primary holds there is the truth (verify compared the replicas).
         for off, n in self.indeterminate:
             self.model[off : off + n] = await read_local(prim, self.volume, off, n)
-        step = rpc.MAX_WRITE_BYTES // bs * bs
+        step = MAX_WRITE_BYTES // bs * bs
         differ: list[int] = []
         wrong: list[int] = []
         for off in range(0, self.size_bytes, step):

@@ -33,6 +33,7 @@ import grpc
 from grpc import aio
 
 from syncrep import rpc
+from syncrep.core.vocab import MAX_WRITE_BYTES
 from syncrep.pb import syncrep_pb2 as pb
 from syncrep.pb import syncrep_pb2_grpc as pb_grpc
 
@@ -41,7 +42,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 #: Largest read the client asks for in one RPC; larger reads are split.
-MAX_READ_BYTES = rpc.MAX_WRITE_BYTES
+MAX_READ_BYTES = MAX_WRITE_BYTES
 #: Default chunk of :func:`checksum` (matches the server's default).
 DEFAULT_CHECKSUM_CHUNK_BYTES = 1024 * 1024
 #: Checksumming a whole volume reads all of it on the node: a longer deadline.
@@ -337,10 +338,10 @@ class VolumeClient:
         what = f"write {len(data)} B at offset {offset} to {self.volume}"
         if offset < 0:
             raise WriteError(grpc.StatusCode.INVALID_ARGUMENT, "negative offset", what=what)
-        if len(data) > rpc.MAX_WRITE_BYTES:
+        if len(data) > MAX_WRITE_BYTES:
             raise WriteError(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"{len(data)} bytes exceeds the largest write ({rpc.MAX_WRITE_BYTES} bytes)",
+                f"{len(data)} bytes exceeds the largest write ({MAX_WRITE_BYTES} bytes)",
                 what=what,
                 offset=offset,
                 length=len(data),

@@ -27,6 +27,7 @@ from secondary.resync import ResyncReceiver
 from syncrep import __version__, rpc
 from syncrep.blockstore import Extent
 from syncrep.config import NodeOptions
+from syncrep.core.vocab import MAX_WRITE_BYTES
 from syncrep.errors import FailedPrecondition, InvalidArgument, SyncrepError, check_io_range
 from syncrep.nbd.server import NbdServer, NodeExports
 from syncrep.pb import syncrep_pb2 as pb
@@ -346,9 +347,9 @@ class NodeServicer(pbg.NodeServiceServicer):
             lv = self.node.registry.get(request.volume)
             check_io_range(lv.name, lv.store.size_bytes, lv.store.block_size, request.offset,
                            request.length, what="read")
-            if request.length > rpc.MAX_WRITE_BYTES:
+            if request.length > MAX_WRITE_BYTES:
                 raise InvalidArgument(
-                    f"read of {request.length} bytes exceeds the {rpc.MAX_WRITE_BYTES}-byte limit per read"
+                    f"read of {request.length} bytes exceeds the {MAX_WRITE_BYTES}-byte limit per read"
                 )
             data = await asyncio.to_thread(
                 lv.store.read_at, request.snapshot_id or None, request.offset, request.length

@@ -6,9 +6,10 @@ and — later — mutual TLS are configured once.
 
 Limits are explicit and named with units:
 
-* ``MAX_MESSAGE_BYTES``: the largest gRPC message either side accepts. A write
-  larger than ``MAX_WRITE_BYTES`` is refused with RESOURCE_EXHAUSTED before it
-  reaches the store.
+* ``MAX_MESSAGE_BYTES``: the largest gRPC message either side accepts: room
+  for one maximal write (``syncrep.core.vocab.MAX_WRITE_BYTES``, 4 MiB) plus
+  protobuf framing. A larger message is refused with RESOURCE_EXHAUSTED by
+  gRPC itself, before it reaches any handler.
 * ``DEFAULT_RPC_TIMEOUT_S``: the deadline of every unary call unless the caller
   passes a better one. Streams carry their own liveness checks.
 """
@@ -30,9 +31,10 @@ from syncrep.pb import syncrep_pb2
 
 log = logging.getLogger(__name__)
 
-MAX_WRITE_BYTES = 4 * 1024 * 1024
-# Room for one maximal write plus protobuf framing, or a batch of small ones.
-MAX_MESSAGE_BYTES = MAX_WRITE_BYTES + 64 * 1024
+# 4 MiB (the largest write, syncrep.core.vocab.MAX_WRITE_BYTES) + 64 KiB of
+# protobuf framing, or a batch of small writes. The foundation does not import
+# the core, so the figure is written out; tests/test_vocab.py checks the two.
+MAX_MESSAGE_BYTES = 4 * 1024 * 1024 + 64 * 1024
 DEFAULT_RPC_TIMEOUT_S = 5.0
 SHUTDOWN_GRACE_S = 5.0
 KEEPALIVE_TIME_S = 10.0

@@ -21,6 +21,7 @@ from typing import Any, TypeVar, cast
 
 from syncrep.blockstore import BlockStore
 from syncrep.config import Durability
+from syncrep.core.vocab import META_NODE_EPOCH, META_NODE_PEER, META_NODE_RESYNC_MODE, META_NODE_ROLE
 from syncrep.errors import FailedPrecondition, InvalidArgument, NotFound
 from syncrep.pb import syncrep_pb2 as pb
 
@@ -40,10 +41,10 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 # Keys of the node's own metadata, kept in the volume's SQLite database so it
 # commits atomically with the store's metadata.
-META_ROLE = "node.role"
-META_EPOCH = "node.epoch"
-META_PEER = "node.peer"
-META_RESYNC_MODE = "node.resync_mode"
+META_ROLE = META_NODE_ROLE
+META_EPOCH = META_NODE_EPOCH
+META_PEER = META_NODE_PEER
+META_RESYNC_MODE = META_NODE_RESYNC_MODE
 
 
 class FaultInjector:

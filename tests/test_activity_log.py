@@ -4,8 +4,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from primary.activity import ActivityLog
 from syncrep.blockstore import Extent
+from syncrep.core.activity import ActivityLog
 
 MiB = 1 << 20
 

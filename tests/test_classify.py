@@ -4,7 +4,7 @@ import errno
 
 import google_crc32c
 
-from secondary.classify import StreamState, nack_code_for_errno
+from syncrep.core.classify import StreamState, nack_code_for_errno
 from syncrep.pb import syncrep_pb2 as pb
 
 

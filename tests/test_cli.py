@@ -38,6 +38,7 @@ from syncrep.client import (
     volume_status_dict,
 )
 from syncrep.config import NodeOptions
+from syncrep.core.vocab import MAX_WRITE_BYTES
 from syncrep.pb import syncrep_pb2 as pb
 from syncrep.pb import syncrep_pb2_grpc as pbg
 
@@ -630,7 +631,7 @@ async def test_client_stream_failure_fails_pending_then_reopens(fake: FakeCluste
 async def test_client_refuses_oversized_write_locally(fake: FakeCluster) -> None:
     async with await VolumeClient.connect(fake.coordinator_addr, "vol0") as c:
         with pytest.raises(WriteError) as exc:
-            await c.write(0, b"x" * (rpc.MAX_WRITE_BYTES + 4096))
+            await c.write(0, b"x" * (MAX_WRITE_BYTES + 4096))
         assert exc.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert fake.streams == 0
 

@@ -17,8 +17,8 @@ from coordinator.db import (
     ProgressRecord,
     StateChange,
 )
-from coordinator.pairstate import PairState
 from syncrep.blockstore import Extent
+from syncrep.core.pairstate import PairState
 
 
 @pytest.fixture

@@ -16,9 +16,9 @@ import grpc
 import pytest
 from grpc import aio
 
-from coordinator.pairstate import PairState
 from coordinator.server import Coordinator
 from syncrep import rpc
+from syncrep.core.pairstate import PairState
 from syncrep.pb import syncrep_pb2 as pb
 from syncrep.pb import syncrep_pb2_grpc as pb_grpc
 

@@ -25,6 +25,7 @@ from e2e_helpers import (
 from deploy.cluster import LocalCluster
 from syncrep import client as sc
 from syncrep import rpc
+from syncrep.core.vocab import MAX_WRITE_BYTES
 from syncrep.pb import syncrep_pb2 as pb
 from syncrep.pb import syncrep_pb2_grpc as pbg
 
@@ -176,7 +177,7 @@ async def test_bad_writes_get_precise_status_and_change_nothing(cluster: LocalCl
         (100, b"z" * 4096, grpc.StatusCode.INVALID_ARGUMENT, "not aligned"),
         (0, b"z" * 100, grpc.StatusCode.INVALID_ARGUMENT, "not a multiple"),
         (0, b"", grpc.StatusCode.INVALID_ARGUMENT, "length must be > 0"),
-        (0, b"z" * (rpc.MAX_WRITE_BYTES + 4096), grpc.StatusCode.RESOURCE_EXHAUSTED, "exceeds"),
+        (0, b"z" * (MAX_WRITE_BYTES + 4096), grpc.StatusCode.RESOURCE_EXHAUSTED, "exceeds"),
     ]
     try:
         for off, data, code, text in cases:
@@ -197,7 +198,7 @@ async def test_bad_writes_get_precise_status_and_change_nothing(cluster: LocalCl
         assert ei2.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         with pytest.raises(grpc.aio.AioRpcError) as ei2:  # the node's own limit per write
             await stub.WriteOne(
-                pb.WriteRequest(volume=VOL, offset=0, data=b"a" * (rpc.MAX_WRITE_BYTES + 4096)), timeout=10
+                pb.WriteRequest(volume=VOL, offset=0, data=b"a" * (MAX_WRITE_BYTES + 4096)), timeout=10
             )
         assert ei2.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "limit per write" in ei2.value.details()

@@ -9,14 +9,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from coordinator.extents import (
+from syncrep.blockstore import Extent
+from syncrep.core.extents import (
     ExtentSummary,
     derive_failed_extents,
     extents_bytes,
     summarize_extents,
     to_extent,
 )
-from syncrep.blockstore import Extent
 from syncrep.pb import syncrep_pb2 as pb
 
 X = Extent

@@ -6,7 +6,7 @@ import itertools
 
 import pytest
 
-from coordinator.pairstate import (
+from syncrep.core.pairstate import (
     TRANSITIONS,
     IllegalTransition,
     PairEvent,
@@ -99,7 +99,7 @@ def test_pairstate_module_is_dependency_free() -> None:
     import ast
     import inspect
 
-    import coordinator.pairstate as mod
+    import syncrep.core.pairstate as mod
 
     tree = ast.parse(inspect.getsource(mod))
     imported = set()

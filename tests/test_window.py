@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from primary.window import ReplicationWindow
+from syncrep.core.window import ReplicationWindow
 
 
 def win(writes: int = 4, nbytes: int = 1 << 20, timeout: float = 1.0) -> ReplicationWindow:

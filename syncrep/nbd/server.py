@@ -50,14 +50,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
-from coordinator.pairstate import PairState
-from syncrep import rpc
 from syncrep.blockstore.errors import (
     InvalidArgumentError,
     OutOfRangeError,
     StoreClosedError,
     UnknownSnapshotError,
 )
+from syncrep.core.pairstate import PairState
+from syncrep.core.vocab import MAX_WRITE_BYTES
 from syncrep.errors import FailedPrecondition, PermissionDenied, SyncrepError, Unavailable
 from syncrep.nbd import protocol as p
 from syncrep.pb import syncrep_pb2 as pb
@@ -76,12 +76,12 @@ NBD_MAX_INFLIGHT = 64
 #: Payload bytes (READ lengths + WRITE data) in flight per connection.
 NBD_MAX_INFLIGHT_BYTES = 64 * 1024 * 1024
 #: Largest READ/WRITE the server accepts at all. The advertised maximum is
-#: rpc.MAX_WRITE_BYTES (4 MiB); larger requests from clients that ignore it are
+#: MAX_WRITE_BYTES (4 MiB); larger requests from clients that ignore it are
 #: split; a WRITE above this closes the connection (its payload cannot be trusted
 #: to be skippable), a READ above it gets EINVAL.
 NBD_MAX_REQUEST_BYTES = 32 * 1024 * 1024
 #: One volume-level I/O (a write through PrimaryVolume.write) is at most this.
-NBD_MAX_IO_BYTES = rpc.MAX_WRITE_BYTES
+NBD_MAX_IO_BYTES = MAX_WRITE_BYTES
 #: TRIM/WRITE_ZEROES of a large range: this many zero chunks in flight at once.
 NBD_ZERO_CONCURRENCY = 8
 #: A client must finish option haggling within this long.

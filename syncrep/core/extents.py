@@ -16,7 +16,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Protocol, TypeAlias
 
-from syncrep.blockstore import Extent, merge_extents
+from syncrep.blockstore.extents import Extent, merge_extents
 
 __all__ = [
     "ExtentLike",

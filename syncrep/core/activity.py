@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Iterable
 
-from syncrep.blockstore import Extent
+from syncrep.blockstore.extents import Extent
 
 AL_REGION_BYTES = 4 * 1024 * 1024
 AL_MAX_REGIONS = 1024  # 4 GiB of hot regions
