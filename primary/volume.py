@@ -21,7 +21,6 @@ to its client only when it is on both nodes, or on the primary and tracked.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -37,6 +36,7 @@ from syncrep.config import NodeOptions
 from syncrep.core.activity import ActivityLog
 from syncrep.core.classify import nack_code
 from syncrep.core.extents import derive_failed_extents
+from syncrep.core.pair import PairRecord
 from syncrep.core.pairstate import PairEvent, PairState, transition
 from syncrep.core.resync_plan import (
     FinalRound,
@@ -52,14 +52,7 @@ from syncrep.core.resync_plan import (
 from syncrep.core.vocab import (
     COMMON_PREFIX,
     MAX_WRITE_BYTES,
-    META_AL,
-    META_CLEAN,
-    META_FAILED,
-    META_FAULT_SNAP,
-    META_LAST_ERROR,
     META_RESYNC_PLAN,
-    META_ROLLBACK_TO,
-    META_STATE,
     ResyncMode,
     RoundKind,
     common_snapshot_name,
@@ -106,12 +99,10 @@ class PrimaryVolume:
         self.address = address
         self.reporter = reporter
         store = lv.store
-        self.state = PairState(store.meta_get(META_STATE) or PairState.IN_SYNC.value)
-        self.failed_extents: list[Extent] = [
-            Extent(o, n) for o, n in json.loads(store.meta_get(META_FAILED) or "[]")
-        ]
-        self.fault_snapshot_id = int(store.meta_get(META_FAULT_SNAP) or 0)
-        self.last_error = store.meta_get(META_LAST_ERROR) or ""
+        # The pair record as durable (``rec``) and as last submitted to the
+        # I/O thread for persistence (``_submitted``); see syncrep/core/pair.py.
+        self.rec = PairRecord.from_meta(store.meta_get)
+        self._submitted = self.rec
         self.next_seq = 1
         self.acked_seq = 0
         self.link: ReplicationLink | None = None
@@ -129,8 +120,7 @@ class PrimaryVolume:
         self._closed = False
         self.last_stall_s = 0.0
         self.resync_progress = pb.ResyncProgress()
-        self.rollback_to = store.meta_get(META_ROLLBACK_TO) or ""
-        self.al = ActivityLog(regions=json.loads(store.meta_get(META_AL) or "[]"))
+        self.al = ActivityLog(regions=list(self.rec.al_regions or ()))
         # The log on disk, as found at startup (before this run adds to it).
         self._al_at_start = self.al.extents(store.size_bytes)
         self.counters = Counters()
@@ -140,6 +130,76 @@ class PrimaryVolume:
         self._resync_refused0 = 0
         self._snapshot_lock = asyncio.Lock()
 
+    # ------------------------------------------------------------ the pair record
+    @property
+    def state(self) -> PairState:
+        return self.rec.state
+
+    @property
+    def failed_extents(self) -> tuple[Extent, ...]:
+        return self.rec.failed_extents
+
+    @property
+    def fault_snapshot_id(self) -> int:
+        return self.rec.fault_snapshot_id
+
+    @property
+    def last_error(self) -> str:
+        return self.rec.last_error
+
+    @property
+    def rollback_to(self) -> str:
+        return self.rec.rollback_to
+
+    async def _persist(self, extra: dict[str, str | None] | None = None, **changes: Any) -> None:
+        """Persist the whole record, with ``changes``, in one transaction (with
+        the ``extra`` metadata keys in the same transaction). The record is built from the
+        last *submitted* one, and submitted before the first await, so every
+        write carries every earlier change whatever order callers resume in.
+        The in-memory record (``rec``) is adopted once the write is durable."""
+        rec = self._submitted.evolve(**changes)
+        self._submitted = rec
+        store = self.lv.store
+
+        def write() -> None:
+            store.meta_set({**(extra or {}), **rec.to_meta()})
+
+        # The I/O thread is FIFO, so writes complete in submission order: the
+        # record just written is the newest durable one. A failed write (disk
+        # full) raises and is not adopted; its changes stay in ``_submitted``
+        # and reach the disk with the next record written.
+        await self.lv.run_io(write)
+        self.rec = rec
+
+    def _report_msg(
+        self,
+        state: PairState,
+        reason: str,
+        *,
+        epoch: int | None = None,
+        nacks: list[Any] | None = None,
+        unacked: list[Any] | None = None,
+    ) -> pb.ReplicationReport:
+        """The one builder of ReplicationReports: failure information goes
+        with every non-in-sync report, so a lost report loses nothing."""
+        r = pb.ReplicationReport(
+            volume=self.lv.name,
+            reporter=self.address,
+            epoch=self.lv.epoch if epoch is None else epoch,
+            state=cast("pb.PairState.ValueType", state.to_proto()),
+            reason=reason,
+        )
+        if state is not PairState.IN_SYNC:
+            r.fault_snapshot_id = self.fault_snapshot_id
+            r.failed_extents.extend(pb.Extent(offset=e.offset, length=e.length) for e in self.failed_extents)
+            r.nacks.extend(
+                pb.Nack(seq=n.seq, offset=n.offset, length=n.length, code=nack_code(n.code), message=n.message)
+                for n in nacks or ()
+            )
+            r.unacked.extend(pb.ReplicatedWriteRef(seq=w.seq, offset=w.offset, length=w.length)
+                             for w in unacked or ())
+        return r
+
     # ------------------------------------------------------------ lifecycle
     async def start(self) -> None:
         # Writes that arrive while we connect wait at the gate: in sync, no
@@ -147,7 +207,7 @@ class PrimaryVolume:
         self._hold_gate()
         try:
             self._spawn(self._sequencer(), "sequencer")
-            if self.state is PairState.IN_SYNC and self.lv.store.meta_get(META_CLEAN) == "0":
+            if self.state is PairState.IN_SYNC and self.rec.clean == "0":
                 await self._recover_from_unclean_stop()
             if self.options.snapshot_period_s > 0:
                 self._spawn(self._snapshot_loop(), "snapshots")
@@ -194,7 +254,7 @@ class PrimaryVolume:
             self.link = None
         if self.state is PairState.IN_SYNC:
             # Every write got its reply and is on both nodes: a clean stop.
-            await self.lv.run_io(self.lv.store.meta_set, {META_CLEAN: "1"})
+            await self._persist(clean="1")
 
     def _hold_gate(self) -> None:
         self._gate_holds += 1
@@ -216,44 +276,32 @@ class PrimaryVolume:
         store = self.lv.store
         commons = [s for s in store.list_snapshots() if s.name.startswith(COMMON_PREFIX)]
         extents: list[Extent]
-        if store.meta_get(META_AL) is not None:
+        rollback_to = ""
+        if self.rec.al_regions is not None:
             extents = list(self._al_at_start)
-            self.rollback_to = ""
             reason = (f"primary restarted after a crash while in sync: the {len(extents)} regions of the "
                       f"activity log ({sum(e.length for e in extents)} bytes) may differ and are resynced")
             snap_id = (await self.lv.run_io(store.create_snapshot, fault_snapshot_name("al", self._now_ms()))).id
         elif commons:
             base = commons[-1]
             extents = []
-            self.rollback_to = base.name
+            rollback_to = base.name
             reason = (f"primary restarted after a crash while in sync: in-flight writes unknown; resync from "
                       f"common snapshot {base.name!r} (id {base.id}) with rollback of the secondary")
             snap_id = base.id
         else:
             extents = [Extent(0, store.size_bytes)]
-            self.rollback_to = ""
             reason = ("primary restarted after a crash while in sync and no common snapshot exists "
                       "(enable --snapshot-period-s): LAST RESORT — full copy of the volume")
             snap_id = (await self.lv.run_io(store.create_snapshot, fault_snapshot_name("full", self._now_ms()))).id
         log.error("volume %s: %s", self.lv.name, reason)
-        self.state = transition(self.state, PairEvent.SECONDARY_FAILED)
-        self.failed_extents = extents
-        self.fault_snapshot_id = snap_id
-        self.last_error = reason
-        await self.lv.run_io(store.meta_set, {
-            META_STATE: self.state.value,
-            META_FAILED: json.dumps([[e.offset, e.length] for e in extents]),
-            META_FAULT_SNAP: str(snap_id),
-            META_LAST_ERROR: reason,
-            META_ROLLBACK_TO: self.rollback_to,
-        })
+        await self._persist(
+            state=transition(self._submitted.state, PairEvent.SECONDARY_FAILED), failed_extents=extents,
+            fault_snapshot_id=snap_id, last_error=reason, rollback_to=rollback_to,
+        )
         # Tell the coordinator now: until it knows, it shows the pair in_sync
         # although the replicas may differ.
-        self._spawn(self.reporter(pb.ReplicationReport(
-            volume=self.lv.name, reporter=self.address, epoch=self.lv.epoch, state=pb.PAIR_STATE_DEGRADED,
-            reason=reason, fault_snapshot_id=snap_id,
-            failed_extents=[pb.Extent(offset=e.offset, length=e.length) for e in extents],
-        )), "report")
+        self._spawn(self.reporter(self._report_msg(PairState.DEGRADED, reason)), "report")
 
     @staticmethod
     def _now_ms() -> int:
@@ -290,9 +338,7 @@ class PrimaryVolume:
                     on_failure=self._begin_degrade,
                 )
                 await link.open()
-                await self.lv.run_io(self.lv.store.meta_set, {
-                    META_CLEAN: "0", META_AL: json.dumps(self.al.regions()),
-                })
+                await self._persist(clean="0", al_regions=self.al.regions())
                 self.link = link
                 log.info(
                     "volume %s: replicating to %s (epoch %d, from seq %d)",
@@ -396,7 +442,7 @@ class PrimaryVolume:
 
     async def _log_regions(self, regions: set[int]) -> None:
         evicted = self.al.add(regions)
-        await self.lv.run_io(self.lv.store.meta_set, {META_AL: json.dumps(self.al.regions())})
+        await self._persist(al_regions=self.al.regions())
         log.debug("volume %s: activity log +%d regions, -%d evicted (%d logged)", self.lv.name,
                   len(regions), len(evicted), len(self.al.regions()))
 
@@ -480,7 +526,7 @@ class PrimaryVolume:
                 [(w.offset, w.length) for w in unacked],
                 self.failed_extents,
             )
-            new_state = transition(self.state, PairEvent.SECONDARY_FAILED)
+            new_state = transition(self._submitted.state, PairEvent.SECONDARY_FAILED)
             # Drain + snapshot: the I/O thread is FIFO, so the snapshot lands
             # after every write already submitted and before any new one (the
             # gate is closed).
@@ -490,19 +536,9 @@ class PrimaryVolume:
                     self.lv.store.create_snapshot, fault_snapshot_name(f"e{self.lv.epoch}", self._now_ms())
                 )
                 snap_id = info.id
-            await self.lv.run_io(
-                self.lv.store.meta_set,
-                {
-                    META_STATE: new_state.value,
-                    META_FAILED: json.dumps([[e.offset, e.length] for e in extents]),
-                    META_FAULT_SNAP: str(snap_id),
-                    META_LAST_ERROR: reason,
-                },
+            await self._persist(
+                state=new_state, failed_extents=extents, fault_snapshot_id=snap_id, last_error=reason,
             )
-            self.state = new_state
-            self.failed_extents = extents
-            self.fault_snapshot_id = snap_id
-            self.last_error = reason
         finally:
             self._degrading = False
             self._settled.set()
@@ -514,20 +550,7 @@ class PrimaryVolume:
             self.lv.name, reason, len(extents), sum(e.length for e in extents), len(nacks), len(unacked),
             snap_id, self.last_stall_s * 1000,
         )
-        report = pb.ReplicationReport(
-            volume=self.lv.name,
-            reporter=self.address,
-            epoch=self.lv.epoch,
-            state=pb.PAIR_STATE_DEGRADED,
-            nacks=[
-                pb.Nack(seq=n.seq, offset=n.offset, length=n.length, code=nack_code(n.code), message=n.message)
-                for n in nacks
-            ],
-            unacked=[pb.ReplicatedWriteRef(seq=w.seq, offset=w.offset, length=w.length) for w in unacked],
-            reason=reason,
-            fault_snapshot_id=snap_id,
-            failed_extents=[pb.Extent(offset=e.offset, length=e.length) for e in extents],
-        )
+        report = self._report_msg(PairState.DEGRADED, reason, nacks=nacks, unacked=unacked)
         self._spawn(self.reporter(report), "report")
 
     # ------------------------------------------------------------ resync (method step 3)
@@ -549,19 +572,18 @@ class PrimaryVolume:
         if self._degrading:
             raise FailedPrecondition(f"volume {self.lv.name!r} is still entering degraded state; retry")
         self.lv.epoch = epoch
-        self.state = transition(self.state, PairEvent.RESYNC_STARTED) if self.state is PairState.DEGRADED \
-            else self.state
-        await self.lv.run_io(self._persist_role_and_state)
+        # RESYNCING stays RESYNCING: a resync restarted at a newer epoch (the
+        # earlier attempt was cancelled above) is the same resync, resumed.
+        state: PairState = self._submitted.state
+        if state is PairState.DEGRADED:
+            state = transition(state, PairEvent.RESYNC_STARTED)
+        await self._persist(self.lv.role_meta(), state=state)
         self._resync_t0 = time.monotonic()
         self._resync_sent0 = self.counters.bytes_sent
         self._resync_refused0 = self.counters.chunks_refused
         self._resync_task = self._spawn(self._resync_main(epoch), "resync")
         mode = ResyncMode.from_proto(self.lv.resync_mode)
         return f"resync of {self.lv.name!r} started at epoch {epoch} ({mode.value})"
-
-    def _persist_role_and_state(self) -> None:
-        self.lv.persist_role()
-        self.lv.store.meta_set({META_STATE: self.state.value})
 
     def _on_progress(self, done: int, total: int, round_no: int) -> None:
         elapsed = max(1e-6, time.monotonic() - self._resync_t0)
@@ -707,16 +729,11 @@ class PrimaryVolume:
                                    self.options, on_failure=self._begin_degrade)
             await link.open()
             old_snaps = [*plan.snapshots, self.fault_snapshot_id]
-            self.state = transition(self.state, PairEvent.RESYNC_DONE)
-            self.failed_extents = []
-            self.fault_snapshot_id = 0
-            self.rollback_to = ""
-            self.last_error = ""
-            await self.lv.run_io(self.lv.store.meta_set, {
-                META_STATE: self.state.value, META_FAILED: "[]", META_FAULT_SNAP: "0",
-                META_LAST_ERROR: "", META_ROLLBACK_TO: "", META_RESYNC_PLAN: None, META_CLEAN: "0",
-                META_AL: json.dumps(self.al.regions()),
-            })
+            await self._persist(
+                {META_RESYNC_PLAN: None},
+                state=transition(self._submitted.state, PairEvent.RESYNC_DONE), failed_extents=(), fault_snapshot_id=0,
+                rollback_to="", last_error="", clean="0", al_regions=self.al.regions(),
+            )
             self.link = link
             self._release_gate()
             released = True
@@ -736,24 +753,16 @@ class PrimaryVolume:
                 await self.lv.run_io(self.lv.store.delete_snapshot, sid)
             except Exception as e:
                 log.info("volume %s: snapshot %d: %s", self.lv.name, sid, e)
-        self._spawn(self.reporter(pb.ReplicationReport(
-            volume=self.lv.name, reporter=self.address, epoch=epoch, state=pb.PAIR_STATE_IN_SYNC,
-            reason="resync complete",
-        )), "report")
+        self._spawn(self.reporter(self._report_msg(PairState.IN_SYNC, "resync complete", epoch=epoch)), "report")
 
     async def _resync_failed(self, reason: str) -> None:
         log.error("volume %s: resync interrupted: %s (it resumes when the secondary is back)",
                   self.lv.name, reason)
-        if self.state is PairState.RESYNCING:
-            self.state = transition(self.state, PairEvent.SECONDARY_FAILED)
-        self.last_error = f"resync interrupted: {reason}"
-        await self.lv.run_io(self.lv.store.meta_set, {META_STATE: self.state.value,
-                                                       META_LAST_ERROR: self.last_error})
-        self._spawn(self.reporter(pb.ReplicationReport(
-            volume=self.lv.name, reporter=self.address, epoch=self.lv.epoch, state=pb.PAIR_STATE_DEGRADED,
-            reason=self.last_error, fault_snapshot_id=self.fault_snapshot_id,
-            failed_extents=[pb.Extent(offset=e.offset, length=e.length) for e in self.failed_extents],
-        )), "report")
+        state: PairState = self._submitted.state
+        if state is PairState.RESYNCING:
+            state = transition(state, PairEvent.SECONDARY_FAILED)
+        await self._persist(state=state, last_error=f"resync interrupted: {reason}")
+        self._spawn(self.reporter(self._report_msg(PairState.DEGRADED, self.last_error)), "report")
 
     async def repair(self, extents: list[Extent]) -> int:
         """verify --repair: re-send just these extents, under quiesce so the

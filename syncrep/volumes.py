@@ -122,15 +122,17 @@ class LocalVolume:
         """Run ``fn`` on this volume's I/O thread (FIFO with every other mutation)."""
         return await self.submit_io(fn, *args)
 
+    def role_meta(self) -> dict[str, str | None]:
+        """The node's role record for this volume, as metadata keys."""
+        return {
+            META_ROLE: str(self.role),
+            META_EPOCH: str(self.epoch),
+            META_PEER: self.peer,
+            META_RESYNC_MODE: str(self.resync_mode),
+        }
+
     def persist_role(self) -> None:
-        self.store.meta_set(
-            {
-                META_ROLE: str(self.role),
-                META_EPOCH: str(self.epoch),
-                META_PEER: self.peer,
-                META_RESYNC_MODE: str(self.resync_mode),
-            }
-        )
+        self.store.meta_set(self.role_meta())
 
     def close(self) -> None:
         if self._io is not None:
