@@ -269,9 +269,10 @@ class CoordinatorDB:
 
     # ------------------------------------------------------------ pairs
 
-    def create_pair(self, pair: PairRecord, reason: str) -> PairRecord:
-        """Insert a new pair (and its creation event). PairExists if the name is taken."""
-        now = time.time()
+    def create_pair(self, pair: PairRecord, reason: str, at: float | None = None) -> PairRecord:
+        """Insert a new pair (and its creation event, at wall-clock time ``at``,
+        default now). PairExists if the name is taken."""
+        now = time.time() if at is None else at
         pair = replace(
             pair,
             created_at=pair.created_at or now,
@@ -302,10 +303,13 @@ class CoordinatorDB:
             raise
         return pair
 
-    def save_pair(self, pair: PairRecord, change: StateChange | None = None) -> PairRecord:
+    def save_pair(
+        self, pair: PairRecord, change: StateChange | None = None, at: float | None = None
+    ) -> PairRecord:
         """Write every mutable field of ``pair`` and its failed extents; with
-        ``change``, record the event ``change.from_state -> pair.state`` in the
-        same transaction. Returns the pair as saved. KeyError if it does not exist.
+        ``change``, record the event ``change.from_state -> pair.state`` (at
+        wall-clock time ``at``, default now) in the same transaction. Returns
+        the pair as saved. KeyError if it does not exist.
         """
         with self._tx() as c:
             cur = c.execute(
@@ -320,7 +324,13 @@ class CoordinatorDB:
             self._write_extents(c, pair.name, pair.failed_extents)
             if change is not None:
                 self._write_event(
-                    c, time.time(), pair.name, change.from_state, pair.state, pair.epoch, change.reason
+                    c,
+                    time.time() if at is None else at,
+                    pair.name,
+                    change.from_state,
+                    pair.state,
+                    pair.epoch,
+                    change.reason,
                 )
         return pair
 
@@ -333,15 +343,17 @@ class CoordinatorDB:
                 (*self._progress_values(progress), name),
             )
 
-    def delete_pair(self, name: str, reason: str) -> bool:
-        """Delete a pair and its failed extents; record the deletion event. False if absent."""
+    def delete_pair(self, name: str, reason: str, at: float | None = None) -> bool:
+        """Delete a pair and its failed extents; record the deletion event (at
+        wall-clock time ``at``, default now). False if absent."""
         with self._tx() as c:
             row = c.execute("SELECT state, epoch FROM pairs WHERE name = ?", (name,)).fetchone()
             if row is None:
                 return False
             c.execute("DELETE FROM failed_extents WHERE volume = ?", (name,))
             c.execute("DELETE FROM pairs WHERE name = ?", (name,))
-            self._write_event(c, time.time(), name, PairState(row["state"]), None, row["epoch"], reason)
+            ts = time.time() if at is None else at
+            self._write_event(c, ts, name, PairState(row["state"]), None, row["epoch"], reason)
         return True
 
     def get_pair(self, name: str) -> PairRecord | None:

@@ -33,6 +33,9 @@ class Coordinator:
     (run the resync driver), ``resync_retry_max_s`` (cap of the per-pair
     backoff between resync attempts), ``default_resync_mode`` (for
     CreateVolume with RESYNC_MODE_UNSPECIFIED), ``resync_check_interval_s``.
+    Any other keyword goes to ``CoordinatorServicer``, e.g. its clocks:
+    ``clock`` (monotonic: liveness, backoff) and ``wall_clock`` (persisted
+    timestamps), which tests move forward instead of sleeping.
     """
 
     def __init__(

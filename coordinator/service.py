@@ -1,16 +1,26 @@
-"""The coordinator's gRPC service and its background loops.
+"""The coordinator's gRPC service and its background loop: a thin shell.
+
+Every decision lives in ``syncrep.core.driver`` (pure; in the style of etcd
+raft's ``Ready``). This module translates: a gRPC request becomes plain data,
+the pure validators and decision functions say what to do as a list of
+commands, and the shell carries them out in a fixed order -- persist first
+(``coordinator.db``, then memory), then send (RPCs to the nodes), then reply.
 
 * ``CoordinatorServicer`` implements ``syncrep.v1.CoordinatorService`` (grpc.aio).
 * Node liveness: a node is alive if the coordinator heard from it (RegisterNode
   or Heartbeat) within ``node_timeout_s``. Liveness and the nodes' latest
-  VolumeReports live in memory only; everything else is persisted
-  (``coordinator.db``) before any reply or push that depends on it.
-* The resync driver (``drive_resync_once``, run every
-  ``resync_check_interval_s`` and whenever a node comes back) moves degraded
-  pairs to resyncing: new epoch, persisted, then ``NodeService.StartResync``
-  on the primary.
-* The coordinator pushes ``NodeService.AssignVolume`` to both nodes of a new
+  VolumeReports live in memory only; everything else is persisted before any
+  reply or push that depends on it.
+* The background tick (``tick``, run every ``resync_check_interval_s`` and
+  whenever a node comes back) runs ``driver.decide``: resyncing pairs whose
+  secondary went silent go degraded; degraded pairs that are ready get their
+  secondary health-checked, then a new epoch, persisted, then
+  ``NodeService.StartResync`` on the primary.
+* CreateVolume pushes ``NodeService.AssignVolume`` to both nodes of a new
   pair (secondary first).
+
+Time: every read goes through the injected clocks -- ``clock`` (monotonic:
+liveness, backoff) and ``wall_clock`` (the persisted timestamps).
 
 Concurrency: one event loop; every read-modify-write of a pair runs under one
 asyncio lock and saves to SQLite before the in-memory copy is replaced, so a
@@ -22,28 +32,41 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import re
+import random
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import replace
 from typing import Any, NoReturn
 
 import grpc
 from grpc import aio
-from tenacity import (
-    AsyncRetrying,
-    RetryCallState,
-    Retrying,
-    retry_if_exception,
-    stop_after_attempt,
-    wait_exponential_jitter,
-)
+from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
 
 from coordinator.db import CoordinatorDB, NodeRecord, PairExists, PairRecord, ProgressRecord, StateChange
 from syncrep import rpc
-from syncrep.blockstore import Extent
-from syncrep.core.extents import derive_failed_extents, summarize_extents, to_extent
-from syncrep.core.pairstate import IllegalTransition, PairEvent, PairState, transition
+from syncrep.core import driver
+from syncrep.core.driver import (
+    DEFAULT_BLOCK_SIZE,
+    MAX_BLOCK_SIZE,
+    MAX_BLOCKS,
+    MIN_BLOCK_SIZE,
+    VOLUME_NAME_RE,
+    Backoff,
+    ChangePair,
+    ClearBackoff,
+    Command,
+    CreatePair,
+    DeletePair,
+    NodeSilent,
+    ProbeHealth,
+    Problem,
+    PushAssignment,
+    SaveProgress,
+    SetBackoff,
+    StartResync,
+)
+from syncrep.core.extents import summarize_extents
+from syncrep.core.pairstate import PairState
 from syncrep.core.vocab import validate_dial_address
 from syncrep.pb import syncrep_pb2 as pb
 from syncrep.pb import syncrep_pb2_grpc as pb_grpc
@@ -61,15 +84,11 @@ __all__ = [
     "validate_address",
 ]
 
-VOLUME_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
-DEFAULT_BLOCK_SIZE = 4096
-MIN_BLOCK_SIZE = 512
-MAX_BLOCK_SIZE = 1024 * 1024
-MAX_BLOCKS = 2**32
 # VolumeStatus carries the first this-many failed extents (failed_bytes counts all).
 STATUS_MAX_EXTENTS = 64
+# The health check of a secondary before a resync is started.
+HEALTH_CHECK_TIMEOUT_S = 1.0
 
-_ROLE_HINTS = ("", "primary", "secondary")
 # StartResync errors worth retrying within one attempt; anything else (the
 # primary refused: stale epoch, no fault snapshot, ...) fails the attempt at once.
 _RETRYABLE_CODES = frozenset(
@@ -97,8 +116,72 @@ async def _abort(context: aio.ServicerContext, code: grpc.StatusCode, message: s
     raise AssertionError("unreachable: context.abort returned")  # pragma: no cover
 
 
+async def _refuse(context: aio.ServicerContext, problem: Problem) -> NoReturn:
+    await _abort(context, grpc.StatusCode[problem.code.value], problem.message)
+
+
+# ---------------------------------------------------------------- proto <-> plain data
+
+
+def _progress_record(p: driver.Progress) -> ProgressRecord:
+    return ProgressRecord(
+        bytes_done=p.bytes_done,
+        bytes_total=p.bytes_total,
+        rate_bytes_per_s=p.rate_bytes_per_s,
+        eta_s=p.eta_s,
+        round=p.round,
+    )
+
+
+def _progress(p: pb.ResyncProgress) -> driver.Progress:
+    return driver.Progress(
+        bytes_done=p.bytes_done,
+        bytes_total=p.bytes_total,
+        rate_bytes_per_s=p.rate_bytes_per_s,
+        eta_s=p.eta_s,
+        round=p.round,
+    )
+
+
+def _pair_state(value: int) -> PairState | None:
+    try:
+        return PairState.from_proto(value)
+    except ValueError:
+        return None
+
+
+def _volume_report(r: pb.VolumeReport) -> driver.Report:
+    return driver.Report(
+        volume=r.name,
+        epoch=r.epoch,
+        state=_pair_state(r.state),
+        fault_snapshot_id=r.fault_snapshot_id,
+        failed_extents=tuple((e.offset, e.length) for e in r.failed_extents),
+        last_error=r.last_error,
+    )
+
+
+def _nack_code(code: int) -> str:
+    return pb.NackCode.Name(code) if code in pb.NackCode.values() else str(code)  # type: ignore[arg-type]
+
+
+def _replication_report(r: pb.ReplicationReport) -> driver.ReplicationReport:
+    return driver.ReplicationReport(
+        volume=r.volume,
+        reporter=r.reporter,
+        epoch=r.epoch,
+        state=r.state,
+        nacks=tuple(driver.Nack(n.seq, n.offset, n.length, _nack_code(n.code), n.message) for n in r.nacks),
+        unacked=tuple((u.offset, u.length) for u in r.unacked),
+        failed_extents=tuple((e.offset, e.length) for e in r.failed_extents),
+        reason=r.reason,
+        fault_snapshot_id=r.fault_snapshot_id,
+        progress=_progress(r.resync) if r.HasField("resync") else None,
+    )
+
+
 class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
-    """``syncrep.v1.CoordinatorService`` plus the liveness and resync loops.
+    """``syncrep.v1.CoordinatorService`` plus the background tick.
 
     Call ``start_background()`` once the event loop runs and
     ``stop_background()`` before closing the database.
@@ -119,24 +202,16 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
         start_resync_attempts: int = 3,
         coordinator_address: str = "",
         clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
-        if heartbeat_interval_s <= 0 or node_timeout_s <= 0:
-            raise ValueError(
-                f"heartbeat_interval_s ({heartbeat_interval_s}) and node_timeout_s ({node_timeout_s}) must be > 0"
-            )
-        if node_timeout_s <= heartbeat_interval_s:
-            raise ValueError(
-                f"node_timeout_s ({node_timeout_s}) must be larger than heartbeat_interval_s "
-                f"({heartbeat_interval_s}), or every node is declared dead between two heartbeats"
-            )
-        if default_resync_mode not in (pb.RESYNC_MODE_REWRITE, pb.RESYNC_MODE_DIRECT):
-            raise ValueError(
-                f"default_resync_mode {default_resync_mode} must be RESYNC_MODE_REWRITE (1) or RESYNC_MODE_DIRECT (2)"
-            )
+        problem = driver.validate_config(heartbeat_interval_s, node_timeout_s, default_resync_mode)
+        if problem:
+            raise ValueError(problem)
         self.db = db
         self.heartbeat_interval_s = heartbeat_interval_s
         self.node_timeout_s = node_timeout_s
         self.auto_resync = auto_resync
+        self.resync_retry_initial_s = resync_retry_initial_s
         self.resync_retry_max_s = resync_retry_max_s
         self.resync_check_interval_s = resync_check_interval_s
         self.default_resync_mode = default_resync_mode
@@ -144,6 +219,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
         self.start_resync_attempts = max(1, start_resync_attempts)
         self.coordinator_address = coordinator_address
         self._clock = clock
+        self._wall = wall_clock
         self._started_at = clock()
 
         self._lock = asyncio.Lock()
@@ -155,13 +231,9 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
         self._reports: dict[str, dict[str, pb.VolumeReport]] = {}
         self._report_at: dict[str, float] = {}
         self._progress_at: dict[str, float] = {}
-        # Resync driver: per-pair failures since the pair was last in sync,
-        # and the earliest (clock) time of the next attempt.
-        self._resync_failures: dict[str, int] = {}
-        self._resync_not_before: dict[str, float] = {}
-        self._resync_wait = wait_exponential_jitter(
-            multiplier=resync_retry_initial_s, max=resync_retry_max_s, jitter=resync_retry_initial_s
-        )
+        # The resync driver's memory: per-pair failures since the pair was last
+        # in sync, and the earliest (clock) time of the next attempt.
+        self._backoff: dict[str, Backoff] = {}
         self._resync_tasks: dict[str, asyncio.Task[None]] = {}
         self._channels: dict[str, aio.Channel] = {}
         self._wake: asyncio.Event | None = None
@@ -201,9 +273,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
         assert self._wake is not None
         while True:
             try:
-                await self.check_liveness_once()
-                if self.auto_resync:
-                    await self.drive_resync_once()
+                await self.tick()
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -214,11 +284,51 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=self.resync_check_interval_s)
 
+    # ================================================================ what decide() sees
+
+    def policy(self) -> driver.Policy:
+        return driver.Policy(
+            node_timeout_s=self.node_timeout_s,
+            auto_resync=self.auto_resync,
+            resync_retry_initial_s=self.resync_retry_initial_s,
+            resync_retry_max_s=self.resync_retry_max_s,
+        )
+
+    def liveness(self) -> driver.Liveness:
+        return driver.Liveness(
+            last_heard=dict(self._last_heard),
+            started_at=self._started_at,
+            nodes=tuple(self._nodes),
+            reported_silent=frozenset(self._dead_logged),
+        )
+
+    def report_views(self) -> dict[tuple[str, str], driver.Report]:
+        return {
+            (address, name): _volume_report(r)
+            for address, by_volume in self._reports.items()
+            for name, r in by_volume.items()
+        }
+
+    def commands(self, healthy: Mapping[str, bool] | None = None, jitter: float = 0.0) -> list[Command]:
+        """What ``driver.decide`` has the coordinator do now (nothing is carried out)."""
+        return driver.decide(
+            self.pairs(),
+            self.liveness(),
+            self.report_views(),
+            self._clock(),
+            policy=self.policy(),
+            backoff=dict(self._backoff),
+            in_flight=frozenset(self._resync_tasks),
+            healthy=healthy,
+            jitter=jitter,
+        )
+
     # ================================================================ queries
 
     def is_alive(self, address: str) -> bool:
-        t = self._last_heard.get(address)
-        return t is not None and self._clock() - t <= self.node_timeout_s
+        return driver.Liveness(self._last_heard, self._started_at).alive(
+            address, self._clock(), self.node_timeout_s
+        )
 
     def pair(self, name: str) -> PairRecord | None:
         return self._pairs.get(name)
@@ -229,9 +339,19 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
     def latest_report(self, address: str, volume: str) -> pb.VolumeReport | None:
         return self._reports.get(address, {}).get(volume)
 
-    def _silent_for_s(self, address: str) -> float:
-        """Seconds since we last heard from ``address`` (or since we started)."""
-        return self._clock() - max(self._last_heard.get(address, self._started_at), self._started_at)
+    def resync_ready(self, pair: PairRecord) -> tuple[bool, str]:
+        """Whether the driver would start a resync of ``pair`` now (once its
+        secondary answers a health check), and why not."""
+        why = driver.resync_blocker(
+            pair,
+            self.liveness(),
+            self.report_views(),
+            self._clock(),
+            policy=self.policy(),
+            backoff=self._backoff.get(pair.name, Backoff()),
+            in_flight=frozenset(self._resync_tasks),
+        )
+        return why is None, why or "ready"
 
     def assignment(self, pair: PairRecord, address: str) -> pb.VolumeAssignment:
         role = pb.ROLE_PRIMARY if address == pair.primary else pb.ROLE_SECONDARY
@@ -249,6 +369,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
     def volume_status(self, pair: PairRecord) -> pb.VolumeStatus:
         summary = summarize_extents(pair.failed_extents, STATUS_MAX_EXTENTS)
         report = self.latest_report(pair.primary, pair.name)
+        p = pair.progress
         status = pb.VolumeStatus(
             spec=pb.VolumeSpec(name=pair.name, size_bytes=pair.size_bytes, block_size=pair.block_size),
             state=pair.state.to_proto(),  # type: ignore[arg-type]
@@ -258,7 +379,13 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
             failed_extents=[pb.Extent(offset=e.offset, length=e.length) for e in summary.first],
             failed_bytes=summary.total_bytes,
             fault_snapshot_id=pair.fault_snapshot_id,
-            resync=self._progress_proto(pair.progress),
+            resync=pb.ResyncProgress(
+                bytes_done=p.bytes_done,
+                bytes_total=p.bytes_total,
+                rate_bytes_per_s=p.rate_bytes_per_s,
+                eta_s=p.eta_s,
+                round=p.round,
+            ),
             last_error=pair.last_error,
             state_changed_at=pair.state_changed_at,
             resync_mode=pair.resync_mode,  # type: ignore[arg-type]
@@ -284,83 +411,102 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
                 status.resync.CopyFrom(report.resync)
         return status
 
-    @staticmethod
-    def _progress_proto(p: ProgressRecord) -> pb.ResyncProgress:
-        return pb.ResyncProgress(
-            bytes_done=p.bytes_done,
-            bytes_total=p.bytes_total,
-            rate_bytes_per_s=p.rate_bytes_per_s,
-            eta_s=p.eta_s,
-            round=p.round,
-        )
+    # ================================================================ carrying out commands
 
-    @staticmethod
-    def _progress_record(p: pb.ResyncProgress) -> ProgressRecord:
-        return ProgressRecord(
-            bytes_done=p.bytes_done,
-            bytes_total=p.bytes_total,
-            rate_bytes_per_s=p.rate_bytes_per_s,
-            eta_s=p.eta_s,
-            round=p.round,
-        )
-
-    # ================================================================ state changes
-
-    def _apply(
-        self,
-        pair: PairRecord,
-        event: PairEvent | None,
-        reason: str,
-        **changes: Any,
-    ) -> PairRecord:
-        """Apply ``event`` (IllegalTransition if not allowed) and ``changes``;
-        persist pair + event in one transaction; then update memory and log.
-        Must be called with ``self._lock`` held.
+    def _carry_out(self, cmds: Iterable[Command]) -> None:
+        """Persist and record every command in list order, then send
+        (StartResync). ProbeHealth and PushAssignment are awaited by their
+        callers (``tick``, ``CreateVolume``). Must be called with ``self._lock`` held.
         """
-        old_state = pair.state
-        new_state = transition(old_state, event) if event is not None else old_state
-        updated = replace(pair, state=new_state, **changes)
-        if new_state != old_state:
-            updated = replace(updated, state_changed_at=time.time())
-        change = StateChange(old_state, reason) if event is not None else None
-        self.db.save_pair(updated, change)
-        self._pairs[pair.name] = updated
-        if event is None:
-            pass
-        elif new_state != old_state:
+        sends: list[StartResync] = []
+        for cmd in cmds:
+            if isinstance(cmd, ChangePair):
+                self._change_pair(cmd)
+            elif isinstance(cmd, SaveProgress):
+                progress = _progress_record(cmd.progress)
+                self.db.update_progress(cmd.volume, progress)
+                self._pairs[cmd.volume] = replace(self._pairs[cmd.volume], progress=progress)
+                self._progress_at[cmd.volume] = self._clock()
+            elif isinstance(cmd, SetBackoff):
+                self._backoff[cmd.volume] = Backoff(cmd.failures, cmd.not_before)
+            elif isinstance(cmd, ClearBackoff):
+                self._backoff.pop(cmd.volume, None)
+            elif isinstance(cmd, NodeSilent):
+                self._dead_logged.add(cmd.address)
+                if cmd.heard_before:
+                    log.warning(
+                        "node %s has not heartbeated for %.1f s: considered dead", cmd.address, cmd.silent_s
+                    )
+            elif isinstance(cmd, CreatePair):
+                self._create_pair(cmd)
+            elif isinstance(cmd, DeletePair):
+                self.db.delete_pair(cmd.volume, cmd.reason, at=self._wall())
+                self._pairs.pop(cmd.volume, None)
+            elif isinstance(cmd, StartResync):
+                sends.append(cmd)
+        for send in sends:
+            self._resync_tasks[send.volume] = asyncio.create_task(
+                self._start_resync(send), name=f"start-resync-{send.volume}"
+            )
+
+    def _change_pair(self, cmd: ChangePair) -> None:
+        """The pair's event and changed fields, in one transaction; then memory and the log."""
+        pair = self._pairs[cmd.volume]
+        if pair.state is not cmd.from_state:  # decided and carried out under one lock hold
+            raise RuntimeError(
+                f"volume {cmd.volume}: {cmd.event.value} decided in {cmd.from_state.value}, "
+                f"but the pair is {pair.state.value}"
+            )
+        now = self._wall()
+        updated = replace(
+            pair,
+            state=cmd.to_state,
+            epoch=cmd.epoch,
+            failed_extents=pair.failed_extents if cmd.failed_extents is None else cmd.failed_extents,
+            fault_snapshot_id=pair.fault_snapshot_id
+            if cmd.fault_snapshot_id is None
+            else cmd.fault_snapshot_id,
+            last_error=pair.last_error if cmd.last_error is None else cmd.last_error,
+            progress=pair.progress if cmd.progress is None else _progress_record(cmd.progress),
+            state_changed_at=now if cmd.to_state != cmd.from_state else pair.state_changed_at,
+        )
+        self.db.save_pair(updated, StateChange(cmd.from_state, cmd.reason), at=now)
+        self._pairs[cmd.volume] = updated
+        if cmd.progress_reported:
+            self._progress_at[cmd.volume] = self._clock()
+        if cmd.to_state != cmd.from_state:
             log.info(
                 "volume %s: %s -> %s (epoch %d, event %s): %s",
-                pair.name,
-                old_state.value,
-                new_state.value,
+                cmd.volume,
+                cmd.from_state.value,
+                cmd.to_state.value,
                 updated.epoch,
-                event.value,
-                reason,
+                cmd.event.value,
+                cmd.reason,
             )
         else:
             log.info(
                 "volume %s: stays %s (epoch %d, event %s): %s",
-                pair.name,
-                new_state.value,
+                cmd.volume,
+                cmd.to_state.value,
                 updated.epoch,
-                event.value,
-                reason,
+                cmd.event.value,
+                cmd.reason,
             )
-        if old_state is PairState.RESYNCING and new_state is PairState.DEGRADED:
-            self._note_resync_failure(pair.name)
-        if new_state is PairState.IN_SYNC:
-            self._resync_failures.pop(pair.name, None)
-            self._resync_not_before.pop(pair.name, None)
-        return updated
 
-    def _note_resync_failure(self, name: str) -> float:
-        n = self._resync_failures.get(name, 0) + 1
-        self._resync_failures[name] = n
-        state = RetryCallState(Retrying(), None, (), {})
-        state.attempt_number = n
-        delay = float(self._resync_wait(state))
-        self._resync_not_before[name] = self._clock() + delay
-        return delay
+    def _create_pair(self, cmd: CreatePair) -> None:
+        spec = cmd.spec
+        pair = PairRecord(
+            name=spec.name,
+            size_bytes=spec.size_bytes,
+            block_size=spec.block_size,
+            primary=spec.primary,
+            secondary=spec.secondary,
+            epoch=1,
+            state=PairState.IN_SYNC,
+            resync_mode=int(spec.resync_mode),
+        )
+        self._pairs[spec.name] = self.db.create_pair(pair, reason=cmd.reason, at=self._wall())
 
     # ================================================================ RPCs: nodes
 
@@ -368,22 +514,12 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
         self, request: pb.RegisterNodeRequest, context: aio.ServicerContext
     ) -> pb.RegisterNodeReply:
         address = request.address
-        if not address:
-            await _abort(
-                context, grpc.StatusCode.INVALID_ARGUMENT, "RegisterNode: address is required (host:port)"
-            )
-        problem = validate_address(address)
+        problem = driver.validate_register(address, request.role_hint)
         if problem:
-            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"RegisterNode: {problem}")
-        if request.role_hint not in _ROLE_HINTS:
-            await _abort(
-                context,
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"RegisterNode: role_hint {request.role_hint!r} must be 'primary', 'secondary' or empty",
-            )
+            await _refuse(context, problem)
         async with self._lock:
             known = address in self._nodes
-            self._nodes[address] = self.db.upsert_node(address, request.role_hint)
+            self._nodes[address] = self.db.upsert_node(address, request.role_hint, registered_at=self._wall())
         # A (re)registering node starts afresh: forget its old reports.
         self._reports.pop(address, None)
         self._report_at.pop(address, None)
@@ -419,201 +555,110 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
         self._reports[address] = {r.name: r for r in request.volumes}
         self._report_at[address] = self._clock()
         for report in request.volumes:
-            pair = self._pairs.get(report.name)
-            if pair is not None and pair.primary == address and report.state == pb.PAIR_STATE_DEGRADED:
-                try:
-                    await self._primary_heartbeat_degraded(pair.name, address, report)
-                except Exception:
-                    # Never fail the heartbeat itself: the node would think we are gone.
-                    log.exception("volume %s: cannot apply the degraded heartbeat of %s", pair.name, address)
+            try:
+                await self._primary_heartbeat(address, _volume_report(report))
+            except Exception:
+                # Never fail the heartbeat itself: the node would think we are gone.
+                log.exception("volume %s: cannot apply the degraded heartbeat of %s", report.name, address)
         return pb.HeartbeatReply(known=True, assignments=self.assignments_for(address))
 
-    async def _primary_heartbeat_degraded(self, name: str, address: str, report: pb.VolumeReport) -> None:
-        """A safety net for a lost ReportReplication: the primary's heartbeat
-        says the pair is degraded at the current epoch. Acted on only once the
-        pair has been in its current state for ``node_timeout_s`` (so a primary
-        that got StartResync but has not started yet is not misread).
-        """
+    def _on_heartbeat(self, address: str, report: driver.Report) -> list[Command]:
+        return driver.on_heartbeat(
+            self._pairs.get(report.volume),
+            address,
+            report,
+            wall_now=self._wall(),
+            policy=self.policy(),
+            backoff=self._backoff.get(report.volume, Backoff()),
+            now=self._clock(),
+            jitter=random.random(),
+        )
+
+    async def _primary_heartbeat(self, address: str, report: driver.Report) -> None:
+        """The safety net for a lost ReportReplication (see ``driver.on_heartbeat``).
+        Decided without the lock first, as nearly every heartbeat needs nothing."""
+        if not self._on_heartbeat(address, report):
+            return
         async with self._lock:
-            pair = self._pairs.get(name)
-            if pair is None or pair.primary != address or report.epoch != pair.epoch:
-                return
-            try:
-                reported = [to_extent(e) for e in report.failed_extents]
-            except ValueError:
-                return
-            if any(e.end > pair.size_bytes for e in reported):
-                return
-            extents = tuple(derive_failed_extents((), (), [*pair.failed_extents, *reported]))
-            snapshot_id = report.fault_snapshot_id or pair.fault_snapshot_id
-            if pair.state is PairState.DEGRADED:
-                if extents == pair.failed_extents and snapshot_id == pair.fault_snapshot_id:
-                    return
-                event = PairEvent.SECONDARY_FAILED
-                reason = f"primary {address} heartbeat adds failure information"
-            else:
-                if time.time() - pair.state_changed_at < self.node_timeout_s:
-                    return
-                event = PairEvent.SECONDARY_FAILED
-                reason = f"primary {address} heartbeat reports the pair degraded at epoch {report.epoch}" + (
-                    f": {report.last_error}" if report.last_error else ""
-                )
-            self._apply(
-                pair,
-                event,
-                reason,
-                failed_extents=extents,
-                fault_snapshot_id=snapshot_id,
-                last_error=report.last_error or pair.last_error or reason,
-            )
+            self._carry_out(self._on_heartbeat(address, report))
 
     # ================================================================ RPCs: volumes
 
     async def CreateVolume(
         self, request: pb.CreateVolumeRequest, context: aio.ServicerContext
     ) -> pb.VolumeStatus:
-        name = request.name
-        if not VOLUME_NAME_RE.fullmatch(name):
-            await _abort(
-                context,
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"volume name {name!r} is invalid: use 1-64 characters from A-Z a-z 0-9 _ . -, "
-                "starting with a letter or digit",
-            )
-        size = request.size_bytes
-        if size == 0:
-            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "size_bytes must be > 0")
-        block_size = request.block_size or DEFAULT_BLOCK_SIZE
-        if block_size & (block_size - 1):
-            await _abort(
-                context,
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"block_size {block_size} is not a power of two (allowed: {MIN_BLOCK_SIZE}..{MAX_BLOCK_SIZE})",
-            )
-        if not MIN_BLOCK_SIZE <= block_size <= MAX_BLOCK_SIZE:
-            await _abort(
-                context,
-                grpc.StatusCode.OUT_OF_RANGE,
-                f"block_size {block_size} is outside the allowed range {MIN_BLOCK_SIZE}..{MAX_BLOCK_SIZE}",
-            )
-        if size % block_size:
-            await _abort(
-                context,
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"size_bytes {size} is not a multiple of block_size {block_size} "
-                f"(nearest: {size // block_size * block_size} or {(size // block_size + 1) * block_size})",
-            )
-        if size // block_size > MAX_BLOCKS:
-            await _abort(
-                context,
-                grpc.StatusCode.OUT_OF_RANGE,
-                f"size_bytes {size} is {size // block_size} blocks of {block_size} bytes; the limit is "
-                f"{MAX_BLOCKS} blocks ({MAX_BLOCKS * block_size} bytes at this block size)",
-            )
-        resync_mode = request.resync_mode or self.default_resync_mode
-        if resync_mode not in (pb.RESYNC_MODE_REWRITE, pb.RESYNC_MODE_DIRECT):
-            await _abort(
-                context,
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"resync_mode {request.resync_mode} is not RESYNC_MODE_REWRITE (1) or RESYNC_MODE_DIRECT (2)",
-            )
-        for role, addr in (("primary", request.primary), ("secondary", request.secondary)):
-            problem = validate_address(addr)
-            if problem:
-                await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"{role}: {problem}")
-        if request.primary == request.secondary:
-            await _abort(
-                context,
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"primary and secondary are the same node ({request.primary}); a pair needs two nodes",
-            )
-        for role, addr in (("primary", request.primary), ("secondary", request.secondary)):
-            if addr not in self._nodes:
-                coord = self.coordinator_address or "<this coordinator's address>"
-                await _abort(
-                    context,
-                    grpc.StatusCode.FAILED_PRECONDITION,
-                    f"node {addr} is not registered with this coordinator; start it with "
-                    f"`syncrep {role} --coordinator {coord} --listen {addr} --data-dir DIR` "
-                    f"(or with --advertise {addr} if it listens on another address)",
-                )
-
-        mode_name = pb.ResyncMode.Name(resync_mode)  # type: ignore[arg-type]
-        pair = PairRecord(
-            name=name,
-            size_bytes=size,
-            block_size=block_size,
+        args = driver.CreateVolumeArgs(
+            name=request.name,
+            size_bytes=request.size_bytes,
             primary=request.primary,
             secondary=request.secondary,
-            epoch=1,
-            state=PairState.IN_SYNC,
-            resync_mode=int(resync_mode),
+            block_size=request.block_size,
+            resync_mode=request.resync_mode,
         )
+        spec = driver.volume_spec(args, self.default_resync_mode)
         async with self._lock:
-            if name in self._pairs:
-                existing = self._pairs[name]
-                await _abort(
-                    context,
-                    grpc.StatusCode.ALREADY_EXISTS,
-                    f"volume {name!r} already exists (primary {existing.primary}, secondary {existing.secondary})",
-                )
+            problem = driver.validate_create_volume(
+                args,
+                default_resync_mode=self.default_resync_mode,
+                registered=self._nodes,
+                existing=self._pairs,
+                coordinator_address=self.coordinator_address,
+            )
+            if problem:
+                await _refuse(context, problem)
+            cmds = driver.plan_create_volume(args, default_resync_mode=self.default_resync_mode)
             try:
-                pair = self.db.create_pair(
-                    pair,
-                    reason=f"created: primary {pair.primary}, secondary {pair.secondary}, "
-                    f"{size} bytes, block size {block_size}, resync mode {mode_name}",
-                )
+                self._carry_out(cmds)
             except PairExists as e:
                 await _abort(context, grpc.StatusCode.ALREADY_EXISTS, str(e))
-            self._pairs[name] = pair
+            pair = self._pairs[spec.name]
         log.info(
             "volume %s created: primary %s, secondary %s, %d bytes, block size %d, epoch %d, state %s",
-            name,
+            pair.name,
             pair.primary,
             pair.secondary,
-            size,
-            block_size,
+            pair.size_bytes,
+            pair.block_size,
             pair.epoch,
             pair.state.value,
         )
-
-        for addr in (pair.secondary, pair.primary):
+        for push in cmds:
+            if not isinstance(push, PushAssignment):
+                continue
             try:
-                await self._stub(addr).AssignVolume(self.assignment(pair, addr), timeout=self.rpc_timeout_s)
+                await self._stub(push.address).AssignVolume(
+                    self.assignment(pair, push.address), timeout=self.rpc_timeout_s
+                )
             except (aio.AioRpcError, OSError) as e:
                 error = _rpc_error_text(e)
                 async with self._lock:
-                    cur = self._pairs.get(name)
-                    if cur is not None and cur.created_at == pair.created_at:
-                        del self._pairs[name]
-                        self.db.delete_pair(
-                            name, f"creation rolled back: AssignVolume to {addr} failed: {error}"
-                        )
+                    cur = self._pairs.get(pair.name)
+                    rollback, problem = driver.on_push_failed(
+                        spec,
+                        push.address,
+                        error,
+                        still_ours=cur is not None and cur.created_at == pair.created_at,
+                    )
+                    self._carry_out(rollback)
                 log.warning(
-                    "volume %s: creation rolled back, AssignVolume to %s failed: %s", name, addr, error
+                    "volume %s: creation rolled back, AssignVolume to %s failed: %s",
+                    pair.name,
+                    push.address,
+                    error,
                 )
-                await _abort(
-                    context,
-                    grpc.StatusCode.UNAVAILABLE,
-                    f"volume {name!r} not created: assigning it to the {pair.role_of(addr)} {addr} failed ({error}); "
-                    f"check that node {addr} is running and reachable, then retry",
-                )
-        return self.volume_status(self._pairs.get(name, pair))
+                await _refuse(context, problem)
+        return self.volume_status(self._pairs.get(pair.name, pair))
 
     async def GetVolume(self, request: pb.GetVolumeRequest, context: aio.ServicerContext) -> pb.VolumeStatus:
         pair = self._pairs.get(request.name)
         if pair is None:
-            await _abort(context, grpc.StatusCode.NOT_FOUND, self._not_found(request.name))
+            await _refuse(context, driver.not_found(request.name, self._pairs))
         return self.volume_status(pair)
 
     async def ListVolumes(
         self, request: pb.ListVolumesRequest, context: aio.ServicerContext
     ) -> pb.ListVolumesReply:
         return pb.ListVolumesReply(volumes=[self.volume_status(p) for p in self.pairs()])
-
-    def _not_found(self, name: str) -> str:
-        known = ", ".join(sorted(self._pairs)[:10]) or "none"
-        return f"volume {name!r} not found (volumes: {known})"
 
     # ================================================================ RPCs: replication reports
 
@@ -623,242 +668,55 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
         async with self._lock:
             pair = self._pairs.get(request.volume)
             if pair is None:
-                await _abort(context, grpc.StatusCode.NOT_FOUND, self._not_found(request.volume))
-            if request.reporter != pair.primary:
-                await _abort(
-                    context,
-                    grpc.StatusCode.PERMISSION_DENIED,
-                    f"node {request.reporter or '(no reporter)'} is not the primary of volume {pair.name!r} "
-                    f"(the primary is {pair.primary}); only the primary reports replication state",
-                )
-            if request.epoch < pair.epoch:
-                await _abort(
-                    context,
-                    grpc.StatusCode.FAILED_PRECONDITION,
-                    f"stale epoch: report for volume {pair.name!r} carries epoch {request.epoch}, "
-                    f"the pair is at epoch {pair.epoch} (a newer resync was started; the primary must "
-                    "fence off its old stream and follow StartResync / its heartbeat assignments)",
-                )
-            if request.epoch > pair.epoch:
-                await _abort(
-                    context,
-                    grpc.StatusCode.FAILED_PRECONDITION,
-                    f"epoch {request.epoch} was never issued for volume {pair.name!r}; "
-                    f"the pair is at epoch {pair.epoch}",
-                )
-            try:
-                state = PairState.from_proto(request.state)
-            except ValueError as e:
-                await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"ReportReplication: {e}")
-            try:
-                if state is PairState.DEGRADED:
-                    pair = await self._report_degraded(pair, request, context)
-                elif state is PairState.RESYNCING:
-                    pair = await self._report_resyncing(pair, request, context)
-                else:
-                    pair = await self._report_in_sync(pair, request, context)
-            except IllegalTransition as e:
-                await _abort(context, grpc.StatusCode.FAILED_PRECONDITION, f"volume {pair.name!r}: {e}")
+                await _refuse(context, driver.not_found(request.volume, self._pairs))
+            outcome = driver.on_report(
+                pair,
+                _replication_report(request),
+                resync_started=pair.state is PairState.DEGRADED
+                and self.db.resync_started_at_epoch(pair.name, pair.epoch),
+                secondary_alive=self.is_alive(pair.secondary),
+                backoff=self._backoff.get(pair.name, Backoff()),
+                now=self._clock(),
+                policy=self.policy(),
+                jitter=random.random(),
+            )
+            if isinstance(outcome, Problem):
+                await _refuse(context, outcome)
+            self._carry_out(outcome)
+            pair = self._pairs[pair.name]
         return pb.ReportReplicationReply(
             state=pair.state.to_proto(),  # type: ignore[arg-type]
             epoch=pair.epoch,
             failed_extents=[pb.Extent(offset=e.offset, length=e.length) for e in pair.failed_extents],
         )
 
-    async def _check_in_volume(
-        self, pair: PairRecord, what: str, items: Iterable[Any], context: aio.ServicerContext
-    ) -> list[Extent]:
-        out: list[Extent] = []
-        for item in items:
-            ext = to_extent(item)
-            if ext.end > pair.size_bytes:
-                await _abort(
-                    context,
-                    grpc.StatusCode.INVALID_ARGUMENT,
-                    f"{what} extent offset={ext.offset} length={ext.length} ends at {ext.end}, beyond "
-                    f"the end of volume {pair.name!r} ({pair.size_bytes} bytes)",
+    # ================================================================ background: the tick
+
+    async def tick(self) -> None:
+        """One round of the background checks: decide and carry out; probe the
+        secondaries of the pairs that are ready for a resync; decide again with
+        the answers (on the state as it is then) and carry out."""
+        async with self._lock:
+            cmds = self.commands(jitter=random.random())
+            self._carry_out(cmds)
+        probes = [c for c in cmds if isinstance(c, ProbeHealth)]
+        if not probes:
+            return
+        healthy: dict[str, bool] = {}
+        for probe in probes:
+            if probe.address not in healthy:
+                healthy[probe.address] = await rpc.health_check(
+                    probe.address, timeout_s=HEALTH_CHECK_TIMEOUT_S
                 )
-            out.append(ext)
-        return out
-
-    async def _report_degraded(
-        self, pair: PairRecord, request: pb.ReplicationReport, context: aio.ServicerContext
-    ) -> PairRecord:
-        nacks = await self._check_in_volume(pair, "nack", request.nacks, context)
-        unacked = await self._check_in_volume(pair, "unacked write", request.unacked, context)
-        reported = await self._check_in_volume(pair, "failed", request.failed_extents, context)
-        extents = derive_failed_extents(nacks, unacked, [*pair.failed_extents, *reported])
-        reason = request.reason or self._nack_reason(request.nacks) or "secondary failed (no reason given)"
-        total = sum(e.length for e in extents)
-        detail = (
-            f"primary {request.reporter} reports the secondary {pair.secondary} failed: {reason} "
-            f"({len(request.nacks)} nacks, {len(request.unacked)} unacked writes; "
-            f"{len(extents)} failed extents, {total} bytes)"
-        )
-        return self._apply(
-            pair,
-            PairEvent.SECONDARY_FAILED,
-            detail,
-            failed_extents=tuple(extents),
-            fault_snapshot_id=request.fault_snapshot_id or pair.fault_snapshot_id,
-            last_error=reason,
-        )
-
-    @staticmethod
-    def _nack_reason(nacks: Sequence[pb.Nack]) -> str:
-        if not nacks:
-            return ""
-        first = nacks[0]
-        code = pb.NackCode.Name(first.code) if first.code in pb.NackCode.values() else str(first.code)
-        return f"{len(nacks)} write(s) NACKed, first seq {first.seq}: {code} {first.message}".strip()
-
-    async def _report_resyncing(
-        self, pair: PairRecord, request: pb.ReplicationReport, context: aio.ServicerContext
-    ) -> PairRecord:
-        progress = self._progress_record(request.resync)
-        if pair.state is PairState.DEGRADED:
-            # The coordinator went degraded on its own (secondary silent, or a
-            # StartResync that timed out although the primary got it) while
-            # the primary's resync for this very epoch carries on.
-            if self.db.resync_started_at_epoch(pair.name, pair.epoch) and self.is_alive(pair.secondary):
-                pair = self._apply(
-                    pair,
-                    PairEvent.RESYNC_STARTED,
-                    f"primary {request.reporter} reports the resync of epoch {pair.epoch} in progress",
-                    progress=progress,
+            if not healthy[probe.address]:
+                log.debug(
+                    "volume %s: secondary %s does not answer health checks yet", probe.volume, probe.address
                 )
-                self._progress_at[pair.name] = self._clock()
-                return pair
-        if pair.state is not PairState.RESYNCING:
-            await _abort(
-                context,
-                grpc.StatusCode.FAILED_PRECONDITION,
-                f"volume {pair.name!r} is {pair.state.value} at epoch {pair.epoch}, not resyncing; "
-                "resync progress is accepted only while the coordinator has a resync running",
-            )
-        self.db.update_progress(pair.name, progress)
-        pair = replace(pair, progress=progress)
-        self._pairs[pair.name] = pair
-        self._progress_at[pair.name] = self._clock()
-        return pair
+        async with self._lock:
+            self._carry_out(self.commands(healthy, jitter=random.random()))
 
-    async def _report_in_sync(
-        self, pair: PairRecord, request: pb.ReplicationReport, context: aio.ServicerContext
-    ) -> PairRecord:
-        if pair.state is PairState.IN_SYNC:
-            # A retry of a report already applied: nothing to do.
-            return pair
-        if pair.state is PairState.DEGRADED and not self.db.resync_started_at_epoch(pair.name, pair.epoch):
-            await _abort(
-                context,
-                grpc.StatusCode.FAILED_PRECONDITION,
-                f"volume {pair.name!r} is degraded at epoch {pair.epoch} and no resync was started at that "
-                f"epoch; the primary cannot be in sync before the coordinator starts a resync",
-            )
-        progress = self._progress_record(request.resync) if request.HasField("resync") else pair.progress
-        how = f": {request.reason}" if request.reason else ""
-        return self._apply(
-            pair,
-            PairEvent.RESYNC_DONE,
-            f"primary {request.reporter} reports the pair in sync at epoch {request.epoch}{how} "
-            f"(previous error: {pair.last_error or 'none'})",
-            failed_extents=(),
-            fault_snapshot_id=0,
-            last_error="",
-            progress=progress,
-        )
-
-    # ================================================================ background: liveness
-
-    async def check_liveness_once(self) -> None:
-        """Log nodes that went silent; a resyncing pair whose secondary has been
-        silent for ``node_timeout_s`` goes degraded."""
-        for address in list(self._nodes):
-            if address not in self._dead_logged and self._silent_for_s(address) > self.node_timeout_s:
-                self._dead_logged.add(address)
-                if address in self._last_heard:
-                    log.warning(
-                        "node %s has not heartbeated for %.1f s: considered dead",
-                        address,
-                        self._silent_for_s(address),
-                    )
-        for pair in self.pairs():
-            if pair.state is not PairState.RESYNCING:
-                continue
-            silent = self._silent_for_s(pair.secondary)
-            if silent <= self.node_timeout_s:
-                continue
-            async with self._lock:
-                cur = self._pairs.get(pair.name)
-                if cur is None or cur.state is not PairState.RESYNCING:
-                    continue
-                reason = (
-                    f"secondary {cur.secondary} has not heartbeated for {silent:.1f} s "
-                    f"(node_timeout_s={self.node_timeout_s}) during the resync of epoch {cur.epoch}"
-                )
-                self._apply(cur, PairEvent.SECONDARY_FAILED, reason, last_error=reason)
-
-    # ================================================================ background: resync driver
-
-    def resync_ready(self, pair: PairRecord) -> tuple[bool, str]:
-        """Whether the driver would start a resync of ``pair`` now, and why not."""
-        if pair.state is not PairState.DEGRADED:
-            return False, f"state is {pair.state.value}"
-        if pair.name in self._resync_tasks:
-            return False, "a StartResync call is in flight"
-        if not self.is_alive(pair.primary):
-            return False, f"primary {pair.primary} is not alive"
-        if not self.is_alive(pair.secondary):
-            return False, f"secondary {pair.secondary} is not alive"
-        report = self.latest_report(pair.primary, pair.name)
-        if report is None:
-            return False, f"no heartbeat report for the volume from primary {pair.primary} yet"
-        if report.state != pb.PAIR_STATE_DEGRADED:
-            return False, f"primary reports {pb.PairState.Name(report.state)}, not DEGRADED"
-        if report.fault_snapshot_id == 0:
-            return False, "primary reports no fault-recovery snapshot yet"
-        if report.epoch > pair.epoch:
-            return False, f"primary reports epoch {report.epoch} > the pair's {pair.epoch}"
-        not_before = self._resync_not_before.get(pair.name, 0.0)
-        if self._clock() < not_before:
-            return False, f"backing off for {not_before - self._clock():.1f} s more"
-        return True, "ready"
-
-    async def drive_resync_once(self) -> None:
-        """Start a resync for every degraded pair that is ready (see ``resync_ready``)."""
-        for pair in self.pairs():
-            ready, _ = self.resync_ready(pair)
-            if not ready:
-                continue
-            # Heartbeats are up to node_timeout_s stale: a secondary killed a
-            # moment ago still looks alive. Ask it directly before spending an
-            # epoch and a backoff step on a resync that cannot connect.
-            if not await rpc.health_check(pair.secondary, timeout_s=1.0):
-                log.debug("volume %s: secondary %s does not answer health checks yet", pair.name,
-                          pair.secondary)
-                continue
-            async with self._lock:
-                cur = self._pairs.get(pair.name)
-                if cur is None or not self.resync_ready(cur)[0]:
-                    continue
-                report = self.latest_report(cur.primary, cur.name)
-                snapshot = report.fault_snapshot_id if report is not None else 0
-                new_epoch = cur.epoch + 1
-                attempt = self._resync_failures.get(cur.name, 0) + 1
-                cur = self._apply(
-                    cur,
-                    PairEvent.RESYNC_STARTED,
-                    f"primary {cur.primary} and secondary {cur.secondary} alive, fault snapshot {snapshot} "
-                    f"present; resync attempt {attempt} at epoch {new_epoch} "
-                    f"({len(cur.failed_extents)} failed extents, {cur.failed_bytes} bytes)",
-                    epoch=new_epoch,
-                    progress=ProgressRecord(),
-                )
-                self._resync_tasks[cur.name] = asyncio.create_task(
-                    self._start_resync(cur.name, cur.primary, new_epoch), name=f"start-resync-{cur.name}"
-                )
-
-    async def _start_resync(self, name: str, primary: str, epoch: int) -> None:
+    async def _start_resync(self, cmd: StartResync) -> None:
+        name, primary, epoch = cmd.volume, cmd.primary, cmd.epoch
         try:
             error: str | None = None
             try:
@@ -884,8 +742,17 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
             if error is None:
                 return
             async with self._lock:
-                cur = self._pairs.get(name)
-                if cur is None or cur.state is not PairState.RESYNCING or cur.epoch != epoch:
+                cmds = driver.on_start_resync_failed(
+                    self._pairs.get(name),
+                    primary,
+                    epoch,
+                    error,
+                    backoff=self._backoff.get(name, Backoff()),
+                    now=self._clock(),
+                    policy=self.policy(),
+                    jitter=random.random(),
+                )
+                if not cmds:
                     log.info(
                         "volume %s: StartResync at epoch %d failed (%s), but the pair has moved on",
                         name,
@@ -893,9 +760,9 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
                         error,
                     )
                     return
-                reason = f"StartResync on primary {primary} at epoch {epoch} failed: {error}"
-                self._apply(cur, PairEvent.RESYNC_FAILED, reason, last_error=reason)
-                delay = self._resync_not_before.get(name, self._clock()) - self._clock()
+                self._carry_out(cmds)
+                now = self._clock()
+                delay = self._backoff.get(name, Backoff(not_before=now)).not_before - now
             log.warning(
                 "volume %s: resync not started (%s); next attempt in %.1f s", name, error, max(0.0, delay)
             )

@@ -1,5 +1,10 @@
 """The coordinator in-process on 127.0.0.1:0, exercised through real grpc.aio stubs,
-with fake nodes (``syncrep.rpc.Server`` serving NodeService.AssignVolume/StartResync)."""
+with fake nodes (``syncrep.rpc.Server`` serving NodeService.AssignVolume/StartResync).
+
+No sleep orders a race or proves a negative here: tests wait for a condition
+(bounded), move the coordinator's injected clocks forward (``MovableClock``), or,
+to show that nothing will happen, ask the pure ``decide()`` what the
+coordinator would do in its current state (``resync_steps``)."""
 
 from __future__ import annotations
 
@@ -18,6 +23,7 @@ from grpc import aio
 
 from coordinator.server import Coordinator
 from syncrep import rpc
+from syncrep.core.driver import ChangePair, Command, ProbeHealth, StartResync
 from syncrep.core.pairstate import PairState
 from syncrep.pb import syncrep_pb2 as pb
 from syncrep.pb import syncrep_pb2_grpc as pb_grpc
@@ -35,6 +41,22 @@ MiB = 1024 * 1024
 
 
 # ---------------------------------------------------------------- fakes
+
+
+class MovableClock:
+    """The coordinator's clocks: real time plus an offset the test can move forward."""
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def monotonic(self) -> float:
+        return time.monotonic() + self.offset
+
+    def wall(self) -> float:
+        return time.time() + self.offset
+
+    def advance(self, seconds: float) -> None:
+        self.offset += seconds
 
 
 class FakeNode(pb_grpc.NodeServiceServicer):  # only AssignVolume and StartResync
@@ -106,11 +128,20 @@ class Env:
     primary: FakeNode
     secondary: FakeNode
     calls: list[tuple[str, str, Any]] = field(default_factory=list)
+    clock: MovableClock = field(default_factory=MovableClock)
 
     async def restart(self, **opts: Any) -> None:
         await self.coord.stop(0)
-        self.coord = Coordinator(self.coord.listen, self.tmp, **{**FAST, **opts})
+        self.coord = Coordinator(self.coord.listen, self.tmp, **{**FAST, **self.clock_opts(), **opts})
         await self.coord.start()
+
+    def clock_opts(self) -> dict[str, Any]:
+        return {"clock": self.clock.monotonic, "wall_clock": self.clock.wall}
+
+    @property
+    def servicer(self) -> Any:
+        assert self.coord.servicer is not None
+        return self.coord.servicer
 
     async def register(self, node: FakeNode, role: str) -> pb.RegisterNodeReply:
         return await self.stub.RegisterNode(
@@ -151,7 +182,10 @@ async def wait_until(pred: Callable[[], Awaitable[bool]], timeout_s: float = 5.0
 
 async def _make_env(tmp_path: Path, **opts: Any) -> Env:
     calls: list[tuple[str, str, Any]] = []
-    coord = Coordinator("127.0.0.1:0", tmp_path, **{**FAST, **opts})
+    clock = MovableClock()
+    coord = Coordinator(
+        "127.0.0.1:0", tmp_path, **{**FAST, "clock": clock.monotonic, "wall_clock": clock.wall, **opts}
+    )
     port = await coord.start()
     coord.listen = f"127.0.0.1:{port}"  # restarts reuse the port
     channel = rpc.channel(f"127.0.0.1:{port}")
@@ -159,7 +193,7 @@ async def _make_env(tmp_path: Path, **opts: Any) -> Env:
     primary, secondary = FakeNode(calls), FakeNode(calls)  # type: ignore[abstract]
     await primary.start()
     await secondary.start()
-    return Env(tmp_path, coord, channel, stub, primary, secondary, calls)
+    return Env(tmp_path, coord, channel, stub, primary, secondary, calls, clock)
 
 
 @pytest.fixture
@@ -193,6 +227,29 @@ async def expect_error(code: grpc.StatusCode, aw: Awaitable[Any], *fragments: st
     for f in fragments:
         assert f in details, details
     return details
+
+
+def resync_steps(env: Env, volume: str = "vol1") -> list[Command]:
+    """What the pure ``decide()`` has the coordinator do about ``volume`` in its
+    current state, were every node to answer its health check: the health
+    probes, state changes and StartResync calls. Empty means the driver will
+    not move the pair until something changes (a heartbeat, a report, time)."""
+    cmds = env.servicer.commands(healthy={env.primary.address: True, env.secondary.address: True})
+    return [
+        c
+        for c in cmds
+        if isinstance(c, (ProbeHealth, ChangePair, StartResync)) and c.volume == volume
+    ]
+
+
+async def report_arrived(env: Env, pred: Callable[[pb.VolumeReport], bool], volume: str = "vol1") -> None:
+    """Wait (bounded) until the primary's latest heartbeat report on ``volume`` satisfies ``pred``."""
+
+    async def arrived() -> bool:
+        r = env.servicer.latest_report(env.primary.address, volume)
+        return r is not None and pred(r)
+
+    await wait_until(arrived, what="the primary's heartbeat report")
 
 
 def events(env: Env, volume: str = "vol1") -> list[tuple[str | None, str | None, int]]:
@@ -255,7 +312,7 @@ async def test_liveness(env: Env) -> None:
     assert servicer is not None
     assert servicer.is_alive(env.primary.address)
     assert not servicer.is_alive(env.secondary.address)
-    await asyncio.sleep(NODE_TIMEOUT_S + 0.2)
+    env.clock.advance(NODE_TIMEOUT_S + 0.2)
     assert not servicer.is_alive(env.primary.address)
     await env.stub.Heartbeat(pb.HeartbeatRequest(address=env.primary.address))
     assert servicer.is_alive(env.primary.address)
@@ -462,7 +519,8 @@ async def test_full_recovery_cycle(pair: Env) -> None:
         resync_chunks_refused=1,
         last_stall_ms=2.5,
     )
-    await asyncio.sleep(0.5)
+    await report_arrived(env, lambda r: r.acked_seq == 2)
+    assert resync_steps(env) == []  # without a fault snapshot the driver waits
     assert env.primary.resync_requests == []
     st = await env.get()
     assert (st.acked_seq, st.last_seq) == (2, 4)
@@ -519,7 +577,8 @@ async def test_full_recovery_cycle(pair: Env) -> None:
     reasons = [e.reason for e in env.coord.db.events("vol1")]
     assert "secondary NACKed seq 3: EIO" in reasons[1]
     assert "secondary NACKed seq 3: EIO" in reasons[3]  # the last error lives on in the events
-    await asyncio.sleep(0.3)
+    await report_arrived(env, lambda r: r.state == pb.PAIR_STATE_IN_SYNC)
+    assert resync_steps(env) == []  # in sync: nothing more to start
     assert len(env.primary.resync_requests) == 1
 
 
@@ -530,10 +589,17 @@ async def _resync_count(env: Env, n: int) -> bool:
 async def test_driver_waits_for_the_secondary(pair: Env) -> None:
     env = pair
     env.secondary.heartbeating = False
-    await asyncio.sleep(NODE_TIMEOUT_S + 0.2)
+    env.clock.advance(NODE_TIMEOUT_S + 0.2)
+
+    async def only_primary_alive() -> bool:
+        st = await env.get()
+        return st.primary_alive and not st.secondary_alive
+
+    await wait_until(only_primary_alive, what="the secondary considered dead")
     await degrade(env)
     env.primary_reports(pb.PAIR_STATE_DEGRADED, 1, fault_snapshot_id=11)
-    await asyncio.sleep(0.5)
+    await report_arrived(env, lambda r: r.fault_snapshot_id == 11)
+    assert resync_steps(env) == []  # the secondary is not alive: no probe, no resync
     st = await env.get()
     assert not st.secondary_alive and st.primary_alive
     assert env.primary.resync_requests == [] and st.state == pb.PAIR_STATE_DEGRADED
@@ -612,7 +678,7 @@ async def test_primary_reports_degraded_during_resync(pair: Env) -> None:
 async def test_primary_heartbeat_degraded_is_a_safety_net(pair: Env) -> None:
     """A lost ReportReplication: the primary's heartbeat alone moves the pair to degraded."""
     env = pair
-    await asyncio.sleep(NODE_TIMEOUT_S)  # in sync for longer than the grace
+    env.clock.advance(NODE_TIMEOUT_S)  # in sync for longer than the grace
     env.primary_reports(
         pb.PAIR_STATE_DEGRADED,
         1,
@@ -636,7 +702,8 @@ async def test_auto_resync_off(tmp_path: Path) -> None:
         await env.create()
         await degrade(env)
         env.primary_reports(pb.PAIR_STATE_DEGRADED, 1, fault_snapshot_id=11)
-        await asyncio.sleep(0.6)
+        await report_arrived(env, lambda r: r.fault_snapshot_id == 11)
+        assert resync_steps(env) == []  # ready, but the driver is off
         assert env.primary.resync_requests == []
         assert (await env.get()).state == pb.PAIR_STATE_DEGRADED
     finally:

@@ -1,0 +1,988 @@
+"""The coordinator's decisions, pure: what to do, given what it knows. No I/O.
+
+In the style of etcd raft's ``Ready``: the coordinator's shell
+(``coordinator/service.py``) gathers what it knows as plain data -- the pair
+records, when it last heard from each node, the nodes' latest reports, the
+time -- and asks this module what to do. The answer is a list of commands
+(frozen dataclasses). The shell carries them out in a fixed order: first
+persist and record (``CreatePair``, ``ChangePair``, ``SaveProgress``,
+``DeletePair``, and the in-memory ``SetBackoff`` / ``ClearBackoff`` /
+``NodeSilent``) in list order, then send (``StartResync``,
+``PushAssignment``, ``ProbeHealth``), then reply.
+
+Entry points:
+
+* ``decide(pairs, liveness, reports, now, ...)``: the periodic tick. A
+  resyncing pair whose secondary went silent goes degraded; a degraded pair
+  whose primary and secondary are alive, whose primary shows its fault
+  snapshot, and whose backoff has expired gets its secondary probed
+  (``ProbeHealth``) and, once the probe answered, a resync at a new epoch.
+* ``on_report``: a ReplicationReport from a primary.
+* ``on_heartbeat``: the safety net of a primary's heartbeat that says degraded.
+* ``on_start_resync_failed``: StartResync failed (refused or unreachable).
+* ``plan_create_volume`` / ``on_push_failed``: CreateVolume.
+* validators that return a ``Problem`` (or a message) or None:
+  ``validate_config``, ``validate_register``, ``validate_create_volume``,
+  ``validate_report``.
+
+Every pair state change goes through ``syncrep.core.pairstate.transition``.
+Time is a number passed in: ``now`` is the coordinator's monotonic clock
+(liveness, backoff); ``wall_now`` the wall clock (``state_changed_at`` is a
+persisted wall-clock time). The backoff's random jitter is passed in too
+(``jitter``, a number in [0, 1)), so every function here is deterministic.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Collection, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Final, Protocol, TypeAlias
+
+from syncrep.blockstore.extents import Extent
+from syncrep.core.extents import derive_failed_extents, to_extent
+from syncrep.core.pairstate import IllegalTransition, PairEvent, PairState, transition
+from syncrep.core.vocab import validate_dial_address
+
+__all__ = [
+    "DEFAULT_BLOCK_SIZE",
+    "MAX_BLOCKS",
+    "MAX_BLOCK_SIZE",
+    "MIN_BLOCK_SIZE",
+    "RESYNC_MODE_DIRECT",
+    "RESYNC_MODE_REWRITE",
+    "ROLE_HINTS",
+    "VOLUME_NAME_RE",
+    "Backoff",
+    "ChangePair",
+    "ClearBackoff",
+    "Code",
+    "Command",
+    "CreatePair",
+    "CreateVolumeArgs",
+    "DeletePair",
+    "Liveness",
+    "Nack",
+    "NodeSilent",
+    "PairView",
+    "Policy",
+    "ProbeHealth",
+    "Problem",
+    "Progress",
+    "PushAssignment",
+    "ReplicationReport",
+    "Report",
+    "SaveProgress",
+    "SetBackoff",
+    "StartResync",
+    "VolumeSpec",
+    "decide",
+    "not_found",
+    "on_heartbeat",
+    "on_push_failed",
+    "on_report",
+    "on_start_resync_failed",
+    "plan_create_volume",
+    "resync_backoff_s",
+    "resync_blocker",
+    "validate_config",
+    "validate_create_volume",
+    "validate_register",
+    "validate_report",
+    "volume_spec",
+]
+
+# ---------------------------------------------------------------- limits and wire values
+
+VOLUME_NAME_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+DEFAULT_BLOCK_SIZE: Final = 4096
+MIN_BLOCK_SIZE: Final = 512
+MAX_BLOCK_SIZE: Final = 1024 * 1024
+MAX_BLOCKS: Final = 2**32
+ROLE_HINTS: Final = ("", "primary", "secondary")
+
+# syncrep.v1.ResyncMode values (protos/syncrep.proto; tests/test_driver.py
+# checks them against syncrep_pb2), written out so that this module imports
+# nothing from the generated code.
+RESYNC_MODE_REWRITE: Final = 1
+RESYNC_MODE_DIRECT: Final = 2
+_RESYNC_MODE_NAMES: Final = {
+    RESYNC_MODE_REWRITE: "RESYNC_MODE_REWRITE",
+    RESYNC_MODE_DIRECT: "RESYNC_MODE_DIRECT",
+}
+
+
+# ---------------------------------------------------------------- problems
+
+
+class Code(StrEnum):
+    """What kind of refusal. The values are ``grpc.StatusCode`` names."""
+
+    INVALID_ARGUMENT = "INVALID_ARGUMENT"
+    OUT_OF_RANGE = "OUT_OF_RANGE"
+    FAILED_PRECONDITION = "FAILED_PRECONDITION"
+    NOT_FOUND = "NOT_FOUND"
+    PERMISSION_DENIED = "PERMISSION_DENIED"
+    ALREADY_EXISTS = "ALREADY_EXISTS"
+    UNAVAILABLE = "UNAVAILABLE"
+
+
+@dataclass(frozen=True)
+class Problem:
+    """Why a request is refused: a kind and a message a person can act on."""
+
+    code: Code
+    message: str
+
+    def __str__(self) -> str:
+        return self.message
+
+
+# ---------------------------------------------------------------- inputs
+
+
+class PairView(Protocol):
+    """What the decisions read of a pair record (``coordinator.db.PairRecord``)."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def size_bytes(self) -> int: ...
+    @property
+    def primary(self) -> str: ...
+    @property
+    def secondary(self) -> str: ...
+    @property
+    def epoch(self) -> int: ...
+    @property
+    def state(self) -> PairState: ...
+    @property
+    def failed_extents(self) -> tuple[Extent, ...]: ...
+    @property
+    def fault_snapshot_id(self) -> int: ...
+    @property
+    def last_error(self) -> str: ...
+    @property
+    def state_changed_at(self) -> float: ...
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Resync progress as reported by the primary."""
+
+    bytes_done: int = 0
+    bytes_total: int = 0
+    rate_bytes_per_s: float = 0.0
+    eta_s: float = 0.0
+    round: int = 0
+
+
+@dataclass(frozen=True)
+class Report:
+    """A node's latest report on one volume, from its heartbeat (``VolumeReport``)."""
+
+    volume: str
+    epoch: int
+    state: PairState | None  # None: PAIR_STATE_UNSPECIFIED or a value this code does not know
+    fault_snapshot_id: int = 0
+    failed_extents: tuple[tuple[int, int], ...] = ()
+    last_error: str = ""
+
+
+@dataclass(frozen=True)
+class Nack:
+    seq: int
+    offset: int
+    length: int
+    code: str = ""  # the NackCode name (or the number, if unknown)
+    message: str = ""
+
+
+@dataclass(frozen=True)
+class ReplicationReport:
+    """A primary's ReportReplication request, as plain data."""
+
+    volume: str
+    reporter: str
+    epoch: int
+    state: int  # the syncrep.v1.PairState value, as received (validate_report checks it)
+    nacks: tuple[Nack, ...] = ()
+    unacked: tuple[tuple[int, int], ...] = ()
+    failed_extents: tuple[tuple[int, int], ...] = ()
+    reason: str = ""
+    fault_snapshot_id: int = 0
+    progress: Progress | None = None  # None: the report carries no progress
+
+
+@dataclass(frozen=True)
+class Liveness:
+    """When the coordinator last heard from each node (its clock), and since when it runs."""
+
+    last_heard: Mapping[str, float]
+    started_at: float
+    #: The registered nodes, and those already reported silent (not reported again).
+    nodes: Collection[str] = ()
+    reported_silent: Collection[str] = ()
+
+    def alive(self, address: str, now: float, timeout_s: float) -> bool:
+        t = self.last_heard.get(address)
+        return t is not None and now - t <= timeout_s
+
+    def silent_for(self, address: str, now: float) -> float:
+        """Seconds since the coordinator heard from ``address``, or since it started."""
+        return now - max(self.last_heard.get(address, self.started_at), self.started_at)
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """The resync driver's memory of a pair: failures since it was last in sync,
+    and the earliest (clock) time of the next attempt."""
+
+    failures: int = 0
+    not_before: float = 0.0
+
+
+@dataclass(frozen=True)
+class Policy:
+    """The coordinator's settings the decisions depend on."""
+
+    node_timeout_s: float
+    auto_resync: bool = True
+    resync_retry_initial_s: float = 0.5
+    resync_retry_max_s: float = 10.0
+
+
+@dataclass(frozen=True)
+class CreateVolumeArgs:
+    """A CreateVolume request as received (0 = unset, for block_size and resync_mode)."""
+
+    name: str
+    size_bytes: int
+    primary: str
+    secondary: str
+    block_size: int = 0
+    resync_mode: int = 0
+
+
+@dataclass(frozen=True)
+class VolumeSpec:
+    """A new pair, with the defaults filled in."""
+
+    name: str
+    size_bytes: int
+    block_size: int
+    primary: str
+    secondary: str
+    resync_mode: int
+
+    def role_of(self, address: str) -> str | None:
+        return {self.primary: "primary", self.secondary: "secondary"}.get(address)
+
+
+# ---------------------------------------------------------------- commands
+
+
+@dataclass(frozen=True)
+class NodeSilent:
+    """Record that ``address`` has been silent longer than the node timeout (say
+    so in the log if it was ever heard from)."""
+
+    address: str
+    silent_s: float
+    heard_before: bool
+
+
+@dataclass(frozen=True)
+class ChangePair:
+    """Persist the pair's ``event`` (``from_state -> to_state``, with ``reason``)
+    and the changed fields in one transaction; None means unchanged. The shell
+    stamps ``state_changed_at`` when the state changes."""
+
+    volume: str
+    event: PairEvent
+    from_state: PairState
+    to_state: PairState
+    reason: str
+    epoch: int
+    failed_extents: tuple[Extent, ...] | None = None
+    fault_snapshot_id: int | None = None
+    last_error: str | None = None
+    progress: Progress | None = None
+    #: The progress came from the primary just now (newer than its heartbeats).
+    progress_reported: bool = False
+
+
+@dataclass(frozen=True)
+class SaveProgress:
+    """Persist resync progress the primary reported (touches no other field)."""
+
+    volume: str
+    progress: Progress
+
+
+@dataclass(frozen=True)
+class SetBackoff:
+    """A resync attempt failed: remember the failure count and the next attempt's earliest time."""
+
+    volume: str
+    failures: int
+    not_before: float
+    delay_s: float
+
+
+@dataclass(frozen=True)
+class ClearBackoff:
+    """The pair is in sync: forget its resync failures."""
+
+    volume: str
+
+
+@dataclass(frozen=True)
+class ProbeHealth:
+    """Ask ``address`` (the secondary of ``volume``) directly whether it serves,
+    and call ``decide`` again with the answer in ``healthy``. Heartbeats are up
+    to ``node_timeout_s`` stale: a secondary killed a moment ago still looks alive."""
+
+    volume: str
+    address: str
+
+
+@dataclass(frozen=True)
+class StartResync:
+    """Call ``NodeService.StartResync(volume, epoch)`` on ``primary`` (after the
+    ``ChangePair`` that issued ``epoch`` is persisted)."""
+
+    volume: str
+    primary: str
+    epoch: int
+
+
+@dataclass(frozen=True)
+class CreatePair:
+    """Persist a new pair (in sync at epoch 1) and its creation event."""
+
+    spec: VolumeSpec
+    reason: str
+
+
+@dataclass(frozen=True)
+class DeletePair:
+    """Delete a pair and record why."""
+
+    volume: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class PushAssignment:
+    """Call ``NodeService.AssignVolume`` on ``address``; on failure, ask ``on_push_failed``."""
+
+    volume: str
+    address: str
+
+
+Command: TypeAlias = (
+    NodeSilent
+    | ChangePair
+    | SaveProgress
+    | SetBackoff
+    | ClearBackoff
+    | ProbeHealth
+    | StartResync
+    | CreatePair
+    | DeletePair
+    | PushAssignment
+)
+
+
+# ---------------------------------------------------------------- validators
+
+
+def validate_config(
+    heartbeat_interval_s: float, node_timeout_s: float, default_resync_mode: int
+) -> str | None:
+    """None if the coordinator's settings make sense, else what is wrong."""
+    if heartbeat_interval_s <= 0 or node_timeout_s <= 0:
+        return (
+            f"heartbeat_interval_s ({heartbeat_interval_s}) and node_timeout_s ({node_timeout_s}) must be > 0"
+        )
+    if node_timeout_s <= heartbeat_interval_s:
+        return (
+            f"node_timeout_s ({node_timeout_s}) must be larger than heartbeat_interval_s "
+            f"({heartbeat_interval_s}), or every node is declared dead between two heartbeats"
+        )
+    if default_resync_mode not in _RESYNC_MODE_NAMES:
+        return f"default_resync_mode {default_resync_mode} must be RESYNC_MODE_REWRITE (1) or RESYNC_MODE_DIRECT (2)"
+    return None
+
+
+def validate_register(address: str, role_hint: str) -> Problem | None:
+    """RegisterNode's arguments."""
+    if not address:
+        return Problem(Code.INVALID_ARGUMENT, "RegisterNode: address is required (host:port)")
+    problem = validate_dial_address(address)
+    if problem:
+        return Problem(Code.INVALID_ARGUMENT, f"RegisterNode: {problem}")
+    if role_hint not in ROLE_HINTS:
+        return Problem(
+            Code.INVALID_ARGUMENT,
+            f"RegisterNode: role_hint {role_hint!r} must be 'primary', 'secondary' or empty",
+        )
+    return None
+
+
+def volume_spec(args: CreateVolumeArgs, default_resync_mode: int) -> VolumeSpec:
+    """``args`` with the defaults filled in (not validated: see ``validate_create_volume``)."""
+    return VolumeSpec(
+        name=args.name,
+        size_bytes=args.size_bytes,
+        block_size=args.block_size or DEFAULT_BLOCK_SIZE,
+        primary=args.primary,
+        secondary=args.secondary,
+        resync_mode=args.resync_mode or default_resync_mode,
+    )
+
+
+def validate_create_volume(
+    args: CreateVolumeArgs,
+    *,
+    default_resync_mode: int,
+    registered: Collection[str],
+    existing: Mapping[str, PairView],
+    coordinator_address: str = "",
+) -> Problem | None:
+    """CreateVolume's arguments, in this order: name, size, block size, resync
+    mode, addresses, the nodes registered, the name free."""
+    spec = volume_spec(args, default_resync_mode)
+    name, size, block_size = spec.name, spec.size_bytes, spec.block_size
+    if not VOLUME_NAME_RE.fullmatch(name):
+        return Problem(
+            Code.INVALID_ARGUMENT,
+            f"volume name {name!r} is invalid: use 1-64 characters from A-Z a-z 0-9 _ . -, "
+            "starting with a letter or digit",
+        )
+    if size == 0:
+        return Problem(Code.INVALID_ARGUMENT, "size_bytes must be > 0")
+    if block_size & (block_size - 1):
+        return Problem(
+            Code.INVALID_ARGUMENT,
+            f"block_size {block_size} is not a power of two (allowed: {MIN_BLOCK_SIZE}..{MAX_BLOCK_SIZE})",
+        )
+    if not MIN_BLOCK_SIZE <= block_size <= MAX_BLOCK_SIZE:
+        return Problem(
+            Code.OUT_OF_RANGE,
+            f"block_size {block_size} is outside the allowed range {MIN_BLOCK_SIZE}..{MAX_BLOCK_SIZE}",
+        )
+    if size % block_size:
+        return Problem(
+            Code.INVALID_ARGUMENT,
+            f"size_bytes {size} is not a multiple of block_size {block_size} "
+            f"(nearest: {size // block_size * block_size} or {(size // block_size + 1) * block_size})",
+        )
+    if size // block_size > MAX_BLOCKS:
+        return Problem(
+            Code.OUT_OF_RANGE,
+            f"size_bytes {size} is {size // block_size} blocks of {block_size} bytes; the limit is "
+            f"{MAX_BLOCKS} blocks ({MAX_BLOCKS * block_size} bytes at this block size)",
+        )
+    if spec.resync_mode not in _RESYNC_MODE_NAMES:
+        return Problem(
+            Code.INVALID_ARGUMENT,
+            f"resync_mode {args.resync_mode} is not RESYNC_MODE_REWRITE (1) or RESYNC_MODE_DIRECT (2)",
+        )
+    for role, addr in (("primary", spec.primary), ("secondary", spec.secondary)):
+        problem = validate_dial_address(addr)
+        if problem:
+            return Problem(Code.INVALID_ARGUMENT, f"{role}: {problem}")
+    if spec.primary == spec.secondary:
+        return Problem(
+            Code.INVALID_ARGUMENT,
+            f"primary and secondary are the same node ({spec.primary}); a pair needs two nodes",
+        )
+    for role, addr in (("primary", spec.primary), ("secondary", spec.secondary)):
+        if addr not in registered:
+            coord = coordinator_address or "<this coordinator's address>"
+            return Problem(
+                Code.FAILED_PRECONDITION,
+                f"node {addr} is not registered with this coordinator; start it with "
+                f"`syncrep {role} --coordinator {coord} --listen {addr} --data-dir DIR` "
+                f"(or with --advertise {addr} if it listens on another address)",
+            )
+    if name in existing:
+        other = existing[name]
+        return Problem(
+            Code.ALREADY_EXISTS,
+            f"volume {name!r} already exists (primary {other.primary}, secondary {other.secondary})",
+        )
+    return None
+
+
+def not_found(name: str, known: Iterable[str]) -> Problem:
+    names = ", ".join(sorted(known)[:10]) or "none"
+    return Problem(Code.NOT_FOUND, f"volume {name!r} not found (volumes: {names})")
+
+
+def _check_in_volume(pair: PairView, what: str, items: Iterable[Nack | tuple[int, int]]) -> Problem | None:
+    for item in items:
+        ext = to_extent(item)
+        if ext.end > pair.size_bytes:
+            return Problem(
+                Code.INVALID_ARGUMENT,
+                f"{what} extent offset={ext.offset} length={ext.length} ends at {ext.end}, beyond "
+                f"the end of volume {pair.name!r} ({pair.size_bytes} bytes)",
+            )
+    return None
+
+
+def validate_report(pair: PairView, report: ReplicationReport) -> Problem | None:
+    """A ReplicationReport on ``pair``: from its primary, at its epoch, a known
+    state; a degraded report's extents within the volume."""
+    if report.reporter != pair.primary:
+        return Problem(
+            Code.PERMISSION_DENIED,
+            f"node {report.reporter or '(no reporter)'} is not the primary of volume {pair.name!r} "
+            f"(the primary is {pair.primary}); only the primary reports replication state",
+        )
+    if report.epoch < pair.epoch:
+        return Problem(
+            Code.FAILED_PRECONDITION,
+            f"stale epoch: report for volume {pair.name!r} carries epoch {report.epoch}, "
+            f"the pair is at epoch {pair.epoch} (a newer resync was started; the primary must "
+            "fence off its old stream and follow StartResync / its heartbeat assignments)",
+        )
+    if report.epoch > pair.epoch:
+        return Problem(
+            Code.FAILED_PRECONDITION,
+            f"epoch {report.epoch} was never issued for volume {pair.name!r}; the pair is at epoch {pair.epoch}",
+        )
+    try:
+        state = PairState.from_proto(report.state)
+    except ValueError as e:
+        return Problem(Code.INVALID_ARGUMENT, f"ReportReplication: {e}")
+    if state is PairState.DEGRADED:
+        for what, items in (
+            ("nack", report.nacks),
+            ("unacked write", report.unacked),
+            ("failed", report.failed_extents),
+        ):
+            problem = _check_in_volume(pair, what, items)
+            if problem:
+                return problem
+    return None
+
+
+# ---------------------------------------------------------------- backoff and state changes
+
+
+def resync_backoff_s(failures: int, *, initial_s: float, max_s: float, jitter_s: float = 0.0) -> float:
+    """The wait before the next resync attempt after ``failures`` failures:
+    ``initial_s * 2**(failures - 1) + jitter_s``, capped at ``max_s`` (the
+    exponential backoff with jitter of tenacity's ``wait_exponential_jitter``,
+    with the random part passed in)."""
+    exp = initial_s * 2.0 ** min(max(failures, 1) - 1, 1023)
+    return max(0.0, min(exp + jitter_s, max_s))
+
+
+def _change(
+    pair: PairView,
+    event: PairEvent,
+    reason: str,
+    *,
+    book: Backoff,
+    now: float,
+    policy: Policy,
+    jitter: float,
+    epoch: int | None = None,
+    failed_extents: tuple[Extent, ...] | None = None,
+    fault_snapshot_id: int | None = None,
+    last_error: str | None = None,
+    progress: Progress | None = None,
+    progress_reported: bool = False,
+) -> list[Command]:
+    """``event`` on ``pair`` (IllegalTransition if the table has no entry), with
+    what follows from it: a resync that fell back to degraded backs off, a pair
+    in sync forgets its failures."""
+    to_state = transition(pair.state, event)
+    cmds: list[Command] = [
+        ChangePair(
+            volume=pair.name,
+            event=event,
+            from_state=pair.state,
+            to_state=to_state,
+            reason=reason,
+            epoch=pair.epoch if epoch is None else epoch,
+            failed_extents=failed_extents,
+            fault_snapshot_id=fault_snapshot_id,
+            last_error=last_error,
+            progress=progress,
+            progress_reported=progress_reported,
+        )
+    ]
+    if pair.state is PairState.RESYNCING and to_state is PairState.DEGRADED:
+        failures = book.failures + 1
+        delay = resync_backoff_s(
+            failures,
+            initial_s=policy.resync_retry_initial_s,
+            max_s=policy.resync_retry_max_s,
+            jitter_s=jitter * policy.resync_retry_initial_s,
+        )
+        cmds.append(SetBackoff(pair.name, failures, now + delay, delay))
+    if to_state is PairState.IN_SYNC:
+        cmds.append(ClearBackoff(pair.name))
+    return cmds
+
+
+def _proto_state_name(state: PairState | None) -> str:
+    return "PAIR_STATE_UNSPECIFIED" if state is None else f"PAIR_STATE_{state.name}"
+
+
+# ---------------------------------------------------------------- the tick
+
+
+def resync_blocker(
+    pair: PairView,
+    liveness: Liveness,
+    reports: Mapping[tuple[str, str], Report],
+    now: float,
+    *,
+    policy: Policy,
+    backoff: Backoff = Backoff(),
+    in_flight: Collection[str] = (),
+) -> str | None:
+    """None if a resync of ``pair`` may start now (after a health probe of its
+    secondary), else why not."""
+    timeout = policy.node_timeout_s
+    if pair.state is not PairState.DEGRADED:
+        return f"state is {pair.state.value}"
+    if pair.name in in_flight:
+        return "a StartResync call is in flight"
+    if not liveness.alive(pair.primary, now, timeout):
+        return f"primary {pair.primary} is not alive"
+    if not liveness.alive(pair.secondary, now, timeout):
+        return f"secondary {pair.secondary} is not alive"
+    report = reports.get((pair.primary, pair.name))
+    if report is None:
+        return f"no heartbeat report for the volume from primary {pair.primary} yet"
+    if report.state is not PairState.DEGRADED:
+        return f"primary reports {_proto_state_name(report.state)}, not DEGRADED"
+    if report.fault_snapshot_id == 0:
+        return "primary reports no fault-recovery snapshot yet"
+    if report.epoch > pair.epoch:
+        return f"primary reports epoch {report.epoch} > the pair's {pair.epoch}"
+    if now < backoff.not_before:
+        return f"backing off for {backoff.not_before - now:.1f} s more"
+    return None
+
+
+def decide(
+    pairs: Iterable[PairView],
+    liveness: Liveness,
+    reports: Mapping[tuple[str, str], Report],
+    now: float,
+    *,
+    policy: Policy,
+    backoff: Mapping[str, Backoff] | None = None,
+    in_flight: Collection[str] = (),
+    healthy: Mapping[str, bool] | None = None,
+    jitter: float = 0.0,
+) -> list[Command]:
+    """What the coordinator must do now, given
+
+    * ``pairs``: the pair records;
+    * ``liveness``: when it last heard from each node;
+    * ``reports``: the nodes' latest heartbeat reports, by (node address, volume);
+    * ``now``: the coordinator's (monotonic) clock;
+    * ``policy``: its settings; ``backoff``: the resync driver's memory per
+      pair; ``in_flight``: the volumes with a StartResync call in flight;
+    * ``healthy``: the answers to this round's ``ProbeHealth`` commands, by
+      address (a pair ready for a resync whose secondary has no answer here
+      gets a ``ProbeHealth``; one that answered False waits);
+    * ``jitter``: a random number in [0, 1) for the backoff's jitter.
+    """
+    backoff = backoff or {}
+    healthy = healthy or {}
+    timeout = policy.node_timeout_s
+    cmds: list[Command] = []
+    for address in sorted(liveness.nodes):
+        if address in liveness.reported_silent:
+            continue
+        silent = liveness.silent_for(address, now)
+        if silent > timeout:
+            cmds.append(NodeSilent(address, silent, heard_before=address in liveness.last_heard))
+    for pair in sorted(pairs, key=lambda p: p.name):
+        book = backoff.get(pair.name, Backoff())
+        if pair.state is PairState.RESYNCING:
+            silent = liveness.silent_for(pair.secondary, now)
+            if silent > timeout:
+                reason = (
+                    f"secondary {pair.secondary} has not heartbeated for {silent:.1f} s "
+                    f"(node_timeout_s={timeout}) during the resync of epoch {pair.epoch}"
+                )
+                cmds += _change(
+                    pair,
+                    PairEvent.SECONDARY_FAILED,
+                    reason,
+                    book=book,
+                    now=now,
+                    policy=policy,
+                    jitter=jitter,
+                    last_error=reason,
+                )
+            continue
+        if not policy.auto_resync:
+            continue
+        if resync_blocker(pair, liveness, reports, now, policy=policy, backoff=book, in_flight=in_flight):
+            continue
+        answer = healthy.get(pair.secondary)
+        if answer is None:
+            cmds.append(ProbeHealth(pair.name, pair.secondary))
+            continue
+        if not answer:
+            continue
+        snapshot = reports[(pair.primary, pair.name)].fault_snapshot_id
+        new_epoch = pair.epoch + 1
+        failed_bytes = sum(e.length for e in pair.failed_extents)
+        reason = (
+            f"primary {pair.primary} and secondary {pair.secondary} alive, fault snapshot {snapshot} "
+            f"present; resync attempt {book.failures + 1} at epoch {new_epoch} "
+            f"({len(pair.failed_extents)} failed extents, {failed_bytes} bytes)"
+        )
+        cmds += _change(
+            pair,
+            PairEvent.RESYNC_STARTED,
+            reason,
+            book=book,
+            now=now,
+            policy=policy,
+            jitter=jitter,
+            epoch=new_epoch,
+            progress=Progress(),
+        )
+        cmds.append(StartResync(pair.name, pair.primary, new_epoch))
+    return cmds
+
+
+def on_start_resync_failed(
+    pair: PairView | None,
+    primary: str,
+    epoch: int,
+    error: str,
+    *,
+    backoff: Backoff,
+    now: float,
+    policy: Policy,
+    jitter: float = 0.0,
+) -> list[Command]:
+    """StartResync at ``epoch`` failed with ``error``: the resync falls back to
+    degraded (and backs off) -- unless the pair has moved on (then nothing)."""
+    if pair is None or pair.state is not PairState.RESYNCING or pair.epoch != epoch:
+        return []
+    reason = f"StartResync on primary {primary} at epoch {epoch} failed: {error}"
+    return _change(
+        pair,
+        PairEvent.RESYNC_FAILED,
+        reason,
+        book=backoff,
+        now=now,
+        policy=policy,
+        jitter=jitter,
+        last_error=reason,
+    )
+
+
+# ---------------------------------------------------------------- messages from the nodes
+
+
+def on_heartbeat(
+    pair: PairView | None,
+    reporter: str,
+    report: Report,
+    *,
+    wall_now: float,
+    policy: Policy,
+    backoff: Backoff,
+    now: float,
+    jitter: float = 0.0,
+) -> list[Command]:
+    """A safety net for a lost ReportReplication: the primary's heartbeat says
+    the pair is degraded at the current epoch. Acted on only once the pair has
+    been in its current state for ``node_timeout_s`` of wall-clock time (so a
+    primary that got StartResync but has not started yet is not misread), or,
+    when already degraded, if it adds failure information. Anything else
+    (another reporter, another state, a stale epoch, extents beyond the
+    volume) is ignored."""
+    if (
+        pair is None
+        or pair.primary != reporter
+        or report.state is not PairState.DEGRADED
+        or report.epoch != pair.epoch
+    ):
+        return []
+    try:
+        reported = [to_extent(e) for e in report.failed_extents]
+    except ValueError:
+        return []
+    if any(e.end > pair.size_bytes for e in reported):
+        return []
+    extents = tuple(derive_failed_extents((), (), [*pair.failed_extents, *reported]))
+    snapshot_id = report.fault_snapshot_id or pair.fault_snapshot_id
+    if pair.state is PairState.DEGRADED:
+        if extents == pair.failed_extents and snapshot_id == pair.fault_snapshot_id:
+            return []
+        reason = f"primary {reporter} heartbeat adds failure information"
+    else:
+        if wall_now - pair.state_changed_at < policy.node_timeout_s:
+            return []
+        reason = f"primary {reporter} heartbeat reports the pair degraded at epoch {report.epoch}" + (
+            f": {report.last_error}" if report.last_error else ""
+        )
+    return _change(
+        pair,
+        PairEvent.SECONDARY_FAILED,
+        reason,
+        book=backoff,
+        now=now,
+        policy=policy,
+        jitter=jitter,
+        failed_extents=extents,
+        fault_snapshot_id=snapshot_id,
+        last_error=report.last_error or pair.last_error or reason,
+    )
+
+
+def _nack_reason(nacks: Sequence[Nack]) -> str:
+    if not nacks:
+        return ""
+    first = nacks[0]
+    return f"{len(nacks)} write(s) NACKed, first seq {first.seq}: {first.code} {first.message}".strip()
+
+
+def on_report(
+    pair: PairView,
+    report: ReplicationReport,
+    *,
+    resync_started: bool,
+    secondary_alive: bool,
+    backoff: Backoff,
+    now: float,
+    policy: Policy,
+    jitter: float = 0.0,
+) -> Problem | list[Command]:
+    """A ReplicationReport from the primary of ``pair``: the refusal, or what to
+    persist. ``resync_started``: a resync was started at the pair's current
+    epoch (only read while the pair is degraded); ``secondary_alive``: the
+    secondary heartbeats."""
+    problem = validate_report(pair, report)
+    if problem:
+        return problem
+    state = PairState.from_proto(report.state)
+    try:
+        if state is PairState.DEGRADED:
+            nacks = [to_extent(n) for n in report.nacks]
+            unacked = [to_extent(e) for e in report.unacked]
+            reported = [to_extent(e) for e in report.failed_extents]
+            extents = derive_failed_extents(nacks, unacked, [*pair.failed_extents, *reported])
+            reason = report.reason or _nack_reason(report.nacks) or "secondary failed (no reason given)"
+            total = sum(e.length for e in extents)
+            detail = (
+                f"primary {report.reporter} reports the secondary {pair.secondary} failed: {reason} "
+                f"({len(report.nacks)} nacks, {len(report.unacked)} unacked writes; "
+                f"{len(extents)} failed extents, {total} bytes)"
+            )
+            return _change(
+                pair,
+                PairEvent.SECONDARY_FAILED,
+                detail,
+                book=backoff,
+                now=now,
+                policy=policy,
+                jitter=jitter,
+                failed_extents=tuple(extents),
+                fault_snapshot_id=report.fault_snapshot_id or pair.fault_snapshot_id,
+                last_error=reason,
+            )
+        if state is PairState.RESYNCING:
+            progress = report.progress or Progress()
+            if pair.state is PairState.DEGRADED and resync_started and secondary_alive:
+                # The coordinator went degraded on its own (secondary silent, or
+                # a StartResync that timed out although the primary got it)
+                # while the primary's resync for this very epoch carries on.
+                return _change(
+                    pair,
+                    PairEvent.RESYNC_STARTED,
+                    f"primary {report.reporter} reports the resync of epoch {pair.epoch} in progress",
+                    book=backoff,
+                    now=now,
+                    policy=policy,
+                    jitter=jitter,
+                    progress=progress,
+                    progress_reported=True,
+                )
+            if pair.state is not PairState.RESYNCING:
+                return Problem(
+                    Code.FAILED_PRECONDITION,
+                    f"volume {pair.name!r} is {pair.state.value} at epoch {pair.epoch}, not resyncing; "
+                    "resync progress is accepted only while the coordinator has a resync running",
+                )
+            return [SaveProgress(pair.name, progress)]
+        # In sync.
+        if pair.state is PairState.IN_SYNC:
+            return []  # a retry of a report already applied
+        if pair.state is PairState.DEGRADED and not resync_started:
+            return Problem(
+                Code.FAILED_PRECONDITION,
+                f"volume {pair.name!r} is degraded at epoch {pair.epoch} and no resync was started at that "
+                f"epoch; the primary cannot be in sync before the coordinator starts a resync",
+            )
+        how = f": {report.reason}" if report.reason else ""
+        return _change(
+            pair,
+            PairEvent.RESYNC_DONE,
+            f"primary {report.reporter} reports the pair in sync at epoch {report.epoch}{how} "
+            f"(previous error: {pair.last_error or 'none'})",
+            book=backoff,
+            now=now,
+            policy=policy,
+            jitter=jitter,
+            failed_extents=(),
+            fault_snapshot_id=0,
+            last_error="",
+            progress=report.progress,
+        )
+    except IllegalTransition as e:
+        return Problem(Code.FAILED_PRECONDITION, f"volume {pair.name!r}: {e}")
+
+
+# ---------------------------------------------------------------- CreateVolume
+
+
+def plan_create_volume(args: CreateVolumeArgs, *, default_resync_mode: int) -> list[Command]:
+    """A validated CreateVolume: persist the pair, then push it to the
+    secondary first (so it accepts the primary's stream), then to the primary."""
+    spec = volume_spec(args, default_resync_mode)
+    mode_name = _RESYNC_MODE_NAMES.get(spec.resync_mode, str(spec.resync_mode))
+    reason = (
+        f"created: primary {spec.primary}, secondary {spec.secondary}, "
+        f"{spec.size_bytes} bytes, block size {spec.block_size}, resync mode {mode_name}"
+    )
+    return [
+        CreatePair(spec, reason),
+        PushAssignment(spec.name, spec.secondary),
+        PushAssignment(spec.name, spec.primary),
+    ]
+
+
+def on_push_failed(
+    spec: VolumeSpec, address: str, error: str, *, still_ours: bool
+) -> tuple[list[Command], Problem]:
+    """AssignVolume to ``address`` failed: roll the creation back (if the pair
+    is still the one this request created) and refuse."""
+    cmds: list[Command] = []
+    if still_ours:
+        cmds.append(DeletePair(spec.name, f"creation rolled back: AssignVolume to {address} failed: {error}"))
+    return cmds, Problem(
+        Code.UNAVAILABLE,
+        f"volume {spec.name!r} not created: assigning it to the {spec.role_of(address)} {address} failed "
+        f"({error}); check that node {address} is running and reachable, then retry",
+    )
