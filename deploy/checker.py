@@ -1,30 +1,11 @@
 """The nemesis checker: what the workload wrote against what the replicas hold.
 
-Data format
------------
-Every block a workload writer writes is self-describing: a 32-byte header
-(magic, writer, version, block index within the write, volume offset, run
-seed) and a body derived from the header by BLAKE2b. So any block read back
-can be decoded to the write that produced it (:func:`decode_block`) -- or is
-provably bytes that nobody wrote.
+The block format, the model of acknowledged and indeterminate writes and the
+no-lost-writes check (:func:`check_blocks`) are :mod:`deploy.workload`'s,
+shared with the e2e tests and ``syncrep demo``; they are re-exported here
+under their old names. What is the nemesis's own is the crash consistency
+of the secondary's rollback points:
 
-History
--------
-Each writer owns a disjoint region and is sequential (one write at a time),
-numbering its writes 1, 2, ... (the *version*). For every write the workload
-records an :class:`Op`: offset, blocks, crc32c of the data, invocation and
-completion times, and the outcome: ``ok`` (acknowledged), ``fail`` (an error:
-indeterminate, the write may or may not have been applied) or ``pending``
-(still in flight when the workload stopped: indeterminate too).
-
-Checks
-------
-* :func:`check_blocks` (no lost writes): every block the workload touched
-  must hold the latest acknowledged version of that block, or a version
-  whose write was indeterminate and was issued after that acknowledged one
-  (in flight at the end, or failed later); zeros only when no write to the
-  block was acknowledged. An older acknowledged version is a LOST write;
-  undecodable bytes are GARBAGE.
 * :func:`check_rollback_point` (crash consistency of the secondary's
   ``pre-resync-*`` snapshot): that snapshot must be a state the primary had.
   Crash-consistent means: the state a disk could hold after a crash at
@@ -45,189 +26,46 @@ Checks
 
 from __future__ import annotations
 
-import hashlib
-import struct
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-MAGIC = b"SRNM"
-HEADER = struct.Struct("<4sHHIIQ")  # magic, writer, block index, version, seed, offset -> 24 bytes
-HEADER_BYTES = 32
+from deploy.workload import (
+    GARBAGE,
+    HEADER,
+    HEADER_BYTES,
+    MAGIC,
+    ZERO,
+    BlockReport,
+    Decoded,
+    Finding,
+    History,
+    Op,
+    blocks_from_bytes,
+    check_blocks,
+    decode_block,
+    describe_op,
+    make_block,
+    make_write,
+)
 
-
-def make_block(seed: int, writer: int, version: int, index: int, offset: int, block_size: int) -> bytes:
-    """The content of block ``index`` of write ``version`` of ``writer`` at ``offset``."""
-    head = HEADER.pack(MAGIC, writer, index, version, seed & 0xFFFFFFFF, offset).ljust(HEADER_BYTES, b"\0")
-    body = hashlib.blake2b(head, digest_size=64).digest()
-    n = block_size - HEADER_BYTES
-    return head + (body * (n // 64 + 1))[:n]
-
-
-def make_write(seed: int, writer: int, version: int, offset: int, nblocks: int, block_size: int) -> bytes:
-    return b"".join(
-        make_block(seed, writer, version, i, offset + i * block_size, block_size) for i in range(nblocks)
-    )
-
-
-@dataclass(frozen=True)
-class Decoded:
-    kind: str  # "zero" | "block" | "garbage"
-    writer: int = -1
-    version: int = 0
-    index: int = 0
-
-
-ZERO = Decoded("zero")
-GARBAGE = Decoded("garbage")
-
-
-def decode_block(data: bytes, seed: int, offset: int, block_size: int) -> Decoded:
-    """What wrote this block at ``offset``: zeros, a workload write, or nobody."""
-    if not data.strip(b"\0"):
-        return ZERO
-    if len(data) < HEADER_BYTES or data[:4] != MAGIC:
-        return GARBAGE
-    _, writer, index, version, s, off = HEADER.unpack_from(data)
-    if s != seed & 0xFFFFFFFF or off != offset:
-        return GARBAGE
-    if data != make_block(seed, writer, version, index, offset, block_size):
-        return GARBAGE
-    return Decoded("block", writer, version, index)
-
-
-@dataclass
-class Op:
-    """One write of the workload."""
-
-    writer: int
-    version: int
-    offset: int
-    nblocks: int
-    crc32c: int
-    t_inv: float
-    t_done: float = 0.0
-    status: str = "pending"  # "ok" | "fail" | "pending"
-    error: str = ""
-
-    def blocks(self, block_size: int) -> range:
-        b0 = self.offset // block_size
-        return range(b0, b0 + self.nblocks)
-
-
-@dataclass
-class History:
-    """Every write of a workload run, indexed by block."""
-
-    seed: int
-    block_size: int
-    ops: list[Op] = field(default_factory=list)
-
-    def add(self, op: Op) -> None:
-        self.ops.append(op)
-
-    def by_block(self) -> dict[int, list[Op]]:
-        """block -> the ops covering it, in version order (one writer per block)."""
-        out: dict[int, list[Op]] = {}
-        for op in sorted(self.ops, key=lambda o: (o.writer, o.version)):
-            for b in op.blocks(self.block_size):
-                out.setdefault(b, []).append(op)
-        return out
-
-    def op_index(self) -> dict[tuple[int, int], Op]:
-        return {(o.writer, o.version): o for o in self.ops}
-
-    @property
-    def acked(self) -> int:
-        return sum(1 for o in self.ops if o.status == "ok")
-
-    @property
-    def indeterminate(self) -> int:
-        return sum(1 for o in self.ops if o.status != "ok")
-
-    def touched_blocks(self) -> list[int]:
-        return sorted(self.by_block())
-
-
-@dataclass
-class Finding:
-    kind: str  # "lost" | "garbage" | "not_prefix" | "future"
-    block: int
-    offset: int
-    detail: str
-
-
-@dataclass
-class BlockReport:
-    checked: int = 0
-    findings: list[Finding] = field(default_factory=list)
-
-    @property
-    def lost(self) -> int:
-        return sum(1 for f in self.findings if f.kind == "lost")
-
-    @property
-    def garbage(self) -> int:
-        return sum(1 for f in self.findings if f.kind == "garbage")
-
-    @property
-    def ok(self) -> bool:
-        return not self.findings
-
-    def summary(self, limit: int = 8) -> str:
-        if self.ok:
-            return f"{self.checked} blocks checked: all hold an allowed version"
-        lines = [f"{len(self.findings)} bad blocks of {self.checked} checked "
-                 f"({self.lost} lost, {self.garbage} garbage):"]
-        lines += [f"  {f.kind.upper()} block {f.block} (offset {f.offset}): {f.detail}" for f in self.findings[:limit]]
-        if len(self.findings) > limit:
-            lines.append(f"  ... and {len(self.findings) - limit} more")
-        return "\n".join(lines)
-
-
-def _describe(op: Op | None) -> str:
-    if op is None:
-        return "none"
-    return f"w{op.writer}v{op.version}({op.status})"
-
-
-def check_blocks(history: History, read: dict[int, bytes]) -> BlockReport:
-    """No lost writes: ``read`` maps block -> content read from the primary
-    after the run (every touched block must be there)."""
-    bs = history.block_size
-    rep = BlockReport()
-    for b, ops in sorted(history.by_block().items()):
-        data = read.get(b)
-        if data is None:
-            rep.findings.append(Finding("lost", b, b * bs, "block was not read back"))
-            continue
-        rep.checked += 1
-        d = decode_block(data, history.seed, b * bs, bs)
-        acked = [o for o in ops if o.status == "ok"]
-        last_ack = acked[-1] if acked else None
-        if d.kind == "garbage":
-            rep.findings.append(Finding("garbage", b, b * bs,
-                                        f"bytes no writer wrote (latest ack {_describe(last_ack)})"))
-            continue
-        if d.kind == "zero":
-            if last_ack is not None:
-                rep.findings.append(Finding("lost", b, b * bs,
-                                            f"zeros, but {_describe(last_ack)} was acknowledged"))
-            continue
-        op = next((o for o in ops if (o.writer, o.version) == (d.writer, d.version)), None)
-        if op is None:
-            rep.findings.append(Finding("garbage", b, b * bs,
-                                        f"holds w{d.writer}v{d.version}, a write that never covered this block"))
-            continue
-        if last_ack is None or op is last_ack:
-            continue
-        if op.version > last_ack.version and op.status != "ok":
-            continue  # indeterminate, issued after the last acknowledged write
-        rep.findings.append(Finding(
-            "lost", b, b * bs,
-            f"holds {_describe(op)}, but {_describe(last_ack)} was acknowledged later "
-            f"(at t={last_ack.t_done:.3f})",
-        ))
-    return rep
+__all__ = [
+    "GARBAGE",
+    "HEADER",
+    "HEADER_BYTES",
+    "MAGIC",
+    "ZERO",
+    "BlockReport",
+    "Decoded",
+    "Finding",
+    "History",
+    "Op",
+    "RollbackReport",
+    "blocks_from_bytes",
+    "check_blocks",
+    "check_rollback_point",
+    "decode_block",
+    "make_block",
+    "make_write",
+]
 
 
 @dataclass
@@ -270,7 +108,7 @@ def check_rollback_point(
                 rep.findings.append(Finding("garbage", b, b * bs, f"w{d.writer}v{d.version} never covered it"))
             elif op.t_inv > captured_at:
                 rep.findings.append(Finding("future", b, b * bs,
-                                            f"{_describe(op)} was invoked after the snapshot was read"))
+                                            f"{describe_op(op)} was invoked after the snapshot was read"))
             else:
                 rep.newest[d.writer] = max(rep.newest.get(d.writer, 0), d.version)
     for b, ops in by_block.items():
@@ -288,17 +126,6 @@ def check_rollback_point(
             rep.findings.append(Finding(
                 "not_prefix", b, b * bs,
                 f"holds {'zeros' if have == 0 else f'w{writer}v{have}'} but the snapshot shows w{writer}v{vmax}, "
-                f"and {_describe(skipped[-1])} (acknowledged before w{writer}v{vmax} was issued) is missing",
+                f"and {describe_op(skipped[-1])} (acknowledged before w{writer}v{vmax} was issued) is missing",
             ))
     return rep
-
-
-def blocks_from_bytes(data: bytes, start_offset: int, block_size: int, wanted: Iterable[int]) -> dict[int, bytes]:
-    """Cut ``data`` (read at ``start_offset``) into the ``wanted`` blocks."""
-    out = {}
-    first = start_offset // block_size
-    for b in wanted:
-        i = (b - first) * block_size
-        if 0 <= i and i + block_size <= len(data):
-            out[b] = data[i:i + block_size]
-    return out

@@ -24,7 +24,7 @@ One run of a seed:
    the reason in the report.
 3. The runner starts the cluster (each process on its own host), creates the
    volume, runs the workload (several sequential writers through the
-   primary, each write self-describing: see :mod:`deploy.checker`), executes
+   primary, each write self-describing: see :mod:`deploy.workload`), executes
    the steps, heals everything, waits (bounded) for in_sync -- the
    coordinator and the primary itself agree, without interruption for
    longer than the ack timeout, so a stale view (a primary just resumed from
@@ -63,19 +63,12 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import google_crc32c
 import grpc
 
 from deploy import netns
-from deploy.checker import (
-    History,
-    Op,
-    blocks_from_bytes,
-    check_blocks,
-    check_rollback_point,
-    make_write,
-)
+from deploy.checker import check_rollback_point
 from deploy.cluster import ClusterError, LocalCluster
+from deploy.workload import Workload, blocks_from_bytes, check_blocks, split_regions
 from syncrep import client as sc
 from syncrep import rpc
 from syncrep.pb import syncrep_pb2 as pb
@@ -239,60 +232,17 @@ def generate_schedule(seed: int, schedule_s: float = DEFAULT_SCHEDULE_S) -> Sche
 # ================================================================ workload
 
 
-class Workload:
+def make_workload(coordinator: str, seed: int, writers: int, t0: float) -> Workload:
     """Sequential writers on disjoint regions through the primary (one shared
-    write stream), every write recorded in a :class:`History`."""
+    write stream), every write self-describing and recorded in a history
+    (:mod:`deploy.workload`). The writers' random streams depend on the seed
+    only, so a replayed seed writes the same offsets and sizes."""
 
-    def __init__(self, coordinator: str, seed: int, writers: int, t0: float,
-                 size: int = VOLUME_SIZE, max_blocks: int = 16) -> None:
-        self.coordinator = coordinator
-        self.seed = seed
-        self.t0 = t0
-        self.max_blocks = max_blocks
-        per = (size // writers) // BLOCK * BLOCK
-        self.regions = [(i * per, per) for i in range(writers)]
-        self.history = History(seed, BLOCK)
-        self._stop = asyncio.Event()
-        self._tasks: list[asyncio.Task[None]] = []
-        self.client: sc.VolumeClient | None = None
+    async def connect() -> sc.VolumeClient:
+        return await sc.VolumeClient.connect(coordinator, VOLUME, write_timeout_s=WRITE_TIMEOUT_S)
 
-    async def start(self) -> None:
-        self.client = await sc.VolumeClient.connect(self.coordinator, VOLUME, write_timeout_s=WRITE_TIMEOUT_S)
-        self._tasks = [asyncio.create_task(self._writer(i), name=f"writer-{i}") for i in range(len(self.regions))]
-
-    async def stop(self, timeout_s: float = WRITE_TIMEOUT_S + 5) -> None:
-        self._stop.set()
-        if self._tasks:
-            _, pending = await asyncio.wait(self._tasks, timeout=timeout_s)
-            for t in pending:
-                t.cancel()
-            await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self.client is not None:
-            with contextlib.suppress(Exception):
-                await self.client.close()
-
-    async def _writer(self, w: int) -> None:
-        start, size = self.regions[w]
-        nblocks = size // BLOCK
-        rng = random.Random(f"writer-{self.seed}-{w}")
-        version = 0
-        assert self.client is not None
-        while not self._stop.is_set():
-            version += 1
-            n = rng.randint(1, min(self.max_blocks, nblocks))
-            off = start + rng.randrange(0, nblocks - n + 1) * BLOCK
-            data = make_write(self.seed, w, version, off, n, BLOCK)
-            op = Op(w, version, off, n, google_crc32c.value(data), time.monotonic() - self.t0)
-            self.history.add(op)
-            try:
-                await self.client.write(off, data)
-                op.status = "ok"
-            except sc.ClientError as e:
-                op.status = "fail"
-                op.error = str(e)[:300]
-            op.t_done = time.monotonic() - self.t0
-            if op.status == "fail":
-                await asyncio.sleep(0.05)
+    return Workload(connect, seed=seed, regions=split_regions(VOLUME_SIZE, writers, BLOCK), block_size=BLOCK,
+                    t0=t0)
 
 
 # ================================================================ the runner (on the client host)
@@ -462,7 +412,7 @@ class Runner:
         await c.create_volume(VOLUME, VOLUME_SIZE, BLOCK, resync_mode=s.resync_mode, timeout_s=40)
         self.t0 = time.monotonic()
         self.event(f"cluster up ({self.mode}): {c.addresses}; volume {VOLUME} in_sync")
-        self.workload = Workload(c.coordinator_addr, s.seed, s.writers, self.t0)
+        self.workload = make_workload(c.coordinator_addr, s.seed, s.writers, self.t0)
         await self.workload.start()
         monitor = asyncio.create_task(self._monitor(), name="monitor")
         try:
@@ -473,7 +423,7 @@ class Runner:
             t_heal = time.monotonic()
             self.event("schedule over, everything healed; writes continue a little")
             early = await self._wait_in_sync(TAIL_WRITES_S)
-            await self.workload.stop()
+            await self.workload.stop(WRITE_TIMEOUT_S + 5)
             h = self.workload.history
             self.result.acked, self.result.indeterminate = h.acked, h.indeterminate
             self.event(f"workload stopped: {h.acked} writes acknowledged, {h.indeterminate} indeterminate")
@@ -497,7 +447,7 @@ class Runner:
             monitor.cancel()
             await asyncio.gather(monitor, return_exceptions=True)
             if self.workload is not None:
-                await self.workload.stop()
+                await self.workload.stop(WRITE_TIMEOUT_S + 5)
         await self._check(verify=True)
 
     # ------------------------------------------------------------ monitoring
@@ -720,9 +670,11 @@ class Runner:
         h = w.history
         r = self.result
         r.acked, r.indeterminate = h.acked, h.indeterminate
-        # (2) every touched block on the primary.
+        # (2) every block on the primary: the touched ones hold an allowed
+        # version, the others still zeros (a write that landed at the wrong
+        # offset shows there too).
         data = await sc.read_local(c.primary_addr, VOLUME, 0, VOLUME_SIZE, timeout_s=20.0)
-        rep = check_blocks(h, blocks_from_bytes(data, 0, BLOCK, h.touched_blocks()))
+        rep = check_blocks(h, blocks_from_bytes(data, 0, BLOCK, range(VOLUME_SIZE // BLOCK)))
         r.lost_blocks, r.garbage_blocks = rep.lost, rep.garbage
         lost_ops = set()
         index = {b: ops for b, ops in h.by_block().items()}
