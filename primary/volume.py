@@ -116,7 +116,9 @@ class PrimaryVolume:
         self._settled = asyncio.Event()
         self._settled.set()
         self._degrading = False
-        self._tasks: set[asyncio.Task[Any]] = set()
+        # A dict, not a set: stop() cancels in creation order, the same on every
+        # run (a set iterates by object id), so a simulated run is reproducible.
+        self._tasks: dict[asyncio.Task[Any], None] = {}
         self._closed = False
         self.last_stall_s = 0.0
         self.resync_progress = pb.ResyncProgress()
@@ -311,12 +313,12 @@ class PrimaryVolume:
 
     def _spawn(self, coro: Any, name: str) -> asyncio.Task[Any]:
         t = asyncio.get_running_loop().create_task(coro, name=name)
-        self._tasks.add(t)
+        self._tasks[t] = None
         t.add_done_callback(self._task_done)
         return t
 
     def _task_done(self, t: asyncio.Task[Any]) -> None:
-        self._tasks.discard(t)
+        self._tasks.pop(t, None)
         if not t.cancelled() and t.exception() is not None:
             log.error("volume %s: task %s failed", self.lv.name, t.get_name(), exc_info=t.exception())
 

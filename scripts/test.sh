@@ -12,5 +12,7 @@ echo "== import-linter (the layers of docs/LAYERS.md)"
 .venv/bin/lint-imports
 echo "== mypy"
 .venv/bin/mypy
+echo "== simulator (deploy/sim.py: seeded fault schedules on virtual time, every invariant checked)"
+.venv/bin/python -m deploy.sim --seeds "${SIM_SEEDS:-10000}" --jobs "${SIM_JOBS:-2}"
 echo "== pytest"
 .venv/bin/python -m pytest -q "$@"

@@ -60,7 +60,7 @@ class Node:
         self.primaries: dict[str, PrimaryVolume] = {}
         self.server = rpc.Server(listen)
         self.heartbeat_interval_s = 0.5
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tasks: dict[asyncio.Task[Any], None] = {}  # ordered: see PrimaryVolume._tasks
         self._coord_channel: Any = None
         self._assign_lock = asyncio.Lock()
         self.resync_receiver = ResyncReceiver(self.registry)
@@ -105,8 +105,8 @@ class Node:
 
     def _spawn(self, coro: Any, name: str) -> None:
         t = asyncio.get_running_loop().create_task(coro, name=name)
-        self._tasks.add(t)
-        t.add_done_callback(self._tasks.discard)
+        self._tasks[t] = None
+        t.add_done_callback(lambda done: self._tasks.pop(done, None))
 
     # ------------------------------------------------------------ roles
     async def _become_primary(self, lv: LocalVolume) -> PrimaryVolume:
@@ -247,7 +247,7 @@ class VolumeServicer(pbg.VolumeServiceServicer):
     async def Write(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> None:
         replies: asyncio.Queue[pb.WriteReply | None] = asyncio.Queue()
         sem = asyncio.Semaphore(MAX_OUTSTANDING_PER_STREAM)
-        tasks: set[asyncio.Task[None]] = set()
+        tasks: dict[asyncio.Task[None], None] = {}
 
         async def one(req: pb.WriteRequest) -> None:
             try:
@@ -272,8 +272,8 @@ class VolumeServicer(pbg.VolumeServiceServicer):
                         break
                     await sem.acquire()
                     t = asyncio.create_task(one(req))
-                    tasks.add(t)
-                    t.add_done_callback(tasks.discard)
+                    tasks[t] = None
+                    t.add_done_callback(lambda done: tasks.pop(done, None))
                 if tasks:
                     await asyncio.gather(*list(tasks), return_exceptions=True)
             finally:

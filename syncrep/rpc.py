@@ -20,7 +20,7 @@ import asyncio
 import logging
 import signal
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 from grpc import aio
@@ -30,6 +30,21 @@ from grpc_reflection.v1alpha import reflection
 from syncrep.pb import syncrep_pb2
 
 log = logging.getLogger(__name__)
+
+
+class Transport(Protocol):
+    """Where servers and channels come from: real gRPC sockets (the default,
+    ``transport`` is None) or an in-memory network with fault hooks
+    (``deploy/simnet.py``, used by the deterministic simulator). The product
+    code never knows which: it only calls ``Server`` and ``channel`` below."""
+
+    def server(self, listen: str) -> Any: ...
+
+    def channel(self, address: str) -> Any: ...
+
+
+#: The transport in use; None = real gRPC. Set only by the simulator (one per process).
+transport: Transport | None = None
 
 # 4 MiB (the largest write, syncrep.core.vocab.MAX_WRITE_BYTES) + 64 KiB of
 # protobuf framing, or a batch of small writes. The foundation does not import
@@ -68,7 +83,7 @@ class Server:
 
     def __init__(self, listen: str) -> None:
         self.listen = listen
-        self.server = aio.server(options=_SERVER_OPTIONS)
+        self.server = aio.server(options=_SERVER_OPTIONS) if transport is None else transport.server(listen)
         self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self._services: list[str] = [health.SERVICE_NAME, reflection.SERVICE_NAME]
@@ -108,6 +123,8 @@ class Server:
 
 def channel(address: str) -> aio.Channel:
     """An insecure grpc.aio channel to ``address`` with our limits and keepalives."""
+    if transport is not None:
+        return transport.channel(address)
     return aio.insecure_channel(address, options=_COMMON_OPTIONS)
 
 

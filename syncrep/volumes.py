@@ -14,7 +14,7 @@ import logging
 import re
 import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar, cast
@@ -89,6 +89,16 @@ class FaultInjector:
         raise OSError(errno.EIO, "Input/output error (injected)")
 
 
+
+def _thread_executor(name: str) -> Executor:
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"io-{name}")
+
+
+#: Makes each volume's FIFO I/O executor: one thread per volume. The
+#: deterministic simulator (deploy/sim.py) replaces it with one that runs each
+#: call inline, so the same code runs on virtual time without threads.
+io_executor_factory: Callable[[str], Executor] = _thread_executor
+
 @dataclass
 class LocalVolume:
     name: str
@@ -101,10 +111,10 @@ class LocalVolume:
     # Fencing of replication/resync streams on the secondary: each accepted
     # stream bumps the token; a stream whose token is stale stops applying.
     stream_token: int = 0
-    _io: ThreadPoolExecutor | None = None
+    _io: Executor | None = None
 
     def __post_init__(self) -> None:
-        self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"io-{self.name}")
+        self._io = io_executor_factory(self.name)
 
     @property
     def spec(self) -> pb.VolumeSpec:

@@ -1,0 +1,857 @@
+"""The deterministic simulator (after TigerBeetle's VOPR): seeded schedules of
+faults against the REAL coordinator, primary and secondary, on virtual time.
+
+    python -m deploy.sim --seeds 1000 [--first-seed S] [--jobs 2]
+    python -m deploy.sim --seed S --trace           # the run, event by event, on stdout
+    python -m deploy.sim --duration 10m              # as many seeds as fit
+
+What runs: ``coordinator.server.Coordinator`` and two ``syncrep.node.Node``
+objects (the same classes the processes run), each on its own simulated host,
+talking over ``deploy/simnet.py``, an in-memory gRPC network (the only switch
+is ``syncrep.rpc.transport``). Block stores are the real ``BlockStore`` on
+files under /dev/shm; each volume's I/O runs inline instead of on a thread.
+Time is virtual: the event loop's clock jumps to the next timer when nothing
+is ready, and ``time.monotonic``/``time.time`` read that clock, so an hour of
+faults costs only the CPU it needs, and the same seed gives the same run,
+event for event (the trace has no wall-clock times, pids or temp paths; run
+with PYTHONHASHSEED=0, which ``main`` arranges by re-executing itself).
+
+Faults (the nemesis's kinds): crash and restart of each process; a hang,
+modelled as the host cut off both ways (its timers still run, which a real
+SIGSTOP would not); symmetric and one-way partitions between primary and
+secondary; the secondary's disk full (ENOSPC from its store) and freed.
+
+Checked while it runs (every ``CHECK_EVERY_S``):
+  * epochs only grow (coordinator record and each node's persisted epoch);
+  * at most one node acknowledges writes for the volume (the one the
+    coordinator records as primary);
+  * the replicas are identical whenever the pair is in sync and quiet
+    (checked at every pause of the workload);
+  * every rollback point (``pre-resync-*`` on the secondary) holds only
+    versions that were written, none newer than the newest write (no garbage).
+And at the end, after every fault healed and the pair is back in sync: the
+replicas are identical block for block and no acknowledged write is lost
+(each block holds the latest acknowledged version or a later indeterminate one).
+
+Exit status 0 only when every schedule passed; a failure prints the seed and
+the path of its trace.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import concurrent.futures
+import contextlib
+import errno
+import logging
+import os
+import random
+import secrets
+import selectors
+import shutil
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from deploy.simnet import SimNet, current_host
+
+INF = float("inf")
+VOLUME = "simvol"
+BLOCK = 4096
+BLOCKS = 64
+CHECK_EVERY_S = 0.1
+SETTLE_MAX_S = 120.0  # bounded wait for in_sync after the faults end (virtual)
+HOSTS = ("coord", "node-a", "node-b")
+ADDR = {"coord": "coord:7000", "node-a": "node-a:7001", "node-b": "node-b:7002"}
+#: Product log records at this level and up go into the trace (SIM_TRACE_LOG=INFO for more).
+TRACE_LOG_LEVEL = getattr(logging, os.environ.get("SIM_TRACE_LOG", "WARNING").upper(), logging.WARNING)
+FAULT_KINDS = ("crash", "hang", "partition", "partition_oneway", "link_down", "disk_full")
+#: When a fault starts: at its time, or (like the nemesis's second faults) the
+#: first moment after its time that a resync is running / the final round is on.
+TRIGGERS = ("time", "time", "resync", "final_round")
+
+
+class SimFailure(AssertionError):
+    pass
+
+
+class SimDeadlock(RuntimeError):
+    pass
+
+
+# ---------------------------------------------------------------- virtual time
+
+
+class _NullSelector(selectors.BaseSelector):
+    """No file descriptor ever becomes ready (nothing does real I/O); a wait
+    for ``timeout`` seconds moves the virtual clock instead of sleeping."""
+
+    def __init__(self) -> None:
+        self._map: dict[Any, selectors.SelectorKey] = {}
+        self.loop: VirtualTimeLoop | None = None
+
+    def register(self, fileobj: Any, events: int, data: Any = None) -> selectors.SelectorKey:
+        key = selectors.SelectorKey(fileobj, fileobj if isinstance(fileobj, int) else fileobj.fileno(),
+                                    events, data)
+        self._map[key.fd] = key
+        return key
+
+    def unregister(self, fileobj: Any) -> selectors.SelectorKey:
+        fd = fileobj if isinstance(fileobj, int) else fileobj.fileno()
+        return self._map.pop(fd)
+
+    def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
+        assert self.loop is not None
+        if timeout is None:
+            raise SimDeadlock("nothing is scheduled: every task waits for something that never comes")
+        if timeout > 0:
+            self.loop.advance(timeout)
+        return []
+
+    def get_map(self) -> Any:
+        return self._map
+
+    def close(self) -> None:
+        self._map.clear()
+
+
+class VirtualTimeLoop(asyncio.SelectorEventLoop):
+    def __init__(self, start: float = 1000.0) -> None:
+        self._now = start
+        sel = _NullSelector()
+        super().__init__(selector=sel)
+        sel.loop = self
+
+    def time(self) -> float:
+        return self._now
+
+    def advance(self, dt: float) -> None:
+        self._now += dt
+
+    def _write_to_self(self) -> None:
+        # Only other threads and signal handlers wake a loop; there are none.
+        pass
+
+
+class _InlineExecutor(concurrent.futures.Executor):
+    """A volume's "I/O thread", inline: deterministic, and refuses once its host crashed."""
+
+    def __init__(self, sim: Sim) -> None:
+        self.sim = sim
+        self.host = current_host.get()
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> concurrent.futures.Future[Any]:
+        f: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        try:
+            self.sim.check_alive(self.host)
+            f.set_result(fn(*args, **kwargs))
+        except BaseException as e:
+            f.set_exception(e)
+        return f
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        pass
+
+
+# ---------------------------------------------------------------- the workload model
+
+
+_HEAD_LEN = len("W00 V00000000 B000000|")
+
+
+def block_data(writer: int, version: int, block: int) -> bytes:
+    head = f"W{writer:02d} V{version:08d} B{block:06d}|".encode()
+    return head + bytes([(version * 31 + block) % 251]) * (BLOCK - len(head))
+
+
+def parse_block(data: bytes) -> tuple[int, int, int] | None:
+    """(writer, version, block) of a self-describing block, None for zeros, raises for garbage."""
+    if data == bytes(BLOCK):
+        return None
+    try:
+        head = data[:_HEAD_LEN].decode()
+        writer, version, block = int(head[1:3]), int(head[5:13]), int(head[15:21])
+    except (UnicodeDecodeError, ValueError):
+        raise SimFailure(f"garbage block: {data[:32]!r}") from None
+    if data != block_data(writer, version, block):
+        raise SimFailure(f"garbage block: header {head!r} with a body that does not match")
+    return writer, version, block
+
+
+@dataclass
+class Model:
+    """Every write per block: (version, issued at, acknowledged at). A write
+    still in flight, or one whose client saw an error, counts as acknowledged
+    at +inf: it may land at any moment after it was issued (a timed-out write
+    can still be applied by the primary)."""
+
+    history: dict[int, list[list[float]]] = field(default_factory=dict)
+    acks: int = 0
+    failed: int = 0
+
+    def issued(self, block: int, version: int, now: float) -> list[float]:
+        entry = [float(version), now, INF]
+        self.history.setdefault(block, []).append(entry)
+        return entry
+
+    def allowed(self, block: int, version: int) -> bool:
+        """May the block finally hold ``version``? Only if no write to it was
+        issued after ``version`` was acknowledged and then acknowledged itself:
+        that write strictly follows, so it must win. Concurrent writes may land
+        in either order."""
+        writes = self.history.get(block, [])
+        if version == 0:
+            acked_at = -INF
+        else:
+            mine = [w for w in writes if w[0] == version]
+            if not mine:
+                return False
+            acked_at = mine[0][2]
+        return not any(w[1] > acked_at and w[2] < INF for w in writes)
+
+    def check_block(self, block: int, data: bytes, where: str) -> None:
+        got = parse_block(data)
+        if got is not None and got[2] != block:
+            raise SimFailure(f"{where}: block {block} holds block {got[2]}'s data")
+        version = 0 if got is None else got[1]
+        if self.allowed(block, version):
+            return
+        later = [int(w[0]) for w in self.history.get(block, []) if w[2] < INF and int(w[0]) > version]
+        raise SimFailure(
+            f"{where}: block {block} holds version {version}, but the later acknowledged write(s) "
+            f"{later[-3:]} must have won — an acknowledged write is LOST"
+        )
+
+    def check_rollback_block(self, block: int, data: bytes, where: str) -> None:
+        got = parse_block(data)
+        version = 0 if got is None else got[1]
+        if version and not any(int(w[0]) == version for w in self.history.get(block, [])):
+            raise SimFailure(f"{where}: block {block} holds version {version}, never written")
+
+
+# ---------------------------------------------------------------- schedules
+
+
+@dataclass(frozen=True)
+class Fault:
+    at_s: float
+    kind: str
+    target: str
+    duration_s: float
+    trigger: str = "time"
+
+    def __str__(self) -> str:
+        when = "" if self.trigger == "time" else f" on {self.trigger}"
+        return f"{self.kind}({self.target}) at {self.at_s:.3f}s{when} for {self.duration_s:.3f}s"
+
+
+def make_schedule(seed: int, length_s: float) -> list[Fault]:
+    """A pure function of the seed: the faults, when, on what, for how long."""
+    rng = random.Random(seed * 7919 + 17)
+    faults: list[Fault] = []
+    t = 0.5
+    for _ in range(rng.randint(1, 3)):
+        t += rng.uniform(0.2, length_s / 2)
+        if t >= length_s:
+            break
+        kind = rng.choice(FAULT_KINDS)
+        target = {
+            "crash": rng.choice(["node-a", "node-b", "coord"]),
+            "hang": rng.choice(["node-a", "node-b", "coord"]),
+            "partition": "node-a|node-b",
+            "partition_oneway": rng.choice(["node-a>node-b", "node-b>node-a"]),
+            "link_down": rng.choice(["node-a", "node-b", "coord"]),
+            "disk_full": "node-b",
+        }[kind]
+        # Only a later fault can meet a resync (an earlier fault starts it).
+        trigger = rng.choice(TRIGGERS) if faults else "time"
+        faults.append(Fault(round(t, 3), kind, target, round(rng.uniform(0.1, 4.0), 3), trigger))
+    return faults
+
+
+# ---------------------------------------------------------------- the simulation
+
+
+def _undo_attr(d: dict[str, Any], name: str) -> Callable[[], None]:
+    return lambda: d.pop(name, None) and None
+
+
+
+class Sim:
+    def __init__(self, seed: int, root: Path, trace: list[str], length_s: float) -> None:
+        self.seed = seed
+        self.root = root
+        self.trace = trace
+        self.length_s = length_s
+        self.rng = random.Random(seed)
+        self.net = SimNet(random.Random(seed ^ 0x5EED))
+        self.crashed: set[str] = set()
+        self.tasks: dict[str, dict[asyncio.Task[Any], None]] = {h: {} for h in (*HOSTS, "client")}
+        self.procs: dict[str, Any] = {}
+        self.model = Model()
+        self.coord_epoch = 0
+        self.node_epochs: dict[str, int] = {}
+        self.failure: str | None = None
+        self.writing = asyncio.Event()
+        self.inflight = 0
+        self.disk_full_undo: list[Callable[[], None]] = []
+        # Periodic common snapshots (in-stream markers) in half of the schedules.
+        self.snapshot_period_s = self.rng.choice([0.0, 0.0, 1.5, 3.0])
+        self.rollback_checked: set[str] = set()
+        self.down_count: dict[str, int] = {}
+
+    # -- trace
+    def log(self, text: str) -> None:
+        self.trace.append(f"{asyncio.get_running_loop().time() - 1000.0:10.4f} {text}")
+
+    # -- hosts
+    def check_alive(self, host: str) -> None:
+        if host in self.crashed:
+            raise OSError(errno.EIO, f"sim: host {host} crashed")
+
+    def task_factory(self, loop: asyncio.AbstractEventLoop, coro: Any, context: Any = None) -> asyncio.Task[Any]:
+        host = context[current_host] if context is not None and current_host in context else current_host.get()
+        task = asyncio.Task(coro, loop=loop, context=context)
+        bucket = self.tasks.setdefault(host, {})
+        bucket[task] = None
+        task.add_done_callback(lambda t: bucket.pop(t, None))
+        return task
+
+    def spawn_on(self, host: str, coro: Any) -> asyncio.Task[Any]:
+        import contextvars
+
+        ctx = contextvars.copy_context()
+        ctx.run(current_host.set, host)
+        return asyncio.get_running_loop().create_task(coro, context=ctx)
+
+    async def start_host(self, host: str) -> None:
+        from coordinator.server import Coordinator
+        from syncrep.config import NodeOptions
+        from syncrep.node import Node
+
+        self.crashed.discard(host)
+
+        async def boot() -> None:
+            # Built inside the host's context: its server, channels and tasks belong to it.
+            proc: Any
+            if host == "coord":
+                proc = Coordinator(ADDR["coord"], self.root / "coord", node_timeout_s=3.0,
+                                   resync_retry_max_s=5.0)
+            else:
+                opts = NodeOptions(durability="os", ack_timeout_s=1.0, connect_attempts=3,
+                                   resync_chunk_bytes=16 * 1024, final_diff_threshold_bytes=16 * 1024,
+                                   snapshot_period_s=self.snapshot_period_s)
+                proc = Node("primary" if host == "node-a" else "secondary", ADDR[host], self.root / host,
+                            ADDR["coord"], None, opts)
+            self.procs[host] = proc
+            await proc.start()
+
+        await self.spawn_on(host, boot())
+        self.log(f"start {host}")
+
+    def crash_host(self, host: str) -> None:
+        """SIGKILL: the network forgets the host, its stores close where they
+        stand (no graceful step runs: any later I/O of its tasks fails), and
+        every task of the host is cancelled."""
+        self.crashed.add(host)
+        self.net.crash(host)
+        proc = self.procs.pop(host, None)
+        if proc is not None:
+            if host == "coord":
+                if proc.db is not None:
+                    proc.db.close()
+            else:
+                proc.registry.close()
+        for t in list(self.tasks.get(host, {})):
+            t.cancel()
+        self.log(f"crash {host}")
+
+    # -- faults
+    def triggered(self, trigger: str) -> bool:
+        from syncrep.core.pairstate import PairState
+
+        pv = self.primary_volume()
+        if trigger == "resync":
+            return pv is not None and pv.state is PairState.RESYNCING
+        if trigger == "final_round":
+            return pv is not None and pv.state is PairState.RESYNCING and pv._gate_holds > 0
+        return True
+
+    async def run_fault(self, f: Fault) -> None:
+        await asyncio.sleep(f.at_s)
+        if f.trigger != "time":
+            # Wait (bounded) for the moment the trigger names; if it never comes, inject anyway.
+            loop = asyncio.get_running_loop()
+            give_up = loop.time() + 3.0
+            while not self.triggered(f.trigger) and loop.time() < give_up:  # noqa: ASYNC110 - polls product state on virtual time
+                await asyncio.sleep(0.005)
+        self.log(f"fault {f}")
+        if f.kind == "crash":
+            # Overlapping crashes of one host: it stays down until the last one ends.
+            self.down_count[f.target] = self.down_count.get(f.target, 0) + 1
+            if self.down_count[f.target] == 1:
+                self.crash_host(f.target)
+            await asyncio.sleep(f.duration_s)
+            self.down_count[f.target] -= 1
+            if self.down_count[f.target] == 0:
+                await self.start_host(f.target)
+        elif f.kind in ("hang", "link_down"):
+            # Both cut the host off both ways. A real SIGSTOP also freezes the
+            # host's timers; here they keep running (see the module docstring).
+            others = [h for h in (*HOSTS, "client") if h != f.target]
+            for o in others:
+                self.net.cut(f.target, o)
+                self.net.cut(o, f.target)
+            await asyncio.sleep(f.duration_s)
+            for o in others:
+                self.net.heal(f.target, o)
+                self.net.heal(o, f.target)
+        elif f.kind in ("partition", "partition_oneway"):
+            a, b = f.target.replace(">", "|").split("|")
+            pairs = [(a, b)] if f.kind == "partition_oneway" else [(a, b), (b, a)]
+            for x, y in pairs:
+                self.net.cut(x, y)
+            await asyncio.sleep(f.duration_s)
+            for x, y in pairs:
+                self.net.heal(x, y)
+        elif f.kind == "disk_full":
+            self.disk_full(f.target, True)
+            await asyncio.sleep(f.duration_s)
+            self.disk_full(f.target, False)
+        self.log(f"fault over {f.kind}({f.target})")
+
+    def disk_full(self, host: str, on: bool) -> None:
+        if not on:
+            for undo in self.disk_full_undo:
+                undo()
+            self.disk_full_undo.clear()
+            return
+        node = self.procs.get(host)
+        if node is None:
+            return
+        for lv in node.registry.volumes.values():
+            store = lv.store
+
+            def full(*_: Any, **__: Any) -> Any:
+                raise OSError(errno.ENOSPC, "No space left on device (sim)")
+
+            for name in ("write_batch", "create_snapshot"):
+                store.__dict__[name] = full
+                self.disk_full_undo.append(_undo_attr(store.__dict__, name))
+
+    # -- workload
+    async def workload(self, stop: asyncio.Event) -> None:
+        from syncrep import rpc
+        from syncrep.pb import syncrep_pb2 as pb
+        from syncrep.pb import syncrep_pb2_grpc as pbg
+
+        rng = random.Random(self.seed * 31 + 1)
+        version = 0
+        ch = rpc.channel(ADDR["node-a"])
+        stub = pbg.VolumeServiceStub(ch)
+
+        loop = asyncio.get_running_loop()
+
+        async def one(block: int, v: int) -> None:
+            entry = self.model.issued(block, v, loop.time())
+            self.inflight += 1
+            try:
+                await stub.WriteOne(pb.WriteRequest(volume=VOLUME, offset=block * BLOCK,
+                                                    data=block_data(1, v, block)), timeout=5.0)
+            except Exception:
+                self.model.failed += 1
+                return
+            finally:
+                self.inflight -= 1
+            entry[2] = loop.time()
+            self.model.acks += 1
+
+        pending: set[asyncio.Task[None]] = set()
+        try:
+            while not stop.is_set():
+                await self.writing.wait()
+                block = rng.randrange(BLOCKS)
+                version += 1
+                t = asyncio.get_running_loop().create_task(one(block, version))
+                pending.add(t)
+                t.add_done_callback(pending.discard)
+                while len(pending) >= 8:
+                    await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.sleep(rng.uniform(0.0, 0.06))
+            if pending:
+                await asyncio.wait(pending)
+        finally:
+            await ch.close()
+
+    # -- checks
+    def primary_volume(self) -> Any:
+        node = self.procs.get("node-a")
+        return None if node is None else node.primaries.get(VOLUME)
+
+    def stores(self) -> dict[str, Any]:
+        out = {}
+        for host in ("node-a", "node-b"):
+            node = self.procs.get(host)
+            if node is not None and host not in self.crashed:
+                try:
+                    out[host] = node.registry.get(VOLUME).store
+                except Exception:
+                    pass
+        return out
+
+    def coordinator_pair(self) -> Any:
+        c = self.procs.get("coord")
+        if c is None or c.db is None:
+            return None
+        return c.db.get_pair(VOLUME)
+
+    def check_invariants(self) -> None:
+        pair = self.coordinator_pair()
+        if pair is not None:
+            if pair.epoch < self.coord_epoch:
+                raise SimFailure(f"the coordinator's epoch went back from {self.coord_epoch} to {pair.epoch}")
+            self.coord_epoch = pair.epoch
+            if pair.primary != ADDR["node-a"]:
+                raise SimFailure(f"the coordinator records {pair.primary} as primary; only node-a may ack")
+        for host, store in self.stores().items():
+            lv = self.procs[host].registry.get(VOLUME)
+            if lv.epoch < self.node_epochs.get(host, 0):
+                raise SimFailure(f"{host}'s epoch went back from {self.node_epochs[host]} to {lv.epoch}")
+            self.node_epochs[host] = lv.epoch
+            if host == "node-b":
+                if self.procs[host].primaries:
+                    raise SimFailure("node-b serves writes (has a primary write path); only node-a may ack")
+                for snap in store.list_snapshots():
+                    if snap.name.startswith("pre-resync-") and snap.name not in self.rollback_checked:
+                        self.check_rollback_point(store, snap)
+
+    def check_rollback_point(self, store: Any, snap: Any) -> None:
+        """A rollback point must be crash-consistent: there is one moment T at
+        which every block held exactly its version in the snapshot (a version
+        issued before T, and no write acknowledged before T overwrote it)."""
+        where = f"rollback point {snap.name} on node-b"
+        lo, hi = float("-inf"), float("inf")
+        for b in range(BLOCKS):
+            data = store.read_at(snap.id, b * BLOCK, BLOCK)
+            self.model.check_rollback_block(b, data, where)
+            got = parse_block(data)
+            v = 0 if got is None else got[1]
+            writes = self.model.history.get(b, [])
+            v_acked = -INF if v == 0 else next(w[2] for w in writes if int(w[0]) == v)
+            for ver, issued, acked in writes:
+                if int(ver) == v:
+                    lo = max(lo, issued)  # v existed at T
+                elif issued > v_acked and acked < INF:
+                    hi = min(hi, acked)  # a write that strictly follows v was done by T: T is before it
+        if lo > hi:
+            raise SimFailure(f"{where} is not crash-consistent: it needs a moment after {lo - 1000:.4f} s "
+                             f"and before {hi - 1000:.4f} s")
+        self.rollback_checked.add(snap.name)
+
+    def in_sync_and_quiet(self) -> bool:
+        pv = self.primary_volume()
+        pair = self.coordinator_pair()
+        if pv is None or pair is None or self.inflight or len(self.stores()) < 2:
+            return False
+        from syncrep.core.pairstate import PairState
+
+        link = pv.link
+        return (pv.state is PairState.IN_SYNC and pair.state == PairState.IN_SYNC and link is not None
+                and not link.failed and link.window.inflight_count == 0)
+
+    def compare_replicas(self, where: str) -> None:
+        s = self.stores()
+        a, b = s["node-a"], s["node-b"]
+        for blk in range(BLOCKS):
+            da, db = a.read(blk * BLOCK, BLOCK), b.read(blk * BLOCK, BLOCK)
+            if da != db:
+                raise SimFailure(f"{where}: replicas differ at block {blk}: primary {da[:22]!r}, "
+                                 f"secondary {db[:22]!r}")
+            self.model.check_block(blk, da, where)
+
+    async def checker(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            self.check_invariants()
+            await asyncio.sleep(CHECK_EVERY_S)
+
+    async def wait_in_sync(self, bound_s: float) -> bool:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + bound_s
+        while loop.time() < deadline:
+            if self.in_sync_and_quiet():
+                return True
+            await asyncio.sleep(0.05)
+        return False
+
+    # -- the run
+    async def run(self, faults: list[Fault]) -> None:
+        from syncrep import rpc
+        from syncrep.pb import syncrep_pb2 as pb
+        from syncrep.pb import syncrep_pb2_grpc as pbg
+
+        for h in HOSTS:
+            await self.start_host(h)
+        async with rpc.channel(ADDR["coord"]) as ch:
+            for _ in range(50):
+                try:
+                    await pbg.CoordinatorServiceStub(ch).CreateVolume(pb.CreateVolumeRequest(
+                        name=VOLUME, size_bytes=BLOCKS * BLOCK, block_size=BLOCK,
+                        primary=ADDR["node-a"], secondary=ADDR["node-b"],
+                        resync_mode=self.rng.choice([pb.RESYNC_MODE_DIRECT, pb.RESYNC_MODE_REWRITE])),
+                        timeout=5.0)
+                    break
+                except Exception as e:
+                    self.log(f"create volume: {type(e).__name__}")
+                    await asyncio.sleep(0.2)
+            else:
+                raise SimFailure("could not create the volume")
+        self.log("volume created")
+        if not await self.wait_in_sync(10.0):
+            raise SimFailure("the new pair did not become in sync")
+        stop = asyncio.Event()
+        self.writing.set()
+        wl = self.spawn_on("client", self.workload(stop))
+        ck = self.spawn_on("client", self.checker(stop))
+        fault_tasks = [self.spawn_on("client", self.run_fault(f)) for f in faults]
+        # Pauses: the workload stops, the pair must come back in sync and the
+        # replicas must then be identical.
+        loop = asyncio.get_running_loop()
+        end = loop.time() + self.length_s
+        while loop.time() < end:
+            await asyncio.sleep(self.rng.uniform(1.0, 4.0))
+            self.writing.clear()
+            if await self.wait_in_sync(2.0):
+                self.compare_replicas("pause")
+                self.log(f"pause: in sync, replicas identical ({self.model.acks} acks)")
+            self.writing.set()
+        await asyncio.gather(*fault_tasks)
+        self.writing.clear()
+        for h in HOSTS:
+            if h not in self.procs:
+                await self.start_host(h)
+        if not await self.wait_in_sync(SETTLE_MAX_S):
+            pv = self.primary_volume()
+            raise SimFailure(f"not back in sync within {SETTLE_MAX_S:.0f} s after the faults ended "
+                             f"(primary state {None if pv is None else pv.state}, "
+                             f"coordinator {getattr(self.coordinator_pair(), 'state', None)})")
+        stop.set()
+        self.writing.set()
+        await wl
+        await ck
+        if not await self.wait_in_sync(SETTLE_MAX_S):
+            raise SimFailure("not in sync after the last writes")
+        self.check_invariants()
+        self.compare_replicas("final")
+        self.log(f"final: in sync, replicas identical; {self.model.acks} writes acknowledged, "
+                 f"{self.model.failed} indeterminate")
+
+    async def shutdown(self) -> None:
+        for host in list(self.procs):
+            self.crash_host(host)
+        await asyncio.sleep(0)
+
+
+# ---------------------------------------------------------------- driving
+
+
+_current_loop: list[VirtualTimeLoop] = []
+_real_monotonic = time.monotonic
+
+
+def _virtual_monotonic() -> float:
+    return _current_loop[0].time() if _current_loop else _real_monotonic()
+
+
+def _virtual_time() -> float:
+    return 1_700_000_000.0 + _virtual_monotonic()
+
+
+@contextlib.contextmanager
+def _patched(sim_holder: list[Sim], loop: VirtualTimeLoop, seed: int) -> Iterator[None]:
+    """Route every clock, thread hop and random id of the product code through the simulation."""
+    from syncrep import rpc, volumes
+
+    rng = random.Random(seed ^ 0xC0FFEE)
+    _current_loop[:] = [loop]
+    saved = (time.monotonic, time.time, asyncio.to_thread, secrets.token_hex, rpc.transport,
+             volumes.io_executor_factory)
+
+    async def to_thread(func: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+        sim_holder[0].check_alive(current_host.get())
+        return func(*args, **kwargs)
+
+    # Functions that read the CURRENT loop, not this one: code that captured
+    # time.monotonic earlier (a default argument bound at import, during an
+    # earlier schedule of this process) must still see the running schedule's time.
+
+    time.monotonic = _virtual_monotonic
+    time.time = _virtual_time
+    asyncio.to_thread = to_thread  # type: ignore[assignment]
+    secrets.token_hex = lambda n=16: "".join(f"{rng.randrange(256):02x}" for _ in range(n or 16))  # type: ignore[assignment]
+    rpc.transport = sim_holder[0].net
+    volumes.io_executor_factory = lambda name: _InlineExecutor(sim_holder[0])
+    try:
+        yield
+    finally:
+        (time.monotonic, time.time, asyncio.to_thread, secrets.token_hex, rpc.transport,  # type: ignore[assignment]
+         volumes.io_executor_factory) = saved
+        _current_loop.clear()
+
+
+class _TraceHandler(logging.Handler):
+    """Product log lines (WARNING and up) into the trace, with virtual time and
+    the temp root replaced, so the trace is the same on every run."""
+
+    def __init__(self, sim: Sim) -> None:
+        super().__init__(TRACE_LOG_LEVEL)
+        self.sim = sim
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            msg = record.getMessage().replace(str(self.sim.root), "$ROOT").replace(f"pid {os.getpid()}", "pid $PID")
+            self.sim.log(f"{current_host.get():7s} {record.levelname} {record.name}: {msg}")
+        except Exception:
+            pass
+
+
+def run_seed(seed: int, length_s: float = 8.0) -> tuple[bool, list[str], dict[str, Any]]:
+    """One schedule. Returns (passed, trace lines, stats)."""
+    trace: list[str] = []
+    base = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
+    root = Path(tempfile.mkdtemp(prefix=f"syncrep-sim-{seed}-", dir=base))
+    loop = VirtualTimeLoop()
+    sim = Sim(seed, root, trace, length_s)
+    holder = [sim]
+    faults = make_schedule(seed, length_s)
+    handler = _TraceHandler(sim)
+    root_logger = logging.getLogger()
+    old_level = root_logger.level
+    root_logger.addHandler(handler)
+    root_logger.setLevel(TRACE_LOG_LEVEL)
+    ok = True
+    try:
+        with _patched(holder, loop, seed):
+            asyncio.set_event_loop(loop)
+            loop.set_task_factory(sim.task_factory)  # type: ignore[arg-type]
+            trace.append(f"seed {seed} schedule: " + ("; ".join(map(str, faults)) or "no faults"))
+
+            async def main() -> None:
+                try:
+                    await sim.run(faults)
+                finally:
+                    await sim.shutdown()
+
+            try:
+                loop.run_until_complete(asyncio.wait_for(main(), 3600.0))
+            except (SimFailure, SimDeadlock, TimeoutError) as e:
+                ok = False
+                trace.append(f"FAILED: {type(e).__name__}: {e}")
+            except Exception as e:
+                ok = False
+                trace.append(f"FAILED: {type(e).__name__}: {e}")
+                trace.extend(traceback.format_exc().splitlines())
+            finally:
+                for bucket in sim.tasks.values():
+                    for t in list(bucket):
+                        t.cancel()
+                with contextlib.suppress(Exception):
+                    loop.run_until_complete(asyncio.sleep(0))
+                with contextlib.suppress(Exception):
+                    loop.run_until_complete(loop.shutdown_asyncgens())
+                loop.close()
+                asyncio.set_event_loop(None)
+    finally:
+        root_logger.removeHandler(handler)
+        root_logger.setLevel(old_level)
+        shutil.rmtree(root, ignore_errors=True)
+    stats = {"seed": seed, "faults": [f.kind for f in faults], "acks": sim.model.acks,
+             "indeterminate": sim.model.failed}
+    return ok, trace, stats
+
+
+def _run_many(seeds: list[int], length_s: float, trace_dir: Path) -> tuple[int, int, list[str]]:
+    passed = failed = 0
+    messages: list[str] = []
+    for seed in seeds:
+        ok, trace, _ = run_seed(seed, length_s)
+        if ok:
+            passed += 1
+        else:
+            failed += 1
+            path = trace_dir / f"sim-seed-{seed}.trace"
+            path.write_text("\n".join(trace) + "\n")
+            messages.append(f"seed {seed} FAILED: {trace[-1]}  (trace: {path}; replay: "
+                            f"python -m deploy.sim --seed {seed} --trace)")
+    return passed, failed, messages
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m deploy.sim", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seeds", type=int, default=0, help="run this many schedules")
+    ap.add_argument("--first-seed", type=int, default=1, help="first seed of --seeds / --duration (default 1)")
+    ap.add_argument("--seed", type=int, help="run one schedule")
+    ap.add_argument("--trace", action="store_true", help="with --seed: print the run's trace")
+    ap.add_argument("--duration", help="run schedules until this much wall time passed, e.g. 10m, 90s")
+    ap.add_argument("--schedule-s", type=float, default=8.0,
+                    help="virtual seconds in which the faults start (default 8)")
+    ap.add_argument("--jobs", type=int, default=1, help="parallel worker processes (default 1)")
+    ap.add_argument("--trace-dir", type=Path, default=Path(tempfile.gettempdir()),
+                    help="where failing schedules' traces are written (default the temp dir)")
+    args = ap.parse_args(argv)
+    if os.environ.get("PYTHONHASHSEED") != "0":
+        # str hashing is randomised per process; a set of strings would then
+        # iterate differently on every run. Same seed, same run: re-execute.
+        os.execve(sys.executable, [sys.executable, "-m", "deploy.sim", *(argv or sys.argv[1:])],
+                  {**os.environ, "PYTHONHASHSEED": "0"})
+    if args.seed is not None:
+        ok, trace, _ = run_seed(args.seed, args.schedule_s)
+        if args.trace:
+            sys.stdout.write("\n".join(trace) + "\n")
+        if not ok:
+            path = args.trace_dir / f"sim-seed-{args.seed}.trace"
+            path.write_text("\n".join(trace) + "\n")
+            print(f"seed {args.seed} FAILED: {trace[-1]} (trace: {path})", file=sys.stderr)
+        print(f"schedules 1 passed {int(ok)} failed {int(not ok)}")
+        return 0 if ok else 1
+    t0 = time.monotonic()
+    messages: list[str]
+    if args.duration:
+        unit = {"s": 1, "m": 60, "h": 3600}[args.duration[-1]] if args.duration[-1] in "smh" else 1
+        budget = float(args.duration.rstrip("smh")) * unit
+        passed = failed = 0
+        messages = []
+        seed = args.first_seed
+        while time.monotonic() - t0 < budget:
+            p, f, m = _run_many([seed], args.schedule_s, args.trace_dir)
+            passed, failed, messages = passed + p, failed + f, messages + m
+            seed += 1
+    else:
+        seeds = list(range(args.first_seed, args.first_seed + args.seeds))
+        if args.jobs > 1 and len(seeds) > 1:
+            chunks = [seeds[i::args.jobs] for i in range(args.jobs)]
+            with concurrent.futures.ProcessPoolExecutor(args.jobs) as ex:
+                results = list(ex.map(_run_many, chunks, [args.schedule_s] * len(chunks),
+                                      [args.trace_dir] * len(chunks)))
+            passed = sum(r[0] for r in results)
+            failed = sum(r[1] for r in results)
+            messages = [m for r in results for m in r[2]]
+        else:
+            passed, failed, messages = _run_many(seeds, args.schedule_s, args.trace_dir)
+    for msg in messages:
+        print(msg, file=sys.stderr)
+    elapsed = time.monotonic() - t0
+    rate = (passed + failed) / elapsed * 60 if elapsed > 0 else 0.0
+    print(f"{elapsed:.1f} s wall, {rate:.0f} schedules/min, {args.jobs} job(s)")
+    print(f"schedules {passed + failed} passed {passed} failed {failed}")
+    return 0 if failed == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
