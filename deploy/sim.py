@@ -55,16 +55,19 @@ import tempfile
 import time
 import traceback
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from deploy.checker import check_rollback_point
 from deploy.simnet import SimNet, current_host
+from deploy.workload import History, Workload, blocks_from_bytes, check_blocks, describe_block, split_regions
 
-INF = float("inf")
 VOLUME = "simvol"
 BLOCK = 4096
 BLOCKS = 64
+WRITERS = 4  # sequential writers on disjoint regions (deploy/workload.py, as the nemesis)
+MAX_WRITE_BLOCKS = 4
 CHECK_EVERY_S = 0.1
 SETTLE_MAX_S = 120.0  # bounded wait for in_sync after the faults end (virtual)
 HOSTS = ("coord", "node-a", "node-b")
@@ -159,82 +162,6 @@ class _InlineExecutor(concurrent.futures.Executor):
         pass
 
 
-# ---------------------------------------------------------------- the workload model
-
-
-_HEAD_LEN = len("W00 V00000000 B000000|")
-
-
-def block_data(writer: int, version: int, block: int) -> bytes:
-    head = f"W{writer:02d} V{version:08d} B{block:06d}|".encode()
-    return head + bytes([(version * 31 + block) % 251]) * (BLOCK - len(head))
-
-
-def parse_block(data: bytes) -> tuple[int, int, int] | None:
-    """(writer, version, block) of a self-describing block, None for zeros, raises for garbage."""
-    if data == bytes(BLOCK):
-        return None
-    try:
-        head = data[:_HEAD_LEN].decode()
-        writer, version, block = int(head[1:3]), int(head[5:13]), int(head[15:21])
-    except (UnicodeDecodeError, ValueError):
-        raise SimFailure(f"garbage block: {data[:32]!r}") from None
-    if data != block_data(writer, version, block):
-        raise SimFailure(f"garbage block: header {head!r} with a body that does not match")
-    return writer, version, block
-
-
-@dataclass
-class Model:
-    """Every write per block: (version, issued at, acknowledged at). A write
-    still in flight, or one whose client saw an error, counts as acknowledged
-    at +inf: it may land at any moment after it was issued (a timed-out write
-    can still be applied by the primary)."""
-
-    history: dict[int, list[list[float]]] = field(default_factory=dict)
-    acks: int = 0
-    failed: int = 0
-
-    def issued(self, block: int, version: int, now: float) -> list[float]:
-        entry = [float(version), now, INF]
-        self.history.setdefault(block, []).append(entry)
-        return entry
-
-    def allowed(self, block: int, version: int) -> bool:
-        """May the block finally hold ``version``? Only if no write to it was
-        issued after ``version`` was acknowledged and then acknowledged itself:
-        that write strictly follows, so it must win. Concurrent writes may land
-        in either order."""
-        writes = self.history.get(block, [])
-        if version == 0:
-            acked_at = -INF
-        else:
-            mine = [w for w in writes if w[0] == version]
-            if not mine:
-                return False
-            acked_at = mine[0][2]
-        return not any(w[1] > acked_at and w[2] < INF for w in writes)
-
-    def check_block(self, block: int, data: bytes, where: str) -> None:
-        got = parse_block(data)
-        if got is not None and got[2] != block:
-            raise SimFailure(f"{where}: block {block} holds block {got[2]}'s data")
-        version = 0 if got is None else got[1]
-        if self.allowed(block, version):
-            return
-        later = [int(w[0]) for w in self.history.get(block, []) if w[2] < INF and int(w[0]) > version]
-        raise SimFailure(
-            f"{where}: block {block} holds version {version}, but the later acknowledged write(s) "
-            f"{later[-3:]} must have won — an acknowledged write is LOST"
-        )
-
-    def check_rollback_block(self, block: int, data: bytes, where: str) -> None:
-        got = parse_block(data)
-        version = 0 if got is None else got[1]
-        if version and not any(int(w[0]) == version for w in self.history.get(block, [])):
-            raise SimFailure(f"{where}: block {block} holds version {version}, never written")
-
-
 # ---------------------------------------------------------------- schedules
 
 
@@ -278,6 +205,11 @@ def make_schedule(seed: int, length_s: float) -> list[Fault]:
 # ---------------------------------------------------------------- the simulation
 
 
+def read_all_blocks(store: Any, snapshot_id: int | None = None) -> dict[int, bytes]:
+    return blocks_from_bytes(store.read_at(snapshot_id, 0, BLOCKS * BLOCK), 0, BLOCK, range(BLOCKS))
+
+
+
 def _undo_attr(d: dict[str, Any], name: str) -> Callable[[], None]:
     return lambda: d.pop(name, None) and None
 
@@ -294,7 +226,7 @@ class Sim:
         self.crashed: set[str] = set()
         self.tasks: dict[str, dict[asyncio.Task[Any], None]] = {h: {} for h in (*HOSTS, "client")}
         self.procs: dict[str, Any] = {}
-        self.model = Model()
+        self.workload: Workload | None = None
         self.coord_epoch = 0
         self.node_epochs: dict[str, int] = {}
         self.failure: str | None = None
@@ -446,48 +378,42 @@ class Sim:
                 self.disk_full_undo.append(_undo_attr(store.__dict__, name))
 
     # -- workload
-    async def workload(self, stop: asyncio.Event) -> None:
-        from syncrep import rpc
-        from syncrep.pb import syncrep_pb2 as pb
-        from syncrep.pb import syncrep_pb2_grpc as pbg
-
-        rng = random.Random(self.seed * 31 + 1)
-        version = 0
-        ch = rpc.channel(ADDR["node-a"])
-        stub = pbg.VolumeServiceStub(ch)
+    async def run_workload(self, stop: asyncio.Event) -> None:
+        """The shared workload (deploy/workload.py): WRITERS sequential writers,
+        each on its own region, every write recorded before it is sent."""
+        from syncrep import client as sc
 
         loop = asyncio.get_running_loop()
+        wl = Workload(
+            lambda: sc.VolumeClient.connect(ADDR["coord"], VOLUME, write_timeout_s=5.0),
+            seed=self.seed, regions=split_regions(BLOCKS * BLOCK, WRITERS, BLOCK), block_size=BLOCK,
+            max_blocks=MAX_WRITE_BLOCKS, t0=loop.time(),
+        )
+        self.workload = wl
 
-        async def one(block: int, v: int) -> None:
-            entry = self.model.issued(block, v, loop.time())
-            self.inflight += 1
-            try:
-                await stub.WriteOne(pb.WriteRequest(volume=VOLUME, offset=block * BLOCK,
-                                                    data=block_data(1, v, block)), timeout=5.0)
-            except Exception:
-                self.model.failed += 1
-                return
-            finally:
-                self.inflight -= 1
-            entry[2] = loop.time()
-            self.model.acks += 1
-
-        pending: set[asyncio.Task[None]] = set()
-        try:
+        async def writer(w: int) -> None:
+            rng = random.Random(f"sim-pace-{self.seed}-{w}")
             while not stop.is_set():
                 await self.writing.wait()
-                block = rng.randrange(BLOCKS)
-                version += 1
-                t = asyncio.get_running_loop().create_task(one(block, version))
-                pending.add(t)
-                t.add_done_callback(pending.discard)
-                while len(pending) >= 8:
-                    await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-                await asyncio.sleep(rng.uniform(0.0, 0.06))
-            if pending:
-                await asyncio.wait(pending)
+                self.inflight += 1
+                try:
+                    await wl.write_one(w)
+                except sc.ClientError:
+                    pass  # recorded as failed (indeterminate) by the workload
+                finally:
+                    self.inflight -= 1
+                await asyncio.sleep(rng.uniform(0.0, 0.12))
+
+        try:
+            await asyncio.gather(*(writer(w) for w in range(WRITERS)))
         finally:
-            await ch.close()
+            if wl.client is not None:
+                await wl.client.close()
+
+    @property
+    def history(self) -> History:
+        assert self.workload is not None
+        return self.workload.history
 
     # -- checks
     def primary_volume(self) -> Any:
@@ -532,26 +458,15 @@ class Sim:
                         self.check_rollback_point(store, snap)
 
     def check_rollback_point(self, store: Any, snap: Any) -> None:
-        """A rollback point must be crash-consistent: there is one moment T at
-        which every block held exactly its version in the snapshot (a version
-        issued before T, and no write acknowledged before T overwrote it)."""
-        where = f"rollback point {snap.name} on node-b"
-        lo, hi = float("-inf"), float("inf")
-        for b in range(BLOCKS):
-            data = store.read_at(snap.id, b * BLOCK, BLOCK)
-            self.model.check_rollback_block(b, data, where)
-            got = parse_block(data)
-            v = 0 if got is None else got[1]
-            writes = self.model.history.get(b, [])
-            v_acked = -INF if v == 0 else next(w[2] for w in writes if int(w[0]) == v)
-            for ver, issued, acked in writes:
-                if int(ver) == v:
-                    lo = max(lo, issued)  # v existed at T
-                elif issued > v_acked and acked < INF:
-                    hi = min(hi, acked)  # a write that strictly follows v was done by T: T is before it
-        if lo > hi:
-            raise SimFailure(f"{where} is not crash-consistent: it needs a moment after {lo - 1000:.4f} s "
-                             f"and before {hi - 1000:.4f} s")
+        """A rollback point must be a state the primary had (crash-consistent
+        per writer: deploy/checker.py)."""
+        if self.workload is None:
+            return
+        blocks = read_all_blocks(store, snap.id)
+        now = asyncio.get_running_loop().time() - self.workload.t0
+        report = check_rollback_point(self.history, blocks, name=snap.name, captured_at=now)
+        if not report.ok:
+            raise SimFailure(report.summary())
         self.rollback_checked.add(snap.name)
 
     def in_sync_and_quiet(self) -> bool:
@@ -567,13 +482,17 @@ class Sim:
 
     def compare_replicas(self, where: str) -> None:
         s = self.stores()
-        a, b = s["node-a"], s["node-b"]
-        for blk in range(BLOCKS):
-            da, db = a.read(blk * BLOCK, BLOCK), b.read(blk * BLOCK, BLOCK)
-            if da != db:
-                raise SimFailure(f"{where}: replicas differ at block {blk}: primary {da[:22]!r}, "
-                                 f"secondary {db[:22]!r}")
-            self.model.check_block(blk, da, where)
+        a, b = read_all_blocks(s["node-a"]), read_all_blocks(s["node-b"])
+        differ = [blk for blk in range(BLOCKS) if a[blk] != b[blk]]
+        if differ:
+            d = differ[0]
+            raise SimFailure(f"{where}: replicas differ in {len(differ)} blocks, first {d}: primary holds "
+                             f"{describe_block(a[d], d * BLOCK, BLOCK)}, secondary "
+                             f"{describe_block(b[d], d * BLOCK, BLOCK)}")
+        if self.workload is not None:
+            report = check_blocks(self.history, a)
+            if not report.ok:
+                raise SimFailure(f"{where}: {report.summary()}")
 
     async def checker(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
@@ -616,7 +535,7 @@ class Sim:
             raise SimFailure("the new pair did not become in sync")
         stop = asyncio.Event()
         self.writing.set()
-        wl = self.spawn_on("client", self.workload(stop))
+        wl = self.spawn_on("client", self.run_workload(stop))
         ck = self.spawn_on("client", self.checker(stop))
         fault_tasks = [self.spawn_on("client", self.run_fault(f)) for f in faults]
         # Pauses: the workload stops, the pair must come back in sync and the
@@ -628,7 +547,7 @@ class Sim:
             self.writing.clear()
             if await self.wait_in_sync(2.0):
                 self.compare_replicas("pause")
-                self.log(f"pause: in sync, replicas identical ({self.model.acks} acks)")
+                self.log(f"pause: in sync, replicas identical ({self.history.acked} acks)")
             self.writing.set()
         await asyncio.gather(*fault_tasks)
         self.writing.clear()
@@ -648,8 +567,8 @@ class Sim:
             raise SimFailure("not in sync after the last writes")
         self.check_invariants()
         self.compare_replicas("final")
-        self.log(f"final: in sync, replicas identical; {self.model.acks} writes acknowledged, "
-                 f"{self.model.failed} indeterminate")
+        self.log(f"final: in sync, replicas identical; {self.history.acked} writes acknowledged, "
+                 f"{self.history.indeterminate} indeterminate")
 
     async def shutdown(self) -> None:
         for host in list(self.procs):
@@ -770,8 +689,9 @@ def run_seed(seed: int, length_s: float = 8.0) -> tuple[bool, list[str], dict[st
         root_logger.removeHandler(handler)
         root_logger.setLevel(old_level)
         shutil.rmtree(root, ignore_errors=True)
-    stats = {"seed": seed, "faults": [f.kind for f in faults], "acks": sim.model.acks,
-             "indeterminate": sim.model.failed}
+    hist = sim.workload.history if sim.workload is not None else None
+    stats = {"seed": seed, "faults": [f.kind for f in faults], "acks": hist.acked if hist else 0,
+             "indeterminate": hist.indeterminate if hist else 0}
     return ok, trace, stats
 
 

@@ -1,5 +1,6 @@
 """The deterministic simulator (deploy/sim.py): same seed, same run; its
-checkers catch real bugs; its model of concurrent writes is right.
+checkers catch real bugs. (Its workload, model and checks are the shared
+ones of deploy/workload.py and deploy/checker.py, tested in test_workload.py.)
 
 The 10,000-schedule run itself is a step of scripts/test.sh (it has its own
 summary line); these tests check the simulator."""
@@ -64,45 +65,3 @@ def test_a_clean_seed_passes_in_process() -> None:
     ok, trace, stats = sim.run_seed(3)
     assert ok, "\n".join(trace[-20:])
     assert stats["acks"] > 0
-
-
-def _block(v: int, b: int = 0) -> bytes:
-    return sim.block_data(1, v, b)
-
-
-def test_model_accepts_concurrent_writes_in_either_order() -> None:
-    m = sim.Model()
-    a, b = m.issued(0, 1, now=1.0), m.issued(0, 2, now=1.1)
-    a[2], b[2] = 1.3, 1.2  # both in flight together, both acknowledged
-    m.check_block(0, _block(1), "t")
-    m.check_block(0, _block(2), "t")
-
-
-def test_model_reports_a_lost_acknowledged_write() -> None:
-    m = sim.Model()
-    a = m.issued(0, 1, now=1.0)
-    a[2] = 1.1
-    b = m.issued(0, 2, now=2.0)  # issued after 1 was acknowledged: 2 must win
-    b[2] = 2.1
-    with pytest.raises(sim.SimFailure, match="LOST"):
-        m.check_block(0, _block(1), "t")
-    with pytest.raises(sim.SimFailure, match="LOST"):
-        m.check_block(0, bytes(sim.BLOCK), "t")  # zeros: both lost
-
-
-def test_model_allows_an_indeterminate_later_write_either_way() -> None:
-    m = sim.Model()
-    a = m.issued(0, 1, now=1.0)
-    a[2] = 1.1
-    m.issued(0, 2, now=2.0)  # the client saw an error: it may or may not have landed
-    m.check_block(0, _block(1), "t")
-    m.check_block(0, _block(2), "t")
-
-
-def test_garbage_and_misplaced_blocks_are_reported() -> None:
-    m = sim.Model()
-    m.issued(0, 1, now=1.0)[2] = 1.1
-    with pytest.raises(sim.SimFailure, match="garbage"):
-        m.check_block(0, b"\x01" * sim.BLOCK, "t")
-    with pytest.raises(sim.SimFailure, match="block 5's data"):
-        m.check_block(0, _block(1, b=5), "t")
