@@ -35,8 +35,15 @@ from syncrep.blockstore import Extent
 from syncrep.config import NodeOptions
 from syncrep.core.activity import ActivityLog
 from syncrep.core.classify import nack_code
-from syncrep.core.extents import derive_failed_extents
-from syncrep.core.pair import PairRecord
+from syncrep.core.pair import (
+    PairRecord,
+    decide_crash_recovery,
+    decide_degrade,
+    decide_start_resync,
+    resync_done,
+    resync_failed,
+    write_refusal,
+)
 from syncrep.core.pairstate import PairEvent, PairState, transition
 from syncrep.core.resync_plan import (
     FinalRound,
@@ -116,6 +123,11 @@ class PrimaryVolume:
         self._settled = asyncio.Event()
         self._settled.set()
         self._degrading = False
+        # The outcome of the latest degrade (None before the first): True once
+        # its failure information is durable.
+        self._degrade_outcome: asyncio.Future[bool] | None = None
+        # Failed extents a degrade derived but could not persist.
+        self._unrecorded: list[Extent] = []
         # A dict, not a set: stop() cancels in creation order, the same on every
         # run (a set iterates by object id), so a simulated run is reproducible.
         self._tasks: dict[asyncio.Task[Any], None] = {}
@@ -242,8 +254,13 @@ class PrimaryVolume:
         except TimeoutError:
             log.warning("volume %s: %d queued writes not sequenced within %.0f s of shutdown",
                         self.lv.name, self._queue.qsize(), STOP_DRAIN_S)
+        # A degrade in progress finishes: cancelling it would release writes
+        # whose failure information is not yet durable.
+        degrading = [t for t in self._tasks if t.get_name() == "degrade"]
+        if degrading:
+            await asyncio.wait(degrading, timeout=STOP_DRAIN_S)
         for t in list(self._tasks):
-            if t.get_name() != "complete":
+            if t.get_name() not in ("complete", "degrade"):
                 t.cancel()
         if self._resync_task is not None:
             await asyncio.gather(self._resync_task, return_exceptions=True)
@@ -276,26 +293,13 @@ class PrimaryVolume:
         (the secondary rolls back to it and receives diff(common, head)), and
         without one of those, a full copy — explicitly, and logged."""
         store = self.lv.store
-        commons = [s for s in store.list_snapshots() if s.name.startswith(COMMON_PREFIX)]
-        extents: list[Extent]
-        rollback_to = ""
-        if self.rec.al_regions is not None:
-            extents = list(self._al_at_start)
-            reason = (f"primary restarted after a crash while in sync: the {len(extents)} regions of the "
-                      f"activity log ({sum(e.length for e in extents)} bytes) may differ and are resynced")
-            snap_id = (await self.lv.run_io(store.create_snapshot, fault_snapshot_name("al", self._now_ms()))).id
-        elif commons:
-            base = commons[-1]
-            extents = []
-            rollback_to = base.name
-            reason = (f"primary restarted after a crash while in sync: in-flight writes unknown; resync from "
-                      f"common snapshot {base.name!r} (id {base.id}) with rollback of the secondary")
-            snap_id = base.id
-        else:
-            extents = [Extent(0, store.size_bytes)]
-            reason = ("primary restarted after a crash while in sync and no common snapshot exists "
-                      "(enable --snapshot-period-s): LAST RESORT — full copy of the volume")
-            snap_id = (await self.lv.run_io(store.create_snapshot, fault_snapshot_name("full", self._now_ms()))).id
+        commons = [(s.name, s.id) for s in store.list_snapshots() if s.name.startswith(COMMON_PREFIX)]
+        d = decide_crash_recovery(self.rec, self._al_at_start, commons, store.size_bytes)
+        snap_id = d.base_snapshot
+        if d.snapshot_cause:
+            snap_id = (await self.lv.run_io(store.create_snapshot,
+                                            fault_snapshot_name(d.snapshot_cause, self._now_ms()))).id
+        extents, rollback_to, reason = d.extents, d.rollback_to, d.reason
         log.error("volume %s: %s", self.lv.name, reason)
         await self._persist(
             state=transition(self._submitted.state, PairEvent.SECONDARY_FAILED), failed_extents=extents,
@@ -365,13 +369,10 @@ class PrimaryVolume:
     async def write(self, offset: int, data: bytes) -> None:
         """Replicated write. Returns when acknowledged (see module docstring)."""
         self.validate(offset, data)
-        if self._closed:
-            raise Unavailable(f"volume {self.lv.name!r} is shutting down")
-        if self.options.on_secondary_failure == "block" and self.state is not PairState.IN_SYNC:
-            raise Unavailable(
-                f"volume {self.lv.name!r} is {self.state.value} and the node runs with "
-                "--on-secondary-failure block: writes are refused until the pair is back in sync"
-            )
+        refusal = write_refusal(self.state, self._closed, self.options.on_secondary_failure == "block",
+                                self.lv.name)
+        if refusal:
+            raise Unavailable(refusal)
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         await self._queue.put(_Write(offset, bytes(data), fut))
         await fut
@@ -492,6 +493,15 @@ class PrimaryVolume:
                 # Not on the secondary: reply only once the degrade step has
                 # persisted these writes as failed extents.
                 await self._settled.wait()
+                if self._degrade_outcome is not None and not await self._degrade_outcome:
+                    err = Unavailable(
+                        f"volume {self.lv.name!r}: the secondary failed and the primary could not record "
+                        "the failed extents durably; the write's outcome is unknown, retry it"
+                    )
+                    for w in batch:
+                        if not w.fut.done():
+                            w.fut.set_exception(err)
+                    return
         block = self.options.on_secondary_failure == "block" and (lost or remote is None)
         for w in batch:
             if w.fut.done():
@@ -514,37 +524,46 @@ class PrimaryVolume:
         self._degrading = True
         self._hold_gate()
         self._settled.clear()
-        self._spawn(self._degrade(reason, time.monotonic()), "degrade")
+        self._degrade_outcome = asyncio.get_running_loop().create_future()
+        self._spawn(self._degrade(reason, time.monotonic(), self._degrade_outcome), "degrade")
 
-    async def _degrade(self, reason: str, t0: float) -> None:
+    async def _degrade(self, reason: str, t0: float, outcome: asyncio.Future[bool]) -> None:
+        decision = None
         try:
             link, self.link = self.link, None
             nacks = list(link.window.nacks) if link is not None else []
             unacked = list(link.failed_writes) if link is not None else []
+            decision = decide_degrade(self._submitted, [(n.offset, n.length) for n in nacks],
+                                      [(w.offset, w.length) for w in unacked], reason, self._unrecorded)
             if link is not None:
                 await link.close()
-            extents = derive_failed_extents(
-                [(n.offset, n.length) for n in nacks],
-                [(w.offset, w.length) for w in unacked],
-                self.failed_extents,
-            )
-            new_state = transition(self._submitted.state, PairEvent.SECONDARY_FAILED)
             # Drain + snapshot: the I/O thread is FIFO, so the snapshot lands
             # after every write already submitted and before any new one (the
             # gate is closed).
-            snap_id = self.fault_snapshot_id
-            if not snap_id:
+            rec = decision.record
+            if decision.needs_snapshot:
                 info = await self.lv.run_io(
                     self.lv.store.create_snapshot, fault_snapshot_name(f"e{self.lv.epoch}", self._now_ms())
                 )
-                snap_id = info.id
-            await self._persist(
-                state=new_state, failed_extents=extents, fault_snapshot_id=snap_id, last_error=reason,
-            )
+                rec = rec.evolve(fault_snapshot_id=info.id)
+            # Only the fields this decision changes: a record persisted while
+            # we awaited (the activity log) keeps its newer fields.
+            await self._persist(state=rec.state, failed_extents=rec.failed_extents,
+                                fault_snapshot_id=rec.fault_snapshot_id, last_error=rec.last_error)
+            self._unrecorded = []
+            outcome.set_result(True)
         finally:
+            if not outcome.done():
+                # Not durable (disk full, shutdown): the writes this degrade
+                # covers must not be acknowledged as replicated-or-tracked, and
+                # the next degrade carries their extents.
+                if decision is not None:
+                    self._unrecorded = list(decision.record.failed_extents)
+                outcome.set_result(False)
             self._degrading = False
             self._settled.set()
             self._release_gate()
+        extents, snap_id = self.failed_extents, self.fault_snapshot_id
         self.last_stall_s = time.monotonic() - t0
         log.warning(
             "volume %s degraded: %s; %d failed extents (%d bytes) from %d NACKs and %d unacked writes; "
@@ -560,25 +579,17 @@ class PrimaryVolume:
         """Called by the coordinator with a new epoch once the secondary is back."""
         if self._closed:
             raise Unavailable(f"volume {self.lv.name!r} is shutting down")
-        if epoch < self.lv.epoch:
-            raise FailedPrecondition(
-                f"stale resync request for {self.lv.name!r}: epoch {epoch} < current epoch {self.lv.epoch}"
-            )
-        if self.state is PairState.IN_SYNC:
-            raise FailedPrecondition(f"volume {self.lv.name!r} is in sync; there is nothing to resync")
-        if self._resync_task is not None and not self._resync_task.done():
-            if epoch == self.lv.epoch:
-                return f"volume {self.lv.name!r} is already resyncing at epoch {epoch}"
+        running = self._resync_task is not None and not self._resync_task.done()
+        d = decide_start_resync(self._submitted, self.lv.name, self.lv.epoch, epoch, running, self._degrading)
+        if d.already:
+            return d.already
+        if d.cancel_running and self._resync_task is not None:
             self._resync_task.cancel()
             await asyncio.gather(self._resync_task, return_exceptions=True)
-        if self._degrading:
-            raise FailedPrecondition(f"volume {self.lv.name!r} is still entering degraded state; retry")
+        if d.refuse:
+            raise FailedPrecondition(d.refuse)
         self.lv.epoch = epoch
-        # RESYNCING stays RESYNCING: a resync restarted at a newer epoch (the
-        # earlier attempt was cancelled above) is the same resync, resumed.
-        state: PairState = self._submitted.state
-        if state is PairState.DEGRADED:
-            state = transition(state, PairEvent.RESYNC_STARTED)
+        state = d.state
         await self._persist(self.lv.role_meta(), state=state)
         self._resync_t0 = time.monotonic()
         self._resync_sent0 = self.counters.bytes_sent
@@ -731,10 +742,10 @@ class PrimaryVolume:
                                    self.options, on_failure=self._begin_degrade)
             await link.open()
             old_snaps = [*plan.snapshots, self.fault_snapshot_id]
+            done = resync_done(self._submitted, self.al.regions())
             await self._persist(
-                {META_RESYNC_PLAN: None},
-                state=transition(self._submitted.state, PairEvent.RESYNC_DONE), failed_extents=(), fault_snapshot_id=0,
-                rollback_to="", last_error="", clean="0", al_regions=self.al.regions(),
+                {META_RESYNC_PLAN: None}, state=done.state, failed_extents=(), fault_snapshot_id=0,
+                rollback_to="", last_error="", clean="0", al_regions=done.al_regions,
             )
             self.link = link
             self._release_gate()
@@ -760,10 +771,8 @@ class PrimaryVolume:
     async def _resync_failed(self, reason: str) -> None:
         log.error("volume %s: resync interrupted: %s (it resumes when the secondary is back)",
                   self.lv.name, reason)
-        state: PairState = self._submitted.state
-        if state is PairState.RESYNCING:
-            state = transition(state, PairEvent.SECONDARY_FAILED)
-        await self._persist(state=state, last_error=f"resync interrupted: {reason}")
+        failed = resync_failed(self._submitted, reason)
+        await self._persist(state=failed.state, last_error=failed.last_error)
         self._spawn(self.reporter(self._report_msg(PairState.DEGRADED, self.last_error)), "report")
 
     async def repair(self, extents: list[Extent]) -> int:

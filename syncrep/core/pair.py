@@ -1,4 +1,6 @@
-"""The primary's pair record: one value, persisted whole, in one transaction.
+"""The primary's pair record and the pair's decisions on it, pure.
+
+The record: one value, persisted whole, in one transaction.
 
 Why one record: the pair's durable state (state, failed extents, fault
 snapshot, why, clean-stop flag, rollback point, activity log) used to be
@@ -19,7 +21,8 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from syncrep.blockstore.extents import Extent
-from syncrep.core.pairstate import PairState
+from syncrep.core.extents import derive_failed_extents
+from syncrep.core.pairstate import PairEvent, PairState, transition
 from syncrep.core.vocab import (
     META_AL,
     META_CLEAN,
@@ -30,7 +33,18 @@ from syncrep.core.vocab import (
     META_STATE,
 )
 
-__all__ = ["PairRecord"]
+__all__ = [
+    "CrashRecovery",
+    "Degrade",
+    "PairRecord",
+    "StartResync",
+    "decide_crash_recovery",
+    "decide_degrade",
+    "decide_start_resync",
+    "resync_done",
+    "resync_failed",
+    "write_refusal",
+]
 
 
 @dataclass(frozen=True)
@@ -83,3 +97,125 @@ class PairRecord:
             rollback_to=get(META_ROLLBACK_TO) or "",
             al_regions=None if al is None else tuple(json.loads(al)),
         )
+
+
+# ---------------------------------------------------------------- decisions
+# Pure functions of the record and what happened; ``primary/volume.py``
+# carries their results out in a fixed order: snapshot, persist, then report,
+# then reply. Tables of cases: tests/test_pair_decisions.py.
+
+
+@dataclass(frozen=True)
+class Degrade:
+    """What going degraded changes: the record to persist (the fault snapshot id
+    still to be filled in when ``needs_snapshot``) and the failure information."""
+
+    record: PairRecord
+    needs_snapshot: bool
+
+
+def decide_degrade(
+    rec: PairRecord,
+    nacked: Sequence[tuple[int, int]],
+    unacked: Sequence[tuple[int, int]],
+    reason: str,
+    unrecorded: Sequence[Extent] = (),
+) -> Degrade:
+    """Method steps 1-2: the failed extents are the NACKed writes, the writes
+    in flight without an ack, the extents already known, and any derived by an
+    earlier degrade that could not be persisted (``unrecorded``). A fault
+    snapshot exists once per fault: a second failure while degraded reuses it."""
+    extents = derive_failed_extents(nacked, unacked, [*rec.failed_extents, *unrecorded])
+    state = transition(rec.state, PairEvent.SECONDARY_FAILED)
+    return Degrade(rec.evolve(state=state, failed_extents=extents, last_error=reason),
+                   needs_snapshot=rec.fault_snapshot_id == 0)
+
+
+@dataclass(frozen=True)
+class CrashRecovery:
+    """After a crash while in sync: which extents may differ, and from where."""
+
+    extents: tuple[Extent, ...]
+    rollback_to: str  # a common snapshot both sides roll back to, or ""
+    snapshot_cause: str  # "al" / "full": take a fault snapshot of that name; "" = use ``base_snapshot``
+    base_snapshot: int
+    reason: str
+    last_resort: bool
+
+
+def decide_crash_recovery(
+    rec: PairRecord, al_extents: Sequence[Extent], commons: Sequence[tuple[str, int]], size_bytes: int,
+) -> CrashRecovery:
+    """The primary restarts after a crash while in sync (the record says in
+    sync but not clean): writes in flight may be on one node only. In order of
+    preference: the activity log's regions (exactly where that is possible);
+    without a log (a volume from before it existed), the newest common snapshot
+    with a rollback of the secondary; without one, a full copy, explicitly."""
+    if rec.al_regions is not None:
+        n = sum(e.length for e in al_extents)
+        return CrashRecovery(tuple(al_extents), "", "al", 0,
+                             f"primary restarted after a crash while in sync: the {len(al_extents)} regions of "
+                             f"the activity log ({n} bytes) may differ and are resynced", False)
+    if commons:
+        name, snap_id = commons[-1]
+        return CrashRecovery((), name, "", snap_id,
+                             "primary restarted after a crash while in sync: in-flight writes unknown; resync "
+                             f"from common snapshot {name!r} (id {snap_id}) with rollback of the secondary", False)
+    return CrashRecovery((Extent(0, size_bytes),), "", "full", 0,
+                         "primary restarted after a crash while in sync and no common snapshot exists "
+                         "(enable --snapshot-period-s): LAST RESORT — full copy of the volume", True)
+
+
+@dataclass(frozen=True)
+class StartResync:
+    """The answer to StartResync(epoch). ``refuse``: a FAILED_PRECONDITION with
+    that message; ``already``: a no-op answer; else start at ``epoch`` with
+    ``state`` (after cancelling a running resync when ``cancel_running``)."""
+
+    refuse: str = ""
+    already: str = ""
+    cancel_running: bool = False
+    state: PairState = PairState.RESYNCING
+
+
+def decide_start_resync(
+    rec: PairRecord, volume: str, current_epoch: int, epoch: int, running: bool, degrading: bool,
+) -> StartResync:
+    if epoch < current_epoch:
+        return StartResync(refuse=f"stale resync request for {volume!r}: epoch {epoch} < current epoch "
+                                  f"{current_epoch}")
+    if rec.state is PairState.IN_SYNC:
+        return StartResync(refuse=f"volume {volume!r} is in sync; there is nothing to resync")
+    if running and epoch == current_epoch:
+        return StartResync(already=f"volume {volume!r} is already resyncing at epoch {epoch}")
+    if degrading:
+        return StartResync(refuse=f"volume {volume!r} is still entering degraded state; retry",
+                           cancel_running=running)
+    # RESYNCING stays RESYNCING: a resync restarted at a newer epoch (the
+    # running attempt is cancelled first) is the same resync, resumed.
+    state = transition(rec.state, PairEvent.RESYNC_STARTED) if rec.state is PairState.DEGRADED else rec.state
+    return StartResync(cancel_running=running, state=state)
+
+
+def resync_done(rec: PairRecord, al_regions: Sequence[int]) -> PairRecord:
+    """The final round is applied and replication is open at the new epoch:
+    in sync, no failure information left, a stream may have writes in flight."""
+    return rec.evolve(state=transition(rec.state, PairEvent.RESYNC_DONE), failed_extents=(), fault_snapshot_id=0,
+                      rollback_to="", last_error="", clean="0", al_regions=al_regions)
+
+
+def resync_failed(rec: PairRecord, reason: str) -> PairRecord:
+    """A resync stopped before the end: degraded again (the plan stays, so the
+    next resync resumes), and say why."""
+    state = transition(rec.state, PairEvent.SECONDARY_FAILED) if rec.state is PairState.RESYNCING else rec.state
+    return rec.evolve(state=state, last_error=f"resync interrupted: {reason}")
+
+
+def write_refusal(state: PairState, closing: bool, block_when_degraded: bool, volume: str) -> str:
+    """Why a client write is refused before it is queued ("" = accepted)."""
+    if closing:
+        return f"volume {volume!r} is shutting down"
+    if block_when_degraded and state is not PairState.IN_SYNC:
+        return (f"volume {volume!r} is {state.value} and the node runs with --on-secondary-failure block: "
+                "writes are refused until the pair is back in sync")
+    return ""

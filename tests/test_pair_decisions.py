@@ -1,0 +1,116 @@
+"""The primary's pair decisions (syncrep/core/pair.py) as tables: given the
+record and what happened, what the executor (primary/volume.py) must do."""
+
+from __future__ import annotations
+
+import pytest
+
+from syncrep.blockstore.extents import Extent
+from syncrep.core.pair import (
+    PairRecord,
+    decide_crash_recovery,
+    decide_degrade,
+    decide_start_resync,
+    resync_done,
+    resync_failed,
+    write_refusal,
+)
+from syncrep.core.pairstate import IllegalTransition, PairState
+
+S, D, R = PairState.IN_SYNC, PairState.DEGRADED, PairState.RESYNCING
+KIB = 1024
+
+
+# (record, nacked, unacked, unrecorded) -> (state, failed extents, needs a fault snapshot)
+DEGRADE = [
+    ("first failure while in sync: snapshot, NACKed + unacked become failed extents",
+     PairRecord(S), [(0, 4 * KIB)], [(8 * KIB, 4 * KIB)], [],
+     D, [Extent(0, 4 * KIB), Extent(8 * KIB, 4 * KIB)], True),
+    ("adjacent extents merge",
+     PairRecord(S), [(0, 4 * KIB)], [(4 * KIB, 4 * KIB)], [], D, [Extent(0, 8 * KIB)], True),
+    ("a second failure while degraded keeps the fault snapshot and adds to the extents",
+     PairRecord(D, failed_extents=(Extent(0, 4 * KIB),), fault_snapshot_id=3), [], [(64 * KIB, 4 * KIB)], [],
+     D, [Extent(0, 4 * KIB), Extent(64 * KIB, 4 * KIB)], False),
+    ("a resync that fails goes back to degraded, same snapshot",
+     PairRecord(R, failed_extents=(Extent(0, 4 * KIB),), fault_snapshot_id=3), [], [], [],
+     D, [Extent(0, 4 * KIB)], False),
+    ("extents an earlier degrade could not persist are carried into the next",
+     PairRecord(S), [], [(0, 4 * KIB)], [Extent(1 << 20, 4 * KIB)],
+     D, [Extent(0, 4 * KIB), Extent(1 << 20, 4 * KIB)], True),
+]
+
+
+@pytest.mark.parametrize(("name", "rec", "nacked", "unacked", "unrecorded", "state", "extents", "snap"),
+                         DEGRADE, ids=[r[0] for r in DEGRADE])
+def test_degrade(name: str, rec: PairRecord, nacked: list[tuple[int, int]], unacked: list[tuple[int, int]],
+                 unrecorded: list[Extent], state: PairState, extents: list[Extent], snap: bool) -> None:
+    d = decide_degrade(rec, nacked, unacked, "why", unrecorded)
+    assert d.record.state is state
+    assert list(d.record.failed_extents) == extents
+    assert d.needs_snapshot is snap
+    assert d.record.last_error == "why"
+    assert d.record.fault_snapshot_id == rec.fault_snapshot_id  # filled in by the executor when new
+
+
+def test_crash_recovery_prefers_the_activity_log_then_a_common_snapshot_then_a_full_copy() -> None:
+    al = [Extent(0, 4 << 20)]
+    with_log = decide_crash_recovery(PairRecord(S, clean="0", al_regions=(0,)), al, [("common-1", 5)], 1 << 30)
+    assert (with_log.extents, with_log.snapshot_cause, with_log.rollback_to) == (tuple(al), "al", "")
+    assert not with_log.last_resort
+    no_log = decide_crash_recovery(PairRecord(S, clean="0"), [], [("common-1", 5), ("common-2", 9)], 1 << 30)
+    assert (no_log.extents, no_log.snapshot_cause, no_log.base_snapshot, no_log.rollback_to) == \
+        ((), "", 9, "common-2")
+    nothing = decide_crash_recovery(PairRecord(S, clean="0"), [], [], 1 << 30)
+    assert nothing.extents == (Extent(0, 1 << 30),) and nothing.snapshot_cause == "full" and nothing.last_resort
+    assert "LAST RESORT" in nothing.reason
+
+
+# (state, current epoch, asked epoch, running, degrading) -> (refuse?, already?, cancel, new state)
+START = [
+    ("degraded: start at the new epoch", D, 3, 4, False, False, "", "", False, R),
+    ("a stale epoch is refused", D, 5, 4, False, False, "stale resync request", "", False, None),
+    ("in sync: nothing to resync", S, 3, 4, False, False, "is in sync", "", False, None),
+    ("the same epoch while running: already", R, 4, 4, True, False, "", "already resyncing", False, None),
+    ("a newer epoch while running: cancel and restart, still resyncing", R, 4, 5, True, False, "", "", True, R),
+    ("still entering degraded: retry later", D, 3, 4, False, True, "still entering degraded", "", False, None),
+    ("a restarted primary left in resyncing: resume at the new epoch", R, 3, 4, False, False, "", "", False, R),
+]
+
+
+@pytest.mark.parametrize(("name", "state", "cur", "epoch", "running", "degrading", "refuse", "already",
+                          "cancel", "new"), START, ids=[r[0] for r in START])
+def test_start_resync(name: str, state: PairState, cur: int, epoch: int, running: bool, degrading: bool,
+                      refuse: str, already: str, cancel: bool, new: PairState | None) -> None:
+    d = decide_start_resync(PairRecord(state), "v", cur, epoch, running, degrading)
+    assert (refuse in d.refuse) if refuse else not d.refuse
+    assert (already in d.already) if already else not d.already
+    assert d.cancel_running is cancel
+    if new is not None:
+        assert d.state is new
+
+
+def test_resync_done_clears_every_failure_field_and_marks_a_stream_open() -> None:
+    rec = PairRecord(R, failed_extents=(Extent(0, 4096),), fault_snapshot_id=3, last_error="x",
+                     rollback_to="common-1", clean="1", al_regions=(1,))
+    done = resync_done(rec, [2, 3])
+    assert done == PairRecord(S, clean="0", al_regions=(2, 3))
+    with pytest.raises(IllegalTransition):
+        resync_done(PairRecord(S), [])
+
+
+def test_resync_failed_keeps_the_failure_information() -> None:
+    rec = PairRecord(R, failed_extents=(Extent(0, 4096),), fault_snapshot_id=3)
+    failed = resync_failed(rec, "stream broke")
+    assert failed.state is D and failed.failed_extents == rec.failed_extents and failed.fault_snapshot_id == 3
+    assert failed.last_error == "resync interrupted: stream broke"
+    assert resync_failed(PairRecord(D), "x").state is D
+
+
+@pytest.mark.parametrize(
+    ("state", "closing", "block", "want"),
+    [(S, False, False, ""), (D, False, False, ""), (D, False, True, "--on-secondary-failure block"),
+     (S, False, True, ""), (S, True, False, "shutting down")],
+)
+def test_write_refusal(state: PairState, closing: bool, block: bool, want: str) -> None:
+    got = write_refusal(state, closing, block, "v")
+    assert (want in got) if want else got == ""
