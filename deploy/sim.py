@@ -19,7 +19,8 @@ with PYTHONHASHSEED=0, which ``main`` arranges by re-executing itself).
 Faults (the nemesis's kinds): crash and restart of each process; a hang,
 modelled as the host cut off both ways (its timers still run, which a real
 SIGSTOP would not); symmetric and one-way partitions between primary and
-secondary; the secondary's disk full (ENOSPC from its store) and freed.
+secondary; the secondary's disk full (ENOSPC from its store) and freed;
+resync chunks corrupted in transit (the secondary must refuse them).
 
 Checked while it runs (every ``CHECK_EVERY_S``):
   * epochs only grow (coordinator record and each node's persisted epoch);
@@ -74,7 +75,7 @@ HOSTS = ("coord", "node-a", "node-b")
 ADDR = {"coord": "coord:7000", "node-a": "node-a:7001", "node-b": "node-b:7002"}
 #: Product log records at this level and up go into the trace (SIM_TRACE_LOG=INFO for more).
 TRACE_LOG_LEVEL = getattr(logging, os.environ.get("SIM_TRACE_LOG", "WARNING").upper(), logging.WARNING)
-FAULT_KINDS = ("crash", "hang", "partition", "partition_oneway", "link_down", "disk_full")
+FAULT_KINDS = ("crash", "hang", "partition", "partition_oneway", "link_down", "disk_full", "corrupt")
 #: When a fault starts: at its time, or (like the nemesis's second faults) the
 #: first moment after its time that a resync is running / the final round is on.
 TRIGGERS = ("time", "time", "resync", "final_round")
@@ -195,6 +196,7 @@ def make_schedule(seed: int, length_s: float) -> list[Fault]:
             "partition_oneway": rng.choice(["node-a>node-b", "node-b>node-a"]),
             "link_down": rng.choice(["node-a", "node-b", "coord"]),
             "disk_full": "node-b",
+            "corrupt": "node-a>node-b",
         }[kind]
         # Only a later fault can meet a resync (an earlier fault starts it).
         trigger = rng.choice(TRIGGERS) if faults else "time"
@@ -237,6 +239,9 @@ class Sim:
         self.snapshot_period_s = self.rng.choice([0.0, 0.0, 1.5, 3.0])
         self.rollback_checked: set[str] = set()
         self.down_count: dict[str, int] = {}
+        self.corrupting = False
+        self.chunks_corrupted = 0
+        self.net.tamper = self._tamper
 
     # -- trace
     def log(self, text: str) -> None:
@@ -352,11 +357,36 @@ class Sim:
             await asyncio.sleep(f.duration_s)
             for x, y in pairs:
                 self.net.heal(x, y)
+        elif f.kind == "corrupt":
+            # Resync chunks from the primary arrive with one byte flipped (their
+            # crc32c still says what was sent): the secondary must refuse each
+            # and never apply it; the primary re-sends. A brief crash of the
+            # secondary first, so that there is a resync to corrupt.
+            self.corrupting = True
+            if self.down_count.get("node-b", 0) == 0:
+                self.crash_host("node-b")
+                await asyncio.sleep(0.3)
+                if self.down_count.get("node-b", 0) == 0:
+                    await self.start_host("node-b")
+            await asyncio.sleep(f.duration_s)
+            self.corrupting = False
         elif f.kind == "disk_full":
             self.disk_full(f.target, True)
             await asyncio.sleep(f.duration_s)
             self.disk_full(f.target, False)
         self.log(f"fault over {f.kind}({f.target})")
+
+    def _tamper(self, src: str, dst: str, method: str, message: Any) -> Any:
+        if not (self.corrupting and method.endswith("/Resync") and message.HasField("chunk")
+                and message.chunk.data and self.rng.random() < 0.5):
+            return message
+        bad = type(message)()
+        bad.CopyFrom(message)
+        data = bytearray(bad.chunk.data)
+        data[self.rng.randrange(len(data))] ^= 0x40
+        bad.chunk.data = bytes(data)
+        self.chunks_corrupted += 1
+        return bad
 
     def disk_full(self, host: str, on: bool) -> None:
         if not on:
@@ -568,7 +598,8 @@ class Sim:
         self.check_invariants()
         self.compare_replicas("final")
         self.log(f"final: in sync, replicas identical; {self.history.acked} writes acknowledged, "
-                 f"{self.history.indeterminate} indeterminate")
+                 f"{self.history.indeterminate} indeterminate, {self.chunks_corrupted} resync chunks corrupted "
+                 "in transit")
 
     async def shutdown(self) -> None:
         for host in list(self.procs):

@@ -19,6 +19,9 @@ nemesis also inject):
 * **crash** (``crash(host)``): the host's server is gone; its open streams
   break with UNAVAILABLE at once (the kernel resets the connections) and new
   calls to it fail with UNAVAILABLE (connection refused).
+* **corruption in transit** (``tamper``): a hook may replace any message a
+  client streams, e.g. flip a byte of a resync chunk while its checksum says
+  what was sent, as a bad NIC or memory would.
 * **partition** (``cut(a, b)``, one-way; ``cut_both``): messages from a to b
   are held, not lost, as TCP holds them; they arrive in order when the cut
   heals (``heal``). A connection whose path stays cut for ``KEEPALIVE_DEAD_S``
@@ -328,6 +331,8 @@ class _ClientCall:
         c = self._c
         if c.finished.done():
             raise asyncio.InvalidStateError("RPC already finished.")
+        if c.net.tamper is not None:
+            message = c.net.tamper(c.src, c.dst, c.method, message)
         data = c.req_ser(message)
         if len(data) > rpc.MAX_MESSAGE_BYTES:
             c._fail_client(grpc.StatusCode.RESOURCE_EXHAUSTED, "sim: request larger than the message limit")
@@ -518,6 +523,9 @@ class SimNet:
         self.calls: dict[_Call, None] = {}
         self._port = 40000
         self._gen = 0
+        #: Fault hook: sees every message a client streams (src host, dst
+        #: address, method, message) and returns what travels instead.
+        self.tamper: Callable[[str, str, str, Any], Any] | None = None
 
     # -- rpc.Transport
     def server(self, listen: str) -> SimServer:
