@@ -13,6 +13,11 @@ pattern of the two), takes and deletes snapshots, and reports every operation th
   and every block outside that diff reads the same at the head and in the snapshot
   (so even the in-flight write is tracked);
 * the slot allocator is consistent and the volume keeps working after reopening.
+
+Each case has its own default seed (1 .. 12, the parameter; $SYNCREP_TEST_SEED
+overrides it, see tests/conftest.py). The seed replays the child's operations
+and the number of reports before the kill; where inside the next operation the
+kill lands is up to the scheduler.
 """
 
 from __future__ import annotations
@@ -91,8 +96,10 @@ def pattern(seq: int, b: int) -> bytes:
 @pytest.mark.parametrize(
     ("seed", "durability"),
     [(seed, "sync" if seed % 3 == 2 else "os") for seed in range(1, 13)],
+    indirect=["seed"],
 )
 def test_sigkill_loses_nothing(tmp_path: Path, seed: int, durability: str) -> None:
+    """Fault: SIGKILL of the writing child (at a seeded point in its report stream)."""
     path = tmp_path / "vol"
     rng = random.Random(seed * 7919)
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
@@ -111,7 +118,9 @@ def test_sigkill_loses_nothing(tmp_path: Path, seed: int, durability: str) -> No
         if not line:
             break
         lines.append(line)
-    time.sleep(rng.uniform(0, 0.004))  # land the kill anywhere inside the next operation
+    # Deliberate, and the behaviour under test: a random delay so the kill lands anywhere
+    # inside the next operation (not a wait for anything).
+    time.sleep(rng.uniform(0, 0.004))
     proc.send_signal(signal.SIGKILL)
     # Read the rest through the same buffered reader (communicate() would skip its buffer).
     rest = proc.stdout.read()

@@ -15,6 +15,7 @@ import asyncio
 import dataclasses
 import json
 import os
+import random
 import subprocess
 import sys
 import time
@@ -26,6 +27,7 @@ from typing import Any
 
 import grpc
 import pytest
+from conftest import wait_until
 
 from deploy.cluster import free_port
 from syncrep import cli, rpc
@@ -505,8 +507,8 @@ async def test_volume_create(fake: FakeCluster) -> None:
     assert "already exists" in line and line.endswith("(ALREADY_EXISTS)")
 
 
-async def test_write_then_read_roundtrip(fake: FakeCluster, tmp_path: Path) -> None:
-    payload = os.urandom(3 * MiB + 8192)
+async def test_write_then_read_roundtrip(fake: FakeCluster, tmp_path: Path, seed: int) -> None:
+    payload = random.Random(seed).randbytes(3 * MiB + 8192)
     src = tmp_path / "in.bin"
     src.write_bytes(payload)
     rc, out, err = await arun_cli("write", "vol0", "--offset", "64KiB", "--coordinator", fake.coordinator_addr,
@@ -576,6 +578,7 @@ async def test_client_connect_and_coordinator_helpers(fake: FakeCluster) -> None
 
 
 async def test_client_multiplexes_concurrent_writes_out_of_order(fake: FakeCluster) -> None:
+    """Fault: the fake primary replies DATA_LOSS to one write of 64 (replies in reverse batches)."""
     fake.reply_batch = 8
     fake.error_at_offset[5 * 4096] = (grpc.StatusCode.DATA_LOSS, "disk on fire")
     async with await VolumeClient.connect(fake.coordinator_addr, "vol0") as c:
@@ -595,6 +598,7 @@ async def test_client_multiplexes_concurrent_writes_out_of_order(fake: FakeClust
 
 
 async def test_client_write_many_pipelined(fake: FakeCluster) -> None:
+    """Fault: the fake primary replies RESOURCE_EXHAUSTED to the write at one offset."""
     fake.reply_batch = 4
     async with await VolumeClient.connect(fake.coordinator_addr, "vol0") as c:
         n = await c.write_many([(i * 8192, bytes([i % 251]) * 8192) for i in range(100)], depth=16)
@@ -611,10 +615,12 @@ async def test_client_write_many_pipelined(fake: FakeCluster) -> None:
 
 
 async def test_client_stream_failure_fails_pending_then_reopens(fake: FakeCluster) -> None:
+    """Fault: the fake primary aborts the Write stream (UNAVAILABLE) with 10 writes pending."""
     fake.reply_batch = 1000  # hold every reply: writes stay pending until the stream ends
     async with await VolumeClient.connect(fake.coordinator_addr, "vol0") as c:
         pending = [asyncio.create_task(c.write(i * 4096, b"p" * 4096)) for i in range(10)]
-        await asyncio.sleep(0.3)
+        # All 10 reached the fake primary (which records each on arrival) before the abort.
+        await wait_until(lambda: len(fake.writes) == 10, "the fake primary received the 10 pending writes")
         fake.abort_at_offset = 100 * 4096
         trigger = asyncio.create_task(c.write(100 * 4096, b"t" * 4096))
         results = await asyncio.gather(*pending, trigger, return_exceptions=True)
@@ -637,6 +643,7 @@ async def test_client_refuses_oversized_write_locally(fake: FakeCluster) -> None
 
 
 async def test_client_write_timeout(fake: FakeCluster) -> None:
+    """Fault: the fake primary withholds every reply."""
     fake.reply_batch = 1000
     async with await VolumeClient.connect(fake.coordinator_addr, "vol0", write_timeout_s=0.3) as c:
         t0 = time.monotonic()
@@ -647,10 +654,13 @@ async def test_client_write_timeout(fake: FakeCluster) -> None:
 
 
 async def test_client_close_fails_pending(fake: FakeCluster) -> None:
+    """Fault: the fake primary withholds the reply; the client is closed with the write pending."""
     fake.reply_batch = 1000
     c = await VolumeClient.connect(fake.coordinator_addr, "vol0")
     t = asyncio.create_task(c.write(0, b"x" * 4096))
-    await asyncio.sleep(0.2)
+    # Close only once the write is provably on the stream (the fake primary has it, unanswered).
+    await wait_until(lambda: fake.writes == [(0, 4096)], "the fake primary received the write")
+    assert not t.done()
     await c.close()
     with pytest.raises(WriteError) as exc:
         await t

@@ -1,7 +1,8 @@
 """Replicated volumes end to end: real processes, real gRPC, real files.
 
 Every test that fails or restarts something ends by comparing the replicas
-block for block.
+block for block. The workloads are seeded by the ``seed`` fixture (printed
+when a test fails; rerun with SYNCREP_TEST_SEED=N).
 """
 
 from __future__ import annotations
@@ -35,18 +36,17 @@ VOL = "vol0"
 SIZE = 16 << 20
 
 
-async def test_concurrent_random_writes_are_identical_on_both_replicas(cluster: LocalCluster) -> None:
-    seed = random.randrange(1 << 30)
+async def test_concurrent_random_writes_are_identical_on_both_replicas(cluster: LocalCluster, seed: int) -> None:
     w = Workload(cluster, VOL, SIZE, writers=4, seed=seed)
     await w.start()
     await w.wait_acked(400)
     await w.stop()
-    assert w.failed == 0, w.errors[:3]
+    assert w.failed == 0, f"seed {seed}: {w.errors[:3]}"
     await check_no_lost_writes(cluster, VOL, w)
     # Overlapping writers too: the order between clients is up to the
     # primary, but both replicas must agree on it.
     clients = [await cluster.connect(VOL) for _ in range(3)]
-    rng = random.Random(seed)
+    rng = random.Random(f"{seed}-overlap")
 
     async def overlap(c: sc.VolumeClient, k: int) -> None:
         for _ in range(60):
@@ -61,8 +61,7 @@ async def test_concurrent_random_writes_are_identical_on_both_replicas(cluster: 
     assert sc.volume_status_dict(st)["state"] == "in_sync"
 
 
-async def test_writer_workload_model_matches_primary(cluster: LocalCluster) -> None:
-    seed = random.randrange(1 << 30)
+async def test_writer_workload_model_matches_primary(cluster: LocalCluster, seed: int) -> None:
     w = Workload(cluster, VOL, SIZE, writers=3, seed=seed)
     await w.start()
     await w.wait_acked(300)
@@ -72,13 +71,13 @@ async def test_writer_workload_model_matches_primary(cluster: LocalCluster) -> N
 
 
 async def test_secondary_killed_under_load_degrades_quickly_and_writes_continue(
-    cluster_factory: Any,
+    cluster_factory: Any, seed: int,
 ) -> None:
+    """Fault: SIGKILL of the secondary under a 4-writer load, then a restart."""
     ack_timeout_s = 1.0
     c: LocalCluster = cluster_factory(primary_args=["--ack-timeout-s", str(ack_timeout_s)])
     await c.start()
     await c.create_volume(VOL, SIZE)
-    seed = random.randrange(1 << 30)
     w = Workload(c, VOL, SIZE, writers=4, seed=seed)
     await w.start()
     await w.wait_acked(50)
@@ -88,7 +87,7 @@ async def test_secondary_killed_under_load_degrades_quickly_and_writes_continue(
     detect_s = time.monotonic() - t0
     before = w.acked
     await w.wait_acked(100)  # writes continue on the primary alone
-    assert w.failed == 0, f"client writes failed while degraded: {w.errors[:3]}"
+    assert w.failed == 0, f"client writes failed while degraded (seed {seed}): {w.errors[:3]}"
     assert detect_s <= ack_timeout_s + 1.0, f"degraded after {detect_s:.2f} s (waited {waited:.2f})"
     assert w.acked > before
     await c.restart("secondary")
@@ -98,11 +97,12 @@ async def test_secondary_killed_under_load_degrades_quickly_and_writes_continue(
     await check_no_lost_writes(c, VOL, w)
 
 
-async def test_secondary_hang_is_detected_by_ack_timeout(cluster_factory: Any) -> None:
+async def test_secondary_hang_is_detected_by_ack_timeout(cluster_factory: Any, seed: int) -> None:
+    """Fault: SIGSTOP of the secondary (a hang: its sockets stay open), then SIGCONT."""
     c: LocalCluster = cluster_factory(primary_args=["--ack-timeout-s", "0.5"])
     await c.start()
     await c.create_volume(VOL, SIZE)
-    w = Workload(c, VOL, SIZE, writers=2, seed=7)
+    w = Workload(c, VOL, SIZE, writers=2, seed=seed)
     await w.start()
     await w.wait_acked(20)
     c.pause("secondary")  # SIGSTOP: the socket stays open, acks stop
@@ -114,12 +114,13 @@ async def test_secondary_hang_is_detected_by_ack_timeout(cluster_factory: Any) -
     finally:
         c.resume("secondary")
     await w.stop()
-    assert w.failed == 0, w.errors[:3]
+    assert w.failed == 0, f"seed {seed}: {w.errors[:3]}"
     await wait_in_sync_and_identical(c, VOL)
     await check_no_lost_writes(c, VOL, w)
 
 
 async def test_block_policy_fails_writes_with_unavailable_while_degraded(cluster_factory: Any) -> None:
+    """Fault: SIGKILL of the secondary under ``--on-secondary-failure block``."""
     c: LocalCluster = cluster_factory(
         primary_args=["--on-secondary-failure", "block"],
         coordinator_args=["--no-auto-resync"],
@@ -148,6 +149,7 @@ async def _open_replicate(addr: str, epoch: int, size: int = SIZE) -> Any:
 
 
 async def test_stale_epoch_replication_stream_is_refused(cluster: LocalCluster) -> None:
+    """Fault: a replication stream opened to the secondary with an older epoch."""
     vclient = await cluster.connect(VOL)
     await vclient.write(0, b"x" * 4096)
     st = await cluster.get_volume(VOL)
@@ -168,6 +170,7 @@ async def test_stale_epoch_replication_stream_is_refused(cluster: LocalCluster) 
 
 
 async def test_bad_writes_get_precise_status_and_change_nothing(cluster: LocalCluster) -> None:
+    """Faults: writes past the end, unaligned, empty, oversized, to an unknown volume."""
     cl = await cluster.connect(VOL)
     await cl.write(0, b"k" * 8192)
     before = await sc.checksum(cluster.primary_addr, VOL)
@@ -216,6 +219,7 @@ async def test_bad_writes_get_precise_status_and_change_nothing(cluster: LocalCl
 
 
 async def test_volume_create_with_unregistered_node_is_refused(cluster: LocalCluster, tmp_path: Path) -> None:
+    """Faults: an unregistered secondary address; a size that is not a multiple of the block size."""
     with pytest.raises(sc.ClientError) as ei:
         await sc.create_volume(cluster.coordinator_addr, "v2", SIZE, cluster.primary_addr, "127.0.0.1:1")
     assert ei.value.code == grpc.StatusCode.FAILED_PRECONDITION

@@ -33,8 +33,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import wait_until
 
 from deploy.cluster import LocalCluster, free_port
+from syncrep import client as sc
 from syncrep.nbd import protocol as p
 from syncrep.nbd.server import Backend, NbdServer, StaticExports
 from syncrep.pb import syncrep_pb2 as pb
@@ -106,14 +108,21 @@ class NbdClient:
         finally:
             self.closed.set()
 
-    async def request(self, kind: int, offset: int = 0, length: int = 0, data: bytes = b"", flags: int = 0
-                      ) -> tuple[int, bytes]:
+    def submit(self, kind: int, offset: int = 0, length: int = 0, data: bytes = b"", flags: int = 0
+               ) -> asyncio.Future[tuple[int, bytes]]:
+        """Send a request now (requests go on the wire in the order of these
+        calls); the future resolves with (error, data) when its reply is read."""
         handle = next(self._handles)
         fut: asyncio.Future[tuple[int, bytes]] = asyncio.get_running_loop().create_future()
         self._pending[handle] = (fut, length if kind == p.CMD_READ else 0)
         if kind == p.CMD_WRITE:
             length = len(data)
         self.writer.write(p.pack_request(kind, handle, offset, length, flags) + data)
+        return fut
+
+    async def request(self, kind: int, offset: int = 0, length: int = 0, data: bytes = b"", flags: int = 0
+                      ) -> tuple[int, bytes]:
+        fut = self.submit(kind, offset, length, data, flags)
         await self.writer.drain()
         return await fut
 
@@ -161,10 +170,15 @@ async def closed_by_server(reader: asyncio.StreamReader, timeout_s: float = 5.0)
 
 class MemBackend(Backend):
     """A volume in memory. Checks that the server only passes aligned,
-    bounded I/O, and records the peak number of concurrent calls."""
+    bounded I/O, and records the peak number of concurrent calls and every
+    call on arrival (``arrivals``: (kind, offset, length), before any gate).
+
+    While ``gate`` is an unset Event every read and write waits for it there;
+    ``write_gate`` holds writes only. Each call then sleeps a random fraction
+    of ``delay_s`` (from ``rng``: seeded, so a run replays the same jitter)."""
 
     def __init__(self, name: str, size: int, block_size: int = 4096, *, read_only: bool = False,
-                 delay_s: float = 0.0) -> None:
+                 delay_s: float = 0.0, rng: random.Random | None = None) -> None:
         self.name = name
         self.lock_key = name
         self.size = size
@@ -173,35 +187,40 @@ class MemBackend(Backend):
         self.description = f"memory volume {name}"
         self.buf = bytearray(size)
         self.delay_s = delay_s
+        self.rng = rng or random.Random(0)
         self.active = 0
         self.peak = 0
+        self.arrivals: list[tuple[str, int, int]] = []
         self.writes: list[tuple[int, int]] = []
         self.flushes = 0
         self.gate: asyncio.Event | None = None
+        self.write_gate: asyncio.Event | None = None
 
     def _check(self, offset: int, length: int) -> None:
         bs = self.block_size
         assert offset % bs == 0 and length % bs == 0, (offset, length)
         assert 0 < length <= self.max_io_bytes and offset + length <= self.size, (offset, length)
 
-    async def _io(self) -> None:
+    async def _io(self, kind: str, offset: int, length: int) -> None:
+        self.arrivals.append((kind, offset, length))
         self.active += 1
         self.peak = max(self.peak, self.active)
         try:
-            if self.gate is not None:
-                await self.gate.wait()
-            await asyncio.sleep(self.delay_s * random.random())
+            for gate in (self.gate, self.write_gate if kind == "write" else None):
+                if gate is not None:
+                    await gate.wait()
+            await asyncio.sleep(self.delay_s * self.rng.random())  # jitter (0: just a yield)
         finally:
             self.active -= 1
 
     async def read(self, offset: int, length: int) -> bytes:
         self._check(offset, length)
-        await self._io()
+        await self._io("read", offset, length)
         return bytes(self.buf[offset:offset + length])
 
     async def write(self, offset: int, data: bytes) -> None:
         self._check(offset, len(data))
-        await self._io()
+        await self._io("write", offset, len(data))
         self.buf[offset:offset + len(data)] = data
         self.writes.append((offset, len(data)))
 
@@ -209,14 +228,45 @@ class MemBackend(Backend):
         self.flushes += 1
 
 
+def reader_waits_for_a_slot(server: NbdServer) -> bool:
+    """True when a connection's request reader is suspended in its in-flight
+    budget (``slots.acquire``): it has read the next request's header and
+    takes nothing more until a request in flight completes.
+
+    White-box (``server._conns``, the reader task's await chain) on purpose:
+    that the server admits no further request is a negative nothing outside it
+    can observe (the next requests just stay unread), so the in-flight-bound
+    test waits for this, then counts what reached the backend."""
+    for conn in server._conns:
+        task = conn.read_task
+        if task is None or task.done():
+            continue
+        awaiting: Any = getattr(task.get_coro(), "cr_await", None)
+        code = getattr(awaiting, "cr_code", None)
+        if code is not None and code.co_name == "acquire" and awaiting.cr_frame.f_locals.get("self") is conn.slots:
+            return True
+    return False
+
+
+async def refuses_connections(port: int) -> bool:
+    """True when nothing listens on ``port`` any more (a connection still in the
+    backlog when the listener closed is reset: that counts too)."""
+    try:
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+    except (ConnectionRefusedError, ConnectionResetError):
+        return True
+    writer.close()
+    return False
+
+
 @pytest.fixture
-async def mem_server() -> AsyncIterator[tuple[NbdServer, dict[str, MemBackend]]]:
+async def mem_server(seed: int) -> AsyncIterator[tuple[NbdServer, dict[str, MemBackend]]]:
     backends = {
-        "mem": MemBackend("mem", 8 * MiB, delay_s=0.002),
+        "mem": MemBackend("mem", 8 * MiB, delay_s=0.002, rng=random.Random(f"{seed}-jitter")),
         "ro": MemBackend("ro", 1 * MiB, read_only=True),
         "big": MemBackend("big", 64 * MiB),
     }
-    backends["ro"].buf[:] = random.Random(7).randbytes(1 * MiB)
+    backends["ro"].buf[:] = random.Random(f"{seed}-ro").randbytes(1 * MiB)
     server = NbdServer("127.0.0.1:0", StaticExports(backends))
     await server.start()
     try:
@@ -308,12 +358,13 @@ async def test_export_name_of_unknown_export_closes(mem_server: tuple[NbdServer,
     writer.close()
 
 
-async def test_unaligned_io_is_read_modify_write(mem_server: tuple[NbdServer, dict[str, MemBackend]]) -> None:
+async def test_unaligned_io_is_read_modify_write(mem_server: tuple[NbdServer, dict[str, MemBackend]],
+                                                  seed: int) -> None:
     """Random unaligned reads, writes, TRIMs and WRITE_ZEROES, many in flight,
     disjoint per round: the export always equals a byte-level model."""
     server, backends = mem_server
     b = backends["mem"]
-    rng = random.Random(1)
+    rng = random.Random(seed)
     model = bytearray(rng.randbytes(b.size))
     b.buf[:] = model
     c = await NbdClient.open("127.0.0.1", server.port, "mem", ask_block_size=False)
@@ -391,19 +442,25 @@ async def test_pipelined_requests_complete_out_of_order_and_in_flight_is_bounded
     c = await NbdClient.open("127.0.0.1", server.port, "mem")
     try:
         jobs = [asyncio.create_task(c.write(i * 4096, bytes([i % 251]) * 4096)) for i in range(40)]
-        await asyncio.sleep(0.3)
+        # Once the reader waits for a slot with the gate shut, nothing more can reach the backend.
+        await wait_until(lambda: reader_waits_for_a_slot(server) and b.active >= 8,
+                         "the server held requests in the backend and stopped reading the rest")
         assert b.active == 8, "the server must hold at most max_inflight requests of a connection"
+        assert len(b.arrivals) == 8 and b.peak == 8
         b.gate.set()
         await asyncio.gather(*jobs)
         assert b.peak == 8
-        # Replies come back in completion order: a slow write does not hold up later reads.
-        b.gate = asyncio.Event()
-        slow = asyncio.create_task(c.write(0, b"\1" * 4096))
-        await asyncio.sleep(0.05)
-        b.gate.set()
+        # Replies come back in completion order: a write held in the backend does not hold up a later read.
         b.gate = None
+        b.write_gate = asyncio.Event()
+        n = len(b.arrivals)
+        slow = asyncio.create_task(c.write(0, b"\1" * 4096))
+        await wait_until(lambda: len(b.arrivals) > n, "the slow write reached the backend")
         assert await c.read(8192, 4096) == bytes([2]) * 4096
+        assert not slow.done(), "the write is still held in the backend"
+        b.write_gate.set()
         await slow
+        assert b.buf[:4096] == b"\1" * 4096
     finally:
         await c.close()
         await server.stop()
@@ -411,17 +468,19 @@ async def test_pipelined_requests_complete_out_of_order_and_in_flight_is_bounded
 
 async def test_flush_waits_for_writes_received_before_it() -> None:
     b = MemBackend("mem", 4 * MiB)
-    b.gate = asyncio.Event()
+    b.write_gate = asyncio.Event()
     server = NbdServer("127.0.0.1:0", StaticExports({"mem": b}))
     await server.start()
     c = await NbdClient.open("127.0.0.1", server.port, "mem")
     try:
         w = asyncio.create_task(c.write(0, b"\7" * 4096))
-        await asyncio.sleep(0.05)
-        f = asyncio.create_task(c.request(p.CMD_FLUSH))
-        await asyncio.sleep(0.2)
+        await wait_until(lambda: b.active == 1, "the write reached the backend (held there)")
+        f = c.submit(p.CMD_FLUSH)
+        # A READ sent after the FLUSH (requests are read in order): its reply proves the
+        # server has the FLUSH, and a FLUSH reply sent before it would have been read first.
+        assert await c.submit(p.CMD_READ, 8192, 4096) == (0, bytes(4096))
         assert not f.done() and b.flushes == 0, "FLUSH replied before an earlier write completed"
-        b.gate.set()
+        b.write_gate.set()
         await w
         assert await f == (0, b"") and b.flushes == 1
         # FUA: the write's own flush happens before its reply.
@@ -433,6 +492,7 @@ async def test_flush_waits_for_writes_received_before_it() -> None:
 
 
 async def test_error_codes(mem_server: tuple[NbdServer, dict[str, MemBackend]]) -> None:
+    """Faults: writes to a read-only export, I/O past the end, unsupported commands and flags."""
     server, backends = mem_server
     ro = await NbdClient.open("127.0.0.1", server.port, "ro")
     rw = await NbdClient.open("127.0.0.1", server.port, "mem")
@@ -475,6 +535,7 @@ async def test_error_codes(mem_server: tuple[NbdServer, dict[str, MemBackend]]) 
 async def test_malformed_handshake_closes_only_that_connection(
     mem_server: tuple[NbdServer, dict[str, MemBackend]], garbage: bytes, eof: bool,
 ) -> None:
+    """Fault: a second client sends a malformed handshake (``garbage``)."""
     server, backends = mem_server
     good = await NbdClient.open("127.0.0.1", server.port, "mem")
     try:
@@ -497,6 +558,7 @@ async def test_malformed_handshake_closes_only_that_connection(
 async def test_malformed_request_closes_only_that_connection(
     mem_server: tuple[NbdServer, dict[str, MemBackend]], caplog: pytest.LogCaptureFixture
 ) -> None:
+    """Fault: one client sends a request header with a bad magic."""
     server, _ = mem_server
     bad = await NbdClient.open("127.0.0.1", server.port, "mem")
     good = await NbdClient.open("127.0.0.1", server.port, "mem")
@@ -512,15 +574,18 @@ async def test_malformed_request_closes_only_that_connection(
 
 
 async def test_stop_finishes_in_flight_requests() -> None:
+    """Fault: the server is stopped while a write is held in the backend."""
     b = MemBackend("mem", 4 * MiB)
     b.gate = asyncio.Event()
     server = NbdServer("127.0.0.1:0", StaticExports({"mem": b}))
     await server.start()
     c = await NbdClient.open("127.0.0.1", server.port, "mem")
     w = asyncio.create_task(c.request(p.CMD_WRITE, 0, data=b"\x09" * 4096))
-    await asyncio.sleep(0.1)
+    await wait_until(lambda: b.active == 1, "the write reached the backend (held at the gate)")
     stopping = asyncio.create_task(server.stop())
-    await asyncio.sleep(0.1)
+    # stop() closes the listener and cancels the connection's reader in one step.
+    await wait_until(lambda: refuses_connections(server.port), "the stopping server closed its listener")
+    assert not w.done()
     b.gate.set()
     assert await w == (0, b"")  # replied before the connection closed
     await stopping
@@ -547,12 +612,12 @@ async def test_unix_socket(tmp_path: Path) -> None:
 
 
 async def test_qemu_img_against_in_process_server(mem_server: tuple[NbdServer, dict[str, MemBackend]],
-                                                  tmp_path: Path) -> None:
+                                                  tmp_path: Path, seed: int) -> None:
     """The real client against the in-memory backend (fast; no cluster)."""
     need_tool("qemu-img")
     server, backends = mem_server
     src = tmp_path / "src.raw"
-    src.write_bytes(random.Random(3).randbytes(8 * MiB))
+    src.write_bytes(random.Random(seed).randbytes(8 * MiB))
     url = f"nbd://127.0.0.1:{server.port}/mem"
     await run_tool("qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", str(src), url)
     assert backends["mem"].buf == src.read_bytes()
@@ -630,18 +695,20 @@ async def start_nbd_cluster(
     return NbdCluster(c, pp, sp)
 
 
-def fio_args(url: str, *extra: str) -> list[str]:
-    """Random writes, 4 KiB .. 1 MiB (bssplit), queue depth 16, crc32c verify of every block."""
+def fio_args(url: str, seed: int, *extra: str) -> list[str]:
+    """Random writes, 4 KiB .. 1 MiB (bssplit), queue depth 16, crc32c verify of every block.
+    A verify-only pass must use the seed of the pass that wrote."""
     return [
         "fio", "--name=nbd-verify", "--ioengine=nbd", f"--uri={url}", "--rw=randwrite",
         "--bssplit=4k/40:16k/20:64k/20:256k/10:1m/10", "--iodepth=16", f"--size={NBD_VOLUME_SIZE}",
-        "--verify=crc32c", "--verify_fatal=1", "--verify_state_save=0", "--randseed=4242", *extra,
+        "--verify=crc32c", "--verify_fatal=1", "--verify_state_save=0", f"--randseed={seed}", *extra,
     ]
 
 
 async def test_qemu_img_nbdcopy_and_nbdinfo_on_primary_and_secondary_exports(
-    cluster_factory: Callable[..., LocalCluster], tmp_path: Path
+    cluster_factory: Callable[..., LocalCluster], tmp_path: Path, seed: int
 ) -> None:
+    """Faults: a write to the secondary's read-only export; a malformed handshake on the primary."""
     for tool in ("nbdinfo", "qemu-img", "nbdcopy"):
         need_tool(tool)
     n = await start_nbd_cluster(cluster_factory)
@@ -658,7 +725,7 @@ async def test_qemu_img_nbdcopy_and_nbdinfo_on_primary_and_secondary_exports(
     # qemu-img convert of a random raw image into the primary's export, then compare
     # against the source on the primary's export and on the secondary's read-only one.
     src = tmp_path / "src.raw"
-    rng = random.Random(11)
+    rng = random.Random(f"{seed}-src")
     src.write_bytes(b"".join(  # some all-zero regions too
         rng.randbytes(MiB) if i % 4 != 3 else bytes(MiB) for i in range(NBD_VOLUME_SIZE // MiB)
     ))
@@ -671,7 +738,7 @@ async def test_qemu_img_nbdcopy_and_nbdinfo_on_primary_and_secondary_exports(
 
     # nbdcopy both directions (file -> export, export -> file), primary and secondary.
     src2 = tmp_path / "src2.raw"
-    src2.write_bytes(random.Random(12).randbytes(NBD_VOLUME_SIZE))
+    src2.write_bytes(random.Random(f"{seed}-src2").randbytes(NBD_VOLUME_SIZE))
     await run_tool("nbdcopy", str(src2), n.url("primary"))
     out = tmp_path / "out.raw"
     await run_tool("nbdcopy", n.url("primary"), str(out))
@@ -712,32 +779,40 @@ async def test_qemu_img_nbdcopy_and_nbdinfo_on_primary_and_secondary_exports(
 
 
 async def test_fio_random_writes_verify_and_replicas_identical(
-    cluster_factory: Callable[..., LocalCluster],
+    cluster_factory: Callable[..., LocalCluster], seed: int,
 ) -> None:
     need_tool("fio")
     n = await start_nbd_cluster(cluster_factory)
     t0 = time.monotonic()
-    r = await run_tool(*fio_args(n.url("primary"), "--io_size=48m"))
+    r = await run_tool(*fio_args(n.url("primary"), seed, "--io_size=48m"))
     assert "err= 0" in r.stdout, r.stdout
     print(f"fio: {time.monotonic() - t0:.1f} s")
     await assert_replicas_identical(n.c)
     # The secondary's read-only export serves the same data: fio verify-only pass over it.
-    r = await run_tool(*fio_args(n.url("secondary"), "--io_size=48m", "--verify_only"))
+    r = await run_tool(*fio_args(n.url("secondary"), seed, "--io_size=48m", "--verify_only"))
     assert "err= 0" in r.stdout, r.stdout
 
 
 async def test_fio_verify_survives_secondary_kill_then_resync(
-    cluster_factory: Callable[..., LocalCluster],
+    cluster_factory: Callable[..., LocalCluster], seed: int,
 ) -> None:
+    """Fault: the secondary is SIGKILLed while fio writes through the primary's export."""
     need_tool("fio")
     n = await start_nbd_cluster(cluster_factory)
     c = n.c
+    acked0 = (await primary_volume_report(c)).acked_seq
     # Rate-limited so the kill lands mid-run: ~64 MiB at 16 MiB/s = ~4 s of writes.
     proc = await asyncio.create_subprocess_exec(
-        *fio_args(n.url("primary"), "--io_size=64m", "--rate=16m"),
+        *fio_args(n.url("primary"), seed, "--io_size=64m", "--rate=16m"),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )
-    await asyncio.sleep(1.5)
+
+    async def replicating() -> bool:
+        assert proc.returncode is None, "fio exited before any of its writes were replicated"
+        return (await primary_volume_report(c)).acked_seq >= acked0 + 32
+
+    # Kill once the secondary has acknowledged some of fio's writes (not after a guessed time).
+    await wait_until(replicating, "the secondary acknowledged 32 of fio's writes", timeout_s=60)
     assert proc.returncode is None, "fio finished before the secondary was killed"
     c.kill("secondary")
     try:
@@ -754,7 +829,7 @@ async def test_fio_verify_survives_secondary_kill_then_resync(
     await c.wait_for_volume(VOLUME, "in_sync", timeout_s=90)
     await assert_replicas_identical(c)
     # After the resync the secondary's copy passes fio's verify of everything fio wrote.
-    r = await run_tool(*fio_args(n.url("secondary"), "--io_size=64m", "--verify_only"))
+    r = await run_tool(*fio_args(n.url("secondary"), seed, "--io_size=64m", "--verify_only"))
     assert "err= 0" in r.stdout, r.stdout
 
 
@@ -766,15 +841,16 @@ async def test_secondary_snapshot_export(cluster_factory: Callable[..., LocalClu
     c = n.c
     rw = await NbdClient.open("127.0.0.1", n.primary_port, VOLUME)
     try:
-        before = set(await list_snapshots(c.secondary_addr))
         await rw.write(0, b"A" * MiB)
-        deadline = time.monotonic() + 30
-        while True:
-            new = set(await list_snapshots(c.secondary_addr)) - before
-            if new:
-                break
-            assert time.monotonic() < deadline, "no periodic snapshot appeared on the secondary"
-            await asyncio.sleep(0.2)
+        # Listed after the write was acknowledged: any snapshot not listed yet is taken after it.
+        before = set(await list_snapshots(c.secondary_addr))
+        new: set[str] = set()
+
+        async def new_snapshot() -> bool:
+            new.update(set(await list_snapshots(c.secondary_addr)) - before)
+            return bool(new)
+
+        await wait_until(new_snapshot, "a periodic snapshot appeared on the secondary", timeout_s=30)
         snap = sorted(new)[-1]
         await rw.write(0, b"B" * MiB)
     finally:
@@ -791,6 +867,11 @@ async def test_secondary_snapshot_export(cluster_factory: Callable[..., LocalClu
         await live.close()
     listing = (await run_tool("nbdinfo", "--list", f"nbd://127.0.0.1:{n.secondary_port}")).stdout
     assert f'export="{VOLUME}"' in listing and f'export="{VOLUME}@' in listing
+
+
+async def primary_volume_report(c: LocalCluster) -> pb.VolumeReport:
+    r = await sc.node_status(c.primary_addr)
+    return next(v for v in r.volumes if v.name == VOLUME)
 
 
 async def list_snapshots(address: str) -> list[str]:
@@ -826,12 +907,12 @@ def _write_device(dev: str, data: bytes) -> None:
         os.fsync(f.fileno())  # -> NBD_CMD_FLUSH
 
 
-async def test_kernel_nbd_client_block_device(cluster_factory: Callable[..., LocalCluster]) -> None:
+async def test_kernel_nbd_client_block_device(cluster_factory: Callable[..., LocalCluster], seed: int) -> None:
     dev = _kernel_nbd_device()
     n = await start_nbd_cluster(cluster_factory, size=16 * MiB)
     await run_tool("nbd-client", "127.0.0.1", str(n.primary_port), dev, "-N", VOLUME, "-b", "4096")
     try:
-        data = random.Random(5).randbytes(4 * MiB)
+        data = random.Random(seed).randbytes(4 * MiB)
         await asyncio.to_thread(_write_device, dev, data)
     finally:
         await run_tool("nbd-client", "-d", dev, check=False)

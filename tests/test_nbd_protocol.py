@@ -15,6 +15,7 @@ import errno
 import struct
 
 import pytest
+from conftest import wait_until
 
 from syncrep.errors import FailedPrecondition, InvalidArgument, PermissionDenied, Unavailable
 from syncrep.nbd import protocol as p
@@ -308,17 +309,23 @@ def test_error_mapping(exc: BaseException, code: int) -> None:
 async def test_range_lock_serialises_overlaps_only() -> None:
     locks = RangeLock()
     order: list[str] = []
+    release_a = asyncio.Event()
 
-    async def hold(name: str, start: int, end: int, delay: float) -> None:
+    async def hold(name: str, start: int, end: int, until: asyncio.Event | None = None) -> None:
         async with locks.hold(start, end):
             order.append(f"+{name}")
-            await asyncio.sleep(delay)
+            if until is not None:
+                await until.wait()
             order.append(f"-{name}")
 
-    a = asyncio.create_task(hold("a", 0, 8192, 0.05))
-    await asyncio.sleep(0)
-    b = asyncio.create_task(hold("b", 4096, 12288, 0.0))  # overlaps a: waits
-    c = asyncio.create_task(hold("c", 8192, 16384, 0.0))  # disjoint from a: runs now
+    a = asyncio.create_task(hold("a", 0, 8192, release_a))  # holds its range until released
+    await wait_until(lambda: "+a" in order, "a holds its range")
+    b = asyncio.create_task(hold("b", 4096, 12288))  # overlaps a: waits
+    c = asyncio.create_task(hold("c", 8192, 16384))  # disjoint from a: runs now
+    await wait_until(lambda: "-c" in order, "c (disjoint from a) ran to the end while a held its range")
+    # b started before c (tasks start in creation order): had it not waited for a, "+b" would be here.
+    assert "+b" not in order, order
+    release_a.set()
     await asyncio.gather(a, b, c)
     assert order.index("+c") < order.index("-a")
     assert order.index("+b") > order.index("-a")

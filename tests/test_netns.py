@@ -187,6 +187,7 @@ _SERVER = textwrap.dedent("""
 
 @needs_netns
 def test_test_hosts_faults_and_teardown() -> None:
+    """Faults: a two-way and a one-way partition between two hosts, then a host's link down."""
     net = netns.TestNet().open()
     try:
         names = set(net.namespaces)
@@ -241,6 +242,7 @@ def test_stale_namespaces_of_dead_runs_are_swept() -> None:
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="tmpfs needs root")
 def test_size_limited_data_dir_fills_and_frees(tmp_path: Path) -> None:
+    """Fault: a full disk (an 8 MiB tmpfs filled up)."""
     d = tmp_path / "disk"
     netns.mount_tmpfs(d, 8 << 20)
     try:

@@ -39,7 +39,8 @@ VOLUME_SIZE = 16 * MiB
 BLOCK_SIZE = 4096
 
 
-def random_bytes(n: int, seed: int | str = 0) -> bytes:
+def random_bytes(n: int, seed: int | str) -> bytes:
+    """``n`` pseudo-random bytes of ``seed`` (derive it from the ``seed`` fixture)."""
     return random.Random(seed).randbytes(n)
 
 
@@ -192,12 +193,13 @@ def corrupt_secondary_block(cluster: LocalCluster, offset: int) -> None:
         store.close()
 
 
-async def test_verify_cli_detects_and_repairs(cluster: LocalCluster) -> None:
+async def test_verify_cli_detects_and_repairs(cluster: LocalCluster, seed: int) -> None:
+    """Fault: one block of the secondary's store is corrupted while it is stopped."""
     coord = cluster.coordinator_addr
     client = await cluster.connect(VOLUME)
     try:
         for i in range(8):
-            await client.write(i * 2 * MiB, random_bytes(256 * KiB, seed=i))
+            await client.write(i * 2 * MiB, random_bytes(256 * KiB, seed=f"{seed}-{i}"))
     finally:
         await client.close()
 
@@ -247,6 +249,7 @@ async def test_verify_cli_detects_and_repairs(cluster: LocalCluster) -> None:
 
 
 async def test_verify_repair_text_output_and_bad_chunk(cluster: LocalCluster) -> None:
+    """Fault: the first and the last block of the secondary's store are corrupted while it is stopped."""
     coord = cluster.coordinator_addr
     await cluster.stop("secondary")
     await asyncio.to_thread(corrupt_secondary_block, cluster, 0)
@@ -277,8 +280,9 @@ async def test_verify_repair_text_output_and_bad_chunk(cluster: LocalCluster) ->
 
 
 async def test_verify_while_degraded_differs_and_repair_is_refused(
-    cluster_factory: Callable[..., LocalCluster],
+    cluster_factory: Callable[..., LocalCluster], seed: int,
 ) -> None:
+    """Fault: the secondary NACKs every write with ENOSPC (fault injection), so the pair degrades."""
     c = cluster_factory(extra_args={"secondary": ["--enable-fault-injection"]})
     await c.start()
     await c.create_volume(VOLUME, VOLUME_SIZE, BLOCK_SIZE)
@@ -286,7 +290,7 @@ async def test_verify_while_degraded_differs_and_repair_is_refused(
     await inject_fault(c.secondary_addr, VOLUME, "enospc", count=1_000_000)
     client = await c.connect(VOLUME)
     try:
-        await client.write(3 * MiB, random_bytes(64 * KiB, seed="degraded"))
+        await client.write(3 * MiB, random_bytes(64 * KiB, seed=f"{seed}-degraded"))
     finally:
         await client.close()
     await c.wait_for_volume(VOLUME, lambda st: st.fault_snapshot_id > 0 and len(st.failed_extents) > 0)
