@@ -182,6 +182,11 @@ class RoundSender:
                 raise ResyncError(f"secondary {self.secondary} stopped answering (or reading) the resync "
                                   f"stream for {REPLY_TIMEOUT_S} s") from None
             finally:
+                # Right after "complete" too: the secondary has persisted the
+                # completion before answering and releases its rollback point
+                # when the replication stream opens at this epoch
+                # (secondary/resync.py), so nothing is owed on this call and
+                # the switch-back stall does not wait for that release.
                 call.cancel()
 
     async def _stream(self, call: Any, start: int) -> None:

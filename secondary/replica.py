@@ -7,6 +7,10 @@ then answer — NACKs first, one per refused write, then one cumulative ack.
 A reader task pulls messages off the stream while the previous group is
 being applied, and the applier coalesces everything that queued up meanwhile
 into the next group commit, so one fdatasync covers many writes under load.
+
+Opening a replication stream is also the primary's proof that it switched
+back after a resync: it queues the release of that resync's rollback point
+(``secondary.resync``, "Releasing the rollback point").
 """
 
 from __future__ import annotations
@@ -78,7 +82,9 @@ async def first_message(context: grpc.aio.ServicerContext, field: str, what: str
 class ReplicaServicer(pbg.ReplicaServiceServicer):
     def __init__(self, registry: VolumeRegistry, resync: Any = None) -> None:
         self.registry = registry
-        self.resync = resync  # secondary.resync.ResyncReceiver (method step 3), when present
+        # secondary.resync.ResyncReceiver (method step 3), when present; it also
+        # releases a completed resync's rollback point when Replicate opens.
+        self.resync = resync
 
     def accept_stream(self, open_: pb.StreamOpen, fence: bool = True) -> tuple[LocalVolume, int]:
         """Validate a stream opening and (unless ``fence`` is False) fence every
@@ -126,6 +132,17 @@ class ReplicaServicer(pbg.ReplicaServiceServicer):
             log.warning("refused replication stream: %s", e.message)
             await context.abort(e.code, e.message)
             return
+        if self.resync is not None:
+            # The primary opens this stream at the resync's epoch only after its
+            # final round completed, i.e. switching back: the rollback point of
+            # that resync can go. Queued on the I/O thread, not awaited — the
+            # "accepted" reply (inside the primary's switch-back write stall)
+            # does not wait for a snapshot deletion — and queued before that
+            # reply, so cancelling this call cannot skip it. Idempotent, and a
+            # no-op unless a completed resync awaits release.
+            self.resync.schedule_release(
+                lv, f"the primary opened the replication stream at epoch {first.open.epoch}", first.open.epoch
+            )
         st = StreamState(
             volume=lv.name,
             epoch=first.open.epoch,

@@ -16,6 +16,46 @@ knows to be consistent — and keeps it until the final round completes, so an
 abandoned resync can be rolled back (``AbortResync(rollback=True)``).
 Progress is persisted after every group commit, so an interrupted resync
 resumes from the last applied chunk.
+
+Releasing the rollback point is a step of its own, not the tail of the final
+``Resync`` call:
+
+1. At the final round's trailer the secondary persists, in its resync state
+   (``secondary.resync``), ``complete`` and the round's epoch — *before* it
+   answers ``complete``. From then on its data is the primary's final target
+   snapshot, a consistent state, so the rollback point is no longer needed.
+2. The primary cancels the call as soon as it reads ``complete`` (and holds
+   client writes paused until it has switched back), so nothing may follow
+   the reply in this call: a cancellation would skip it (it did: the
+   ``pre-resync-*`` snapshot was left behind after about 1 resync in 7, and
+   every later write paid copy-on-write for it).
+3. The release (``release_rollback_point``: delete every ``pre-resync-*``
+   snapshot, then record that nothing awaits release) runs on the volume's
+   I/O thread when
+
+   * the primary opens the replication stream at that epoch or later
+     (``ReplicaServicer.Replicate``): proof that the switch-back happened;
+     it is queued, not awaited, so the stream's ``accepted`` reply does not
+     wait for it, and it is outside the primary's switch-back write stall;
+   * the next resync begins (``begin``), whatever its id;
+   * ``AbortResync`` finds the resync already complete;
+   * the node starts (``release_pending``, for a node that calls it).
+
+   It re-reads the persisted state on the I/O thread, so it is idempotent
+   and ordered with every other store mutation; it never deletes the
+   rollback point of a resync that is not complete.
+
+Crash analysis: before ``complete`` is persisted the resync is not complete
+and the snapshot is kept (the primary did not hear ``complete`` either, and
+resumes). After it, whatever happens, one of the triggers above runs the
+release: the primary must open a replication or a resync stream before the
+pair is in sync again. A crash between deleting the snapshot and clearing
+the pending mark is repaired by the next release (nothing left to delete).
+A completed resync that the primary resumes (it crashed, or failed to open
+the replication stream, before switching back) is reopened: its rollback
+point, if not released yet, is kept; otherwise the current, consistent,
+state becomes the new one — and a requested rollback to a common snapshot is
+not replayed over the rounds already applied.
 """
 
 from __future__ import annotations
@@ -48,15 +88,27 @@ READ_AHEAD_MESSAGES = 256
 HEADER_TIMEOUT_S = 10.0
 
 
-
 @dataclass
 class ResyncState:
-    """What the secondary persists about the resync in progress."""
+    """What the secondary persists about its current (or last) resync."""
 
     resync_id: str = ""
+    # The rollback point (a ``pre-resync-*`` snapshot); 0 once released.
     pre_snapshot_id: int = 0
     # "round:base:target" -> applied_below
     progress: dict[str, int] = field(default_factory=dict)
+    # The final round is applied and checked, persisted before the primary
+    # hears "complete": the data is the primary's final target, a consistent
+    # state, and the rollback point only awaits release.
+    complete: bool = False
+    # Epoch of the final round: a replication stream at this epoch or later
+    # proves the primary switched back.
+    epoch: int = 0
+
+    @property
+    def in_progress(self) -> bool:
+        """A resync whose rollback point is still the DR copy's last consistent state."""
+        return bool(self.resync_id) and not self.complete
 
     @classmethod
     def load(cls, lv: LocalVolume) -> ResyncState:
@@ -64,16 +116,36 @@ class ResyncState:
         if not raw:
             return cls()
         d = json.loads(raw)
-        return cls(d["resync_id"], int(d["pre_snapshot_id"]), {k: int(v) for k, v in d["progress"].items()})
+        return cls(
+            d["resync_id"], int(d["pre_snapshot_id"]), {k: int(v) for k, v in d["progress"].items()},
+            # Absent in states written before completion was persisted: those
+            # were in progress (a completed resync used to clear its state).
+            bool(d.get("complete", False)), int(d.get("epoch", 0)),
+        )
 
     def dump(self) -> str:
         return json.dumps(
-            {"resync_id": self.resync_id, "pre_snapshot_id": self.pre_snapshot_id, "progress": self.progress}
+            {"resync_id": self.resync_id, "pre_snapshot_id": self.pre_snapshot_id, "progress": self.progress,
+             "complete": self.complete, "epoch": self.epoch}
         )
 
 
 def round_key(h: pb.ResyncHeader) -> str:
     return f"{h.round}:{h.kind}:{h.base_snapshot_id}:{h.target_snapshot_id}"
+
+
+def _live_snapshot(lv: LocalVolume, snapshot_id: int) -> bool:
+    return bool(snapshot_id) and any(s.id == snapshot_id for s in lv.store.list_snapshots())
+
+
+def _log_release_failure(lv: LocalVolume, why: str, fut: asyncio.Future[list[str]]) -> None:
+    if fut.cancelled():
+        return
+    e = fut.exception()
+    if e is not None:
+        # Still pending in the persisted state: the next trigger retries it.
+        log.error("volume %s: releasing the rollback point (%s) failed: %s: %s; retried at the next "
+                  "replication stream, resync or start", lv.name, why, type(e).__name__, e)
 
 
 class ResyncReceiver:
@@ -88,67 +160,168 @@ class ResyncReceiver:
             # verify --repair while in sync: nothing to roll back to, nothing to resume.
             return ResyncState(), 0
         st = ResyncState.load(lv)
-        if st.resync_id != h.resync_id:
-            if h.rollback_to_snapshot:
-                snap = lv.store.find_snapshot(h.rollback_to_snapshot)
-                if snap is None:
-                    raise FailedPrecondition(
-                        f"resync of {lv.name!r} needs a rollback to common snapshot "
-                        f"{h.rollback_to_snapshot!r}, which this node does not have"
-                    )
-                n = lv.store.rollback_to(snap.id)
-                log.warning("volume %s: rolled back %d bytes to common snapshot %r before resync",
-                            lv.name, n, snap.name)
-            if st.pre_snapshot_id:
-                # An earlier, abandoned resync: its pre-resync snapshot is
-                # still our last consistent point. Keep it.
-                pre_id = st.pre_snapshot_id
-            else:
-                name = pre_resync_snapshot_name(h.resync_id)
-                for s in lv.store.list_snapshots():
-                    if s.name.startswith(PRE_RESYNC_PREFIX) and s.name != name:
-                        # Orphan of a completed resync (crash before its release).
-                        lv.store.delete_snapshot(s.id)
-                existing = lv.store.find_snapshot(name)
-                pre_id = existing.id if existing else lv.store.create_snapshot(name).id
-            st = ResyncState(h.resync_id, pre_id, {})
-            lv.store.meta_set({META_RESYNC: st.dump()})
-            log.info("volume %s: resync %s begins; pre-resync snapshot %d is the rollback point",
-                     lv.name, h.resync_id, pre_id)
+        if st.resync_id == h.resync_id and st.complete:
+            self._reopen(lv, st)
+        elif st.resync_id != h.resync_id:
+            st = self._start(lv, h, st)
         return st, st.progress.get(round_key(h), 0)
 
-    def finish(self, lv: LocalVolume, st: ResyncState) -> None:
-        """The final round is complete: the resync is over (the rollback point
-        is released right after, by ``release_pre_snapshot``; a crash in
-        between leaves an orphan that the next resync removes)."""
-        lv.store.meta_set({META_RESYNC: None})
-        log.info("volume %s: resync %s complete", lv.name, st.resync_id)
+    def _reopen(self, lv: LocalVolume, st: ResyncState) -> None:
+        """The primary resumes a resync whose final round this node completed:
+        it did not switch back (it crashed, or could not open the replication
+        stream). Our data is that round's target, consistent. The rollback
+        point is kept if not released yet, else the current state becomes it;
+        a rollback to a common snapshot is not replayed (it would undo the
+        rounds applied), and the persisted progress stays valid."""
+        kept = _live_snapshot(lv, st.pre_snapshot_id)
+        if not kept:
+            st.pre_snapshot_id = self._pre_snapshot(lv, st.resync_id)
+        st.complete = False
+        lv.store.meta_set({META_RESYNC: st.dump()})
+        log.warning("volume %s: resync %s resumed after its final round completed here (the primary did not "
+                    "switch back); rollback point: %s snapshot %d", lv.name, st.resync_id,
+                    "kept" if kept else "new", st.pre_snapshot_id)
+
+    def _start(self, lv: LocalVolume, h: pb.ResyncHeader, st: ResyncState) -> ResyncState:
+        if st.complete:
+            # The previous resync completed; its rollback point awaits release.
+            self.release_rollback_point(lv, f"resync {h.resync_id} begins")
+            st = ResyncState()
+        rolled_back = False
+        if h.rollback_to_snapshot:
+            snap = lv.store.find_snapshot(h.rollback_to_snapshot)
+            if snap is None:
+                raise FailedPrecondition(
+                    f"resync of {lv.name!r} needs a rollback to common snapshot "
+                    f"{h.rollback_to_snapshot!r}, which this node does not have"
+                )
+            n = lv.store.rollback_to(snap.id)
+            rolled_back = True
+            log.warning("volume %s: rolled back %d bytes to common snapshot %r before resync",
+                        lv.name, n, snap.name)
+        name = pre_resync_snapshot_name(h.resync_id)
+        if st.in_progress and _live_snapshot(lv, st.pre_snapshot_id):
+            # An earlier, abandoned resync: its pre-resync snapshot is
+            # still our last consistent point. Keep it.
+            pre_id = st.pre_snapshot_id
+        elif st.in_progress and not rolled_back:
+            # Abandoned mid-resync and its rollback point is gone: our data is
+            # not known to be consistent, so no snapshot of it may pose as one.
+            log.error("volume %s: resync %s begins over abandoned resync %s whose rollback point %d is "
+                      "gone: no rollback point until it completes", lv.name, h.resync_id, st.resync_id,
+                      st.pre_snapshot_id)
+            pre_id = 0
+        else:
+            # No resync in progress (or just rolled back to a common snapshot):
+            # our data is consistent.
+            for s in lv.store.list_snapshots():
+                if s.name.startswith(PRE_RESYNC_PREFIX) and s.name != name:
+                    lv.store.delete_snapshot(s.id)
+                    log.info("volume %s: stale rollback point %r (id %d) released: no resync in progress "
+                             "(resync %s begins)", lv.name, s.name, s.id, h.resync_id)
+            pre_id = self._pre_snapshot(lv, h.resync_id)
+        st = ResyncState(h.resync_id, pre_id, {})
+        lv.store.meta_set({META_RESYNC: st.dump()})
+        log.info("volume %s: resync %s begins; pre-resync snapshot %d is the rollback point",
+                 lv.name, h.resync_id, pre_id)
+        return st
 
     @staticmethod
-    def release_pre_snapshot(lv: LocalVolume, snapshot_id: int) -> None:
-        if not snapshot_id:
-            return
+    def _pre_snapshot(lv: LocalVolume, resync_id: str) -> int:
+        """The rollback point of ``resync_id``: taken now, or found (taken by a
+        begin that crashed before persisting the state that names it)."""
+        name = pre_resync_snapshot_name(resync_id)
+        existing = lv.store.find_snapshot(name)
+        return existing.id if existing else lv.store.create_snapshot(name).id
+
+    def finish(self, lv: LocalVolume, st: ResyncState, epoch: int) -> None:
+        """The final round is complete (runs on the I/O thread, before the
+        "complete" reply). Persisted: from here on a release of the rollback
+        point is owed, and one of the triggers (module docstring) runs it."""
+        st.complete = True
+        st.epoch = epoch
+        lv.store.meta_set({META_RESYNC: st.dump()})
+        log.info("volume %s: resync %s complete at epoch %d; rollback point %d awaits release (when the "
+                 "primary opens the replication stream)", lv.name, st.resync_id, epoch, st.pre_snapshot_id)
+
+    @staticmethod
+    def release_rollback_point(lv: LocalVolume, why: str, epoch: int = 0) -> list[str]:
+        """Release the rollback point of a *completed* resync (runs on the I/O
+        thread). Idempotent: it re-reads the persisted state, deletes every
+        ``pre-resync-*`` snapshot, then records that nothing awaits release.
+        Does nothing while a resync is in progress (its rollback point is the
+        DR copy's last consistent state) or, given ``epoch`` (a replication
+        stream's), when that is older than the completed resync's. Without a
+        resync record, leftovers (an abort that crashed before deleting its
+        snapshot, an older version's completed resync) are released too: no
+        resync in progress means our data is consistent. Returns the names."""
+        st = ResyncState.load(lv)
+        if st.in_progress:
+            return []
+        if st.complete and epoch and epoch < st.epoch:
+            return []
+        released = []
+        for s in lv.store.list_snapshots():
+            if not s.name.startswith(PRE_RESYNC_PREFIX):
+                continue
+            lv.store.delete_snapshot(s.id)
+            released.append(s.name)
+            if st.complete:
+                log.info("volume %s: rollback point %r (id %d) released: resync %s completed at epoch %d; %s",
+                         lv.name, s.name, s.id, st.resync_id, st.epoch, why)
+            else:
+                log.info("volume %s: stale rollback point %r (id %d) released: no resync in progress; %s",
+                         lv.name, s.name, s.id, why)
+        if st.pre_snapshot_id:
+            # After the deletions: a crash in between leaves the release
+            # pending, and the next one finds nothing left to delete. The
+            # record itself stays, so a resumed resync_id is recognised.
+            st.pre_snapshot_id = 0
+            lv.store.meta_set({META_RESYNC: st.dump()})
+        return released
+
+    def schedule_release(self, lv: LocalVolume, why: str, epoch: int = 0) -> asyncio.Future[list[str]] | None:
+        """Queue ``release_rollback_point`` on the volume's I/O thread without
+        waiting for it (so no reply waits for a snapshot deletion). Failures
+        are logged; the release stays pending and the next trigger retries."""
         try:
-            lv.store.delete_snapshot(snapshot_id)
-            log.info("volume %s: pre-resync snapshot %d released", lv.name, snapshot_id)
-        except Exception as e:  # already gone is fine
-            log.info("volume %s: pre-resync snapshot %d: %s", lv.name, snapshot_id, e)
+            fut = lv.submit_io(self.release_rollback_point, lv, why, epoch)
+        except RuntimeError as e:  # the volume is closing
+            log.info("volume %s: release of the rollback point not queued (%s): %s", lv.name, why, e)
+            return None
+        fut.add_done_callback(lambda f: _log_release_failure(lv, why, f))
+        return fut
+
+    def release_pending(self) -> list[asyncio.Future[list[str]]]:
+        """At node start, after the registry opened its volumes: queue the
+        release of every completed resync's rollback point (a crash between
+        "complete" and the release, whatever the volume's role now)."""
+        futs = [self.schedule_release(lv, "node start") for lv in list(self.registry.volumes.values())]
+        return [f for f in futs if f is not None]
 
     def abort(self, lv: LocalVolume, rollback: bool) -> tuple[str, int]:
         """Abandon the resync in progress (operator abort, primary lost)."""
         st = ResyncState.load(lv)
         if not st.resync_id:
             return f"volume {lv.name!r} has no resync in progress", 0
+        if st.complete:
+            # Never rolled back: the data is the resync's consistent result.
+            released = self.release_rollback_point(lv, "AbortResync found the resync complete")
+            extra = f"; released {', '.join(released)}" if released else ""
+            return f"volume {lv.name!r} has no resync in progress (resync {st.resync_id} is complete{extra})", 0
         lv.stream_token += 1  # fence any stream still applying
         n = 0
-        if rollback and st.pre_snapshot_id:
+        if rollback and _live_snapshot(lv, st.pre_snapshot_id):
             n = lv.store.rollback_to(st.pre_snapshot_id)
         if rollback:
+            # The data is the rollback point now: forget the resync first, then
+            # delete the snapshot (a crash in between leaves a leftover that
+            # the next release removes, never a resync naming a lost snapshot).
+            lv.store.meta_set({META_RESYNC: None})
             try:
                 lv.store.delete_snapshot(st.pre_snapshot_id)
             except Exception:
                 pass
-            lv.store.meta_set({META_RESYNC: None})
             return f"resync {st.resync_id} abandoned; rolled back {n} bytes to the pre-resync snapshot", n
         return f"resync {st.resync_id} left resumable; pre-resync snapshot {st.pre_snapshot_id} kept", 0
 
@@ -218,15 +391,13 @@ class ResyncReceiver:
                         f"{expected} applied, digest {'ok' if t.digest == digest.digest() else 'differs'}",
                     )
                     return
-                done = h.final and h.kind != "repair"
-                if done:
-                    await lv.run_io(self.finish, lv, st)
+                if h.final and h.kind != "repair":
+                    await lv.run_io(self.finish, lv, st, h.epoch)
+                # Nothing may follow this reply: the primary cancels the call
+                # as soon as it reads it. The rollback point is released by a
+                # step of its own (module docstring), outside the primary's
+                # switch-back write stall.
                 await context.write(pb.ResyncReply(applied_below=expected, complete=True))
-                if done:
-                    # After the reply: the primary holds its writes paused until
-                    # it hears "complete", and deleting a snapshot costs time in
-                    # proportion to what it tracked.
-                    await lv.run_io(self.release_pre_snapshot, lv, st.pre_snapshot_id)
                 return
             if not msg.HasField("chunk"):
                 continue

@@ -743,6 +743,13 @@ class ResyncReply(_message.Message):
     refused_index: _builtins.int
     message: _builtins.str
     complete: _builtins.bool
+    """The round is applied and checked. For the final round, the secondary has
+    persisted the completion before answering; the primary may cancel the
+    call at once. The secondary's rollback point (pre-resync-<id>) is not
+    released on this call but as a step of its own: when the primary opens
+    the replication stream at this epoch or later (the switch-back), at the
+    next resync, or at AbortResync; never while a resync is not complete.
+    """
     def __init__(
         self,
         *,
