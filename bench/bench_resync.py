@@ -157,7 +157,7 @@ _BACK_IN_SYNC = re.compile(
 _DEGRADED = re.compile(r"degraded: .*write stall ([\d.]+) ms")
 _ROUND = re.compile(r"resync \S+ round (\d+) \((\w+)(, final)?\): (\d+) bytes in (\d+) chunks")
 # The secondary's "resync <id> complete" line: logged when the final round is
-# applied, before it answers (its pre-resync snapshot is released after).
+# applied, before it answers (its pre-resync snapshot is released later, when replication reopens).
 _RELEASED = r"resync \S+ complete"
 
 
@@ -654,7 +654,7 @@ async def main_async(args: argparse.Namespace) -> int:
             "stalls: the primary's last_stall_ms after the degrade and after the switch-back (one sample each; "
             "see the next table for repeated cycles).\n"
             "switch-back breakdown (log timestamps): primary 'round N (diff, final)' -> secondary 'resync complete' "
-            "(the final chunks applied; the secondary\n  deletes its pre-resync snapshot after answering) "
+            "(the final chunks applied; the secondary\n  deletes its pre-resync snapshot when replication reopens) "
             "+ that -> primary 'back in sync' (replication stream re-opened, state persisted).\n"
             "rounds: e=failed extents (variant B round 0), d=diff, F=final round (writes quiesced while it is sent)."
         ),

@@ -239,7 +239,7 @@ class Sim:
         self.snapshot_period_s = self.rng.choice([0.0, 0.0, 1.5, 3.0])
         self.rollback_checked: set[str] = set()
         self.down_count: dict[str, int] = {}
-        self.corrupting = False
+        self.corrupting = 0  # corrupt faults active now
         self.chunks_corrupted = 0
         self.net.tamper = self._tamper
 
@@ -310,6 +310,17 @@ class Sim:
         self.log(f"crash {host}")
 
     # -- faults
+    async def crash_for(self, host: str, duration_s: float) -> None:
+        """Crash ``host`` and restart it after ``duration_s``. Overlapping
+        crashes of one host: it stays down until the last one ends."""
+        self.down_count[host] = self.down_count.get(host, 0) + 1
+        if self.down_count[host] == 1:
+            self.crash_host(host)
+        await asyncio.sleep(duration_s)
+        self.down_count[host] -= 1
+        if self.down_count[host] == 0:
+            await self.start_host(host)
+
     def triggered(self, trigger: str) -> bool:
         from syncrep.core.pairstate import PairState
 
@@ -330,14 +341,7 @@ class Sim:
                 await asyncio.sleep(0.005)
         self.log(f"fault {f}")
         if f.kind == "crash":
-            # Overlapping crashes of one host: it stays down until the last one ends.
-            self.down_count[f.target] = self.down_count.get(f.target, 0) + 1
-            if self.down_count[f.target] == 1:
-                self.crash_host(f.target)
-            await asyncio.sleep(f.duration_s)
-            self.down_count[f.target] -= 1
-            if self.down_count[f.target] == 0:
-                await self.start_host(f.target)
+            await self.crash_for(f.target, f.duration_s)
         elif f.kind in ("hang", "link_down"):
             # Both cut the host off both ways. A real SIGSTOP also freezes the
             # host's timers; here they keep running (see the module docstring).
@@ -362,14 +366,10 @@ class Sim:
             # crc32c still says what was sent): the secondary must refuse each
             # and never apply it; the primary re-sends. A brief crash of the
             # secondary first, so that there is a resync to corrupt.
-            self.corrupting = True
-            if self.down_count.get("node-b", 0) == 0:
-                self.crash_host("node-b")
-                await asyncio.sleep(0.3)
-                if self.down_count.get("node-b", 0) == 0:
-                    await self.start_host("node-b")
+            self.corrupting += 1
+            await self.crash_for("node-b", 0.3)
             await asyncio.sleep(f.duration_s)
-            self.corrupting = False
+            self.corrupting -= 1
         elif f.kind == "disk_full":
             self.disk_full(f.target, True)
             await asyncio.sleep(f.duration_s)

@@ -76,6 +76,10 @@ class Node:
         for lv in self.registry.open_existing():
             if lv.role == pb.ROLE_PRIMARY:
                 await self._become_primary(lv)
+        # A resync completed just before a crash may still owe the release of
+        # its rollback point (secondary/resync.py): queued on each volume's
+        # I/O thread, whatever the volume's role is now.
+        self.resync_receiver.release_pending()
         self.server.add(pbg.add_VolumeServiceServicer_to_server, VolumeServicer(self), "syncrep.v1.VolumeService")
         self.server.add(pbg.add_ReplicaServiceServicer_to_server, self.replica, "syncrep.v1.ReplicaService")
         self.server.add(pbg.add_NodeServiceServicer_to_server, NodeServicer(self), "syncrep.v1.NodeService")
