@@ -40,6 +40,10 @@ from syncrep.core.pair import (
     decide_crash_recovery,
     decide_degrade,
     decide_start_resync,
+    decide_startup,
+    must_degrade_before_writing,
+    repair_refusal,
+    reply_refusal,
     resync_done,
     resync_failed,
     write_refusal,
@@ -221,7 +225,8 @@ class PrimaryVolume:
         self._hold_gate()
         try:
             self._spawn(self._sequencer(), "sequencer")
-            if self.state is PairState.IN_SYNC and self.rec.clean == "0":
+            startup = decide_startup(self.rec)
+            if startup.crash_recovery:
                 await self._recover_from_unclean_stop()
             if self.options.snapshot_period_s > 0:
                 self._spawn(self._snapshot_loop(), "snapshots")
@@ -239,10 +244,7 @@ class PrimaryVolume:
                 self.lv.name, self.state.value, len(self.failed_extents),
                 sum(e.length for e in self.failed_extents), self.fault_snapshot_id,
             )
-        if self.state is PairState.RESYNCING:
-            # The resync ran in a process that is gone: nothing drives it any
-            # more. Go back to degraded and say so, so the coordinator starts
-            # a new resync (which resumes the persisted plan).
+        if startup.resync_interrupted:
             await self._resync_failed("the primary restarted during the resync")
 
     async def stop(self) -> None:
@@ -409,10 +411,7 @@ class PrimaryVolume:
                 link = self.link
                 if link is None or link.failed:
                     link = None
-                    if self.state is PairState.IN_SYNC:
-                        # In sync but no stream (it just failed, or was
-                        # closed): this batch must not land untracked.
-                        # Degrade first (fault snapshot), then write.
+                    if must_degrade_before_writing(self.state):
                         self._begin_degrade(
                             self.link.failure_reason if self.link is not None else "no replication stream"
                         )
@@ -502,17 +501,13 @@ class PrimaryVolume:
                         if not w.fut.done():
                             w.fut.set_exception(err)
                     return
-        block = self.options.on_secondary_failure == "block" and (lost or remote is None)
+        refusal = reply_refusal(self.options.on_secondary_failure == "block", lost or remote is None,
+                                self.lv.name, self.last_error)
         for w in batch:
             if w.fut.done():
                 continue
-            if block:
-                w.fut.set_exception(
-                    Unavailable(
-                        f"volume {self.lv.name!r}: the secondary failed ({self.last_error}); the write is "
-                        "on the primary only and the node runs with --on-secondary-failure block"
-                    )
-                )
+            if refusal:
+                w.fut.set_exception(Unavailable(refusal))
             else:
                 w.fut.set_result(None)
 
@@ -778,11 +773,9 @@ class PrimaryVolume:
     async def repair(self, extents: list[Extent]) -> int:
         """verify --repair: re-send just these extents, under quiesce so the
         secondary ends identical to the primary."""
-        if self.state is not PairState.IN_SYNC or self.link is None:
-            raise FailedPrecondition(
-                f"volume {self.lv.name!r} is {self.state.value}; repair runs only in sync "
-                "(a resync already covers the differences)"
-            )
+        refusal = repair_refusal(self.state, self.link is not None, self.lv.name)
+        if refusal:
+            raise FailedPrecondition(refusal)
         self._hold_gate()
         try:
             await self.lv.run_io(lambda: None)  # drain: every earlier write has landed locally ...

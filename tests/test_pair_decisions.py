@@ -11,6 +11,10 @@ from syncrep.core.pair import (
     decide_crash_recovery,
     decide_degrade,
     decide_start_resync,
+    decide_startup,
+    must_degrade_before_writing,
+    repair_refusal,
+    reply_refusal,
     resync_done,
     resync_failed,
     write_refusal,
@@ -114,3 +118,40 @@ def test_resync_failed_keeps_the_failure_information() -> None:
 def test_write_refusal(state: PairState, closing: bool, block: bool, want: str) -> None:
     got = write_refusal(state, closing, block, "v")
     assert (want in got) if want else got == ""
+
+
+@pytest.mark.parametrize(
+    ("rec", "crash", "interrupted"),
+    [
+        (PairRecord(S), False, False),  # a new volume
+        (PairRecord(S, clean="1"), False, False),  # after a graceful stop
+        (PairRecord(S, clean="0"), True, False),  # crashed while in sync: recover first
+        (PairRecord(D, clean="0"), False, False),  # degraded: the failure information is on disk
+        (PairRecord(R, clean="0"), False, True),  # the resync's process is gone
+    ],
+)
+def test_startup(rec: PairRecord, crash: bool, interrupted: bool) -> None:
+    d = decide_startup(rec)
+    assert (d.crash_recovery, d.resync_interrupted) == (crash, interrupted)
+
+
+def test_a_batch_without_a_stream_degrades_first_only_while_in_sync() -> None:
+    assert must_degrade_before_writing(S)
+    assert not must_degrade_before_writing(D) and not must_degrade_before_writing(R)
+
+
+@pytest.mark.parametrize(
+    ("block", "primary_only", "refused"),
+    [(False, False, False), (False, True, False), (True, False, False), (True, True, True)],
+)
+def test_reply_refusal(block: bool, primary_only: bool, refused: bool) -> None:
+    got = reply_refusal(block, primary_only, "v", "NACK")
+    assert bool(got) is refused
+    if refused:
+        assert "--on-secondary-failure block" in got and "NACK" in got
+
+
+@pytest.mark.parametrize(("state", "replicating", "refused"),
+                         [(S, True, False), (S, False, True), (D, False, True), (R, True, True)])
+def test_repair_refusal(state: PairState, replicating: bool, refused: bool) -> None:
+    assert bool(repair_refusal(state, replicating, "v")) is refused

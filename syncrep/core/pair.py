@@ -38,9 +38,14 @@ __all__ = [
     "Degrade",
     "PairRecord",
     "StartResync",
+    "Startup",
     "decide_crash_recovery",
     "decide_degrade",
     "decide_start_resync",
+    "decide_startup",
+    "must_degrade_before_writing",
+    "repair_refusal",
+    "reply_refusal",
     "resync_done",
     "resync_failed",
     "write_refusal",
@@ -218,4 +223,47 @@ def write_refusal(state: PairState, closing: bool, block_when_degraded: bool, vo
     if block_when_degraded and state is not PairState.IN_SYNC:
         return (f"volume {volume!r} is {state.value} and the node runs with --on-secondary-failure block: "
                 "writes are refused until the pair is back in sync")
+    return ""
+
+
+@dataclass(frozen=True)
+class Startup:
+    """What a primary does when its volume starts, from the record it finds."""
+
+    crash_recovery: bool  # in sync but not clean: it crashed with writes possibly in flight
+    resync_interrupted: bool  # the resync ran in a process that is gone
+
+
+def decide_startup(rec: PairRecord) -> Startup:
+    """``crash_recovery`` comes first (it turns the pair degraded); then the
+    executor replicates if the pair is still in sync. A resync that was
+    running when the process died is driven by nothing any more: the pair goes
+    back to degraded and says so, so the coordinator starts a new resync, which
+    resumes the persisted plan."""
+    return Startup(crash_recovery=rec.state is PairState.IN_SYNC and rec.clean == "0",
+                   resync_interrupted=rec.state is PairState.RESYNCING)
+
+
+def must_degrade_before_writing(state: PairState) -> bool:
+    """A batch finds no live replication stream. In sync, it must not land on
+    the primary alone untracked: the fault is recorded first (degrade, fault
+    snapshot), then the batch is written. Degraded or resyncing, the batch is
+    tracked by the diff since the fault snapshot: write it locally."""
+    return state is PairState.IN_SYNC
+
+
+def reply_refusal(block_when_degraded: bool, on_primary_only: bool, volume: str, last_error: str) -> str:
+    """Why a write that landed on the primary is answered with an error ("" =
+    success). With --on-secondary-failure block, a write that is on the primary
+    only is not acknowledged (the client chose availability of the copy)."""
+    if block_when_degraded and on_primary_only:
+        return (f"volume {volume!r}: the secondary failed ({last_error}); the write is on the primary only "
+                "and the node runs with --on-secondary-failure block")
+    return ""
+
+
+def repair_refusal(state: PairState, replicating: bool, volume: str) -> str:
+    """verify --repair re-sends extents over a live stream, in sync only."""
+    if state is not PairState.IN_SYNC or not replicating:
+        return f"volume {volume!r} is {state.value}; repair runs only in sync (a resync already covers the differences)"
     return ""
