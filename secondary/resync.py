@@ -56,6 +56,13 @@ the replication stream, before switching back) is reopened: its rollback
 point, if not released yet, is kept; otherwise the current, consistent,
 state becomes the new one — and a requested rollback to a common snapshot is
 not replayed over the rounds already applied.
+
+Every decision above (new resync, resume, reopen or refusal at a header; a
+chunk applied, dropped or refused; the trailer; whether a release may run;
+what ``AbortResync`` does) is a pure function of ``syncrep.core.receiver``,
+given the persisted ``ResyncState`` and what happened. This module is its
+executor: it reads the stream, makes the store calls on the volume's I/O
+thread, persists, then replies.
 """
 
 from __future__ import annotations
@@ -63,17 +70,18 @@ from __future__ import annotations
 import asyncio
 import errno
 import hashlib
-import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import replace
 from typing import Any
 
 import google_crc32c
 import grpc
 
 from secondary.replica import EOF_MARK, first_message, read_ahead
+from syncrep.core import receiver as core
 from syncrep.core.classify import STORAGE_ERRORS, storage_errno, storage_error_text
-from syncrep.core.vocab import META_SECONDARY_RESYNC, PRE_RESYNC_PREFIX, pre_resync_snapshot_name
+from syncrep.core.receiver import ChunkVerdict, Header, Opening, Snapshot
+from syncrep.core.vocab import META_SECONDARY_RESYNC
 from syncrep.errors import FailedPrecondition, SyncrepError
 from syncrep.pb import syncrep_pb2 as pb
 from syncrep.volumes import LocalVolume, VolumeRegistry
@@ -88,54 +96,26 @@ READ_AHEAD_MESSAGES = 256
 HEADER_TIMEOUT_S = 10.0
 
 
-@dataclass
-class ResyncState:
-    """What the secondary persists about its current (or last) resync."""
-
-    resync_id: str = ""
-    # The rollback point (a ``pre-resync-*`` snapshot); 0 once released.
-    pre_snapshot_id: int = 0
-    # "round:base:target" -> applied_below
-    progress: dict[str, int] = field(default_factory=dict)
-    # The final round is applied and checked, persisted before the primary
-    # hears "complete": the data is the primary's final target, a consistent
-    # state, and the rollback point only awaits release.
-    complete: bool = False
-    # Epoch of the final round: a replication stream at this epoch or later
-    # proves the primary switched back.
-    epoch: int = 0
-
-    @property
-    def in_progress(self) -> bool:
-        """A resync whose rollback point is still the DR copy's last consistent state."""
-        return bool(self.resync_id) and not self.complete
+class ResyncState(core.ResyncState):
+    """What the secondary persists about its current (or last) resync
+    (``syncrep.core.receiver.ResyncState``), read from the volume."""
 
     @classmethod
     def load(cls, lv: LocalVolume) -> ResyncState:
-        raw = lv.store.meta_get(META_RESYNC)
-        if not raw:
-            return cls()
-        d = json.loads(raw)
-        return cls(
-            d["resync_id"], int(d["pre_snapshot_id"]), {k: int(v) for k, v in d["progress"].items()},
-            # Absent in states written before completion was persisted: those
-            # were in progress (a completed resync used to clear its state).
-            bool(d.get("complete", False)), int(d.get("epoch", 0)),
-        )
-
-    def dump(self) -> str:
-        return json.dumps(
-            {"resync_id": self.resync_id, "pre_snapshot_id": self.pre_snapshot_id, "progress": self.progress,
-             "complete": self.complete, "epoch": self.epoch}
-        )
+        return cls.from_json(lv.store.meta_get(META_RESYNC))
 
 
-def round_key(h: pb.ResyncHeader) -> str:
-    return f"{h.round}:{h.kind}:{h.base_snapshot_id}:{h.target_snapshot_id}"
+def header(h: pb.ResyncHeader) -> Header:
+    return Header(h.resync_id, h.round, h.kind, h.base_snapshot_id, h.target_snapshot_id, h.final, h.epoch,
+                  h.rollback_to_snapshot)
 
 
-def _live_snapshot(lv: LocalVolume, snapshot_id: int) -> bool:
-    return bool(snapshot_id) and any(s.id == snapshot_id for s in lv.store.list_snapshots())
+def _snapshots(lv: LocalVolume) -> list[Snapshot]:
+    return [(s.name, s.id) for s in lv.store.list_snapshots()]
+
+
+def _persist(lv: LocalVolume, st: core.ResyncState) -> None:
+    lv.store.meta_set({META_RESYNC: st.dump()})
 
 
 def _log_release_failure(lv: LocalVolume, why: str, fut: asyncio.Future[list[str]]) -> None:
@@ -149,135 +129,88 @@ def _log_release_failure(lv: LocalVolume, why: str, fut: asyncio.Future[list[str
 
 
 class ResyncReceiver:
+    """The I/O of the secondary's resync: reads the stream, carries out the
+    decisions of ``syncrep.core.receiver`` on the volume's I/O thread (store
+    calls, then persist), and replies."""
+
     def __init__(self, registry: VolumeRegistry) -> None:
         self.registry = registry
 
     # ------------------------------------------------------------ control
-    def begin(self, lv: LocalVolume, h: pb.ResyncHeader) -> tuple[ResyncState, int]:
+    def begin(self, lv: LocalVolume, h: pb.ResyncHeader) -> tuple[core.ResyncState, int]:
         """Runs on the I/O thread. Returns (state, resume index)."""
         lv.faults.check_armed()
-        if h.kind == "repair":
+        hd = header(h)
+        if hd.repair:
             # verify --repair while in sync: nothing to roll back to, nothing to resume.
-            return ResyncState(), 0
+            return core.ResyncState(), 0
         st = ResyncState.load(lv)
-        if st.resync_id == h.resync_id and st.complete:
-            self._reopen(lv, st)
-        elif st.resync_id != h.resync_id:
-            st = self._start(lv, h, st)
-        return st, st.progress.get(round_key(h), 0)
-
-    def _reopen(self, lv: LocalVolume, st: ResyncState) -> None:
-        """The primary resumes a resync whose final round this node completed:
-        it did not switch back (it crashed, or could not open the replication
-        stream). Our data is that round's target, consistent. The rollback
-        point is kept if not released yet, else the current state becomes it;
-        a rollback to a common snapshot is not replayed (it would undo the
-        rounds applied), and the persisted progress stays valid."""
-        kept = _live_snapshot(lv, st.pre_snapshot_id)
-        if not kept:
-            st.pre_snapshot_id = self._pre_snapshot(lv, st.resync_id)
-        st.complete = False
-        lv.store.meta_set({META_RESYNC: st.dump()})
-        log.warning("volume %s: resync %s resumed after its final round completed here (the primary did not "
-                    "switch back); rollback point: %s snapshot %d", lv.name, st.resync_id,
-                    "kept" if kept else "new", st.pre_snapshot_id)
-
-    def _start(self, lv: LocalVolume, h: pb.ResyncHeader, st: ResyncState) -> ResyncState:
-        if st.complete:
+        d = core.decide_begin(st, hd, lv.name, _snapshots(lv))
+        if d.release_first:
             # The previous resync completed; its rollback point awaits release.
             self.release_rollback_point(lv, f"resync {h.resync_id} begins")
-            st = ResyncState()
-        rolled_back = False
-        if h.rollback_to_snapshot:
-            snap = lv.store.find_snapshot(h.rollback_to_snapshot)
-            if snap is None:
-                raise FailedPrecondition(
-                    f"resync of {lv.name!r} needs a rollback to common snapshot "
-                    f"{h.rollback_to_snapshot!r}, which this node does not have"
-                )
-            n = lv.store.rollback_to(snap.id)
-            rolled_back = True
-            log.warning("volume %s: rolled back %d bytes to common snapshot %r before resync",
-                        lv.name, n, snap.name)
-        name = pre_resync_snapshot_name(h.resync_id)
-        if st.in_progress and _live_snapshot(lv, st.pre_snapshot_id):
-            # An earlier, abandoned resync: its pre-resync snapshot is
-            # still our last consistent point. Keep it.
-            pre_id = st.pre_snapshot_id
-        elif st.in_progress and not rolled_back:
-            # Abandoned mid-resync and its rollback point is gone: our data is
-            # not known to be consistent, so no snapshot of it may pose as one.
+        if d.opening is Opening.REFUSE:
+            raise FailedPrecondition(d.refuse)
+        if d.rollback_to is not None:
+            name, snap_id = d.rollback_to
+            n = lv.store.rollback_to(snap_id)
+            log.warning("volume %s: rolled back %d bytes to common snapshot %r before resync", lv.name, n, name)
+        if d.no_rollback_point:
             log.error("volume %s: resync %s begins over abandoned resync %s whose rollback point %d is "
                       "gone: no rollback point until it completes", lv.name, h.resync_id, st.resync_id,
                       st.pre_snapshot_id)
-            pre_id = 0
-        else:
-            # No resync in progress (or just rolled back to a common snapshot):
-            # our data is consistent.
-            for s in lv.store.list_snapshots():
-                if s.name.startswith(PRE_RESYNC_PREFIX) and s.name != name:
-                    lv.store.delete_snapshot(s.id)
-                    log.info("volume %s: stale rollback point %r (id %d) released: no resync in progress "
-                             "(resync %s begins)", lv.name, s.name, s.id, h.resync_id)
-            pre_id = self._pre_snapshot(lv, h.resync_id)
-        st = ResyncState(h.resync_id, pre_id, {})
-        lv.store.meta_set({META_RESYNC: st.dump()})
-        log.info("volume %s: resync %s begins; pre-resync snapshot %d is the rollback point",
-                 lv.name, h.resync_id, pre_id)
-        return st
+        for name, snap_id in d.delete:
+            lv.store.delete_snapshot(snap_id)
+            log.info("volume %s: stale rollback point %r (id %d) released: no resync in progress "
+                     "(resync %s begins)", lv.name, name, snap_id, h.resync_id)
+        new = d.state
+        if d.create_snapshot:
+            new = replace(new, pre_snapshot_id=lv.store.create_snapshot(d.create_snapshot).id)
+        if d.persist:
+            _persist(lv, new)
+        if d.opening is Opening.REOPEN:
+            log.warning("volume %s: resync %s resumed after its final round completed here (the primary did "
+                        "not switch back); rollback point: %s snapshot %d", lv.name, new.resync_id,
+                        "kept" if d.kept else "new", new.pre_snapshot_id)
+        elif d.opening is Opening.NEW:
+            log.info("volume %s: resync %s begins; pre-resync snapshot %d is the rollback point",
+                     lv.name, h.resync_id, new.pre_snapshot_id)
+        return new, d.resume
 
-    @staticmethod
-    def _pre_snapshot(lv: LocalVolume, resync_id: str) -> int:
-        """The rollback point of ``resync_id``: taken now, or found (taken by a
-        begin that crashed before persisting the state that names it)."""
-        name = pre_resync_snapshot_name(resync_id)
-        existing = lv.store.find_snapshot(name)
-        return existing.id if existing else lv.store.create_snapshot(name).id
-
-    def finish(self, lv: LocalVolume, st: ResyncState, epoch: int) -> None:
+    def finish(self, lv: LocalVolume, st: core.ResyncState, epoch: int) -> core.ResyncState:
         """The final round is complete (runs on the I/O thread, before the
         "complete" reply). Persisted: from here on a release of the rollback
         point is owed, and one of the triggers (module docstring) runs it."""
-        st.complete = True
-        st.epoch = epoch
-        lv.store.meta_set({META_RESYNC: st.dump()})
+        st = st.completed(epoch)
+        _persist(lv, st)
         log.info("volume %s: resync %s complete at epoch %d; rollback point %d awaits release (when the "
                  "primary opens the replication stream)", lv.name, st.resync_id, epoch, st.pre_snapshot_id)
+        return st
 
     @staticmethod
     def release_rollback_point(lv: LocalVolume, why: str, epoch: int = 0) -> list[str]:
         """Release the rollback point of a *completed* resync (runs on the I/O
-        thread). Idempotent: it re-reads the persisted state, deletes every
-        ``pre-resync-*`` snapshot, then records that nothing awaits release.
-        Does nothing while a resync is in progress (its rollback point is the
-        DR copy's last consistent state) or, given ``epoch`` (a replication
-        stream's), when that is older than the completed resync's. Without a
-        resync record, leftovers (an abort that crashed before deleting its
-        snapshot, an older version's completed resync) are released too: no
-        resync in progress means our data is consistent. Returns the names."""
+        thread; ``core.decide_release`` says whether and what). Idempotent: it
+        re-reads the persisted state, deletes every ``pre-resync-*`` snapshot,
+        then records that nothing awaits release (after the deletions: a crash
+        in between leaves the release pending, and the next one finds nothing
+        left to delete). Returns the names."""
         st = ResyncState.load(lv)
-        if st.in_progress:
-            return []
-        if st.complete and epoch and epoch < st.epoch:
+        d = core.decide_release(st, _snapshots(lv), epoch)
+        if d is None:
             return []
         released = []
-        for s in lv.store.list_snapshots():
-            if not s.name.startswith(PRE_RESYNC_PREFIX):
-                continue
-            lv.store.delete_snapshot(s.id)
-            released.append(s.name)
+        for name, snap_id in d.delete:
+            lv.store.delete_snapshot(snap_id)
+            released.append(name)
             if st.complete:
                 log.info("volume %s: rollback point %r (id %d) released: resync %s completed at epoch %d; %s",
-                         lv.name, s.name, s.id, st.resync_id, st.epoch, why)
+                         lv.name, name, snap_id, st.resync_id, st.epoch, why)
             else:
                 log.info("volume %s: stale rollback point %r (id %d) released: no resync in progress; %s",
-                         lv.name, s.name, s.id, why)
-        if st.pre_snapshot_id:
-            # After the deletions: a crash in between leaves the release
-            # pending, and the next one finds nothing left to delete. The
-            # record itself stays, so a resumed resync_id is recognised.
-            st.pre_snapshot_id = 0
-            lv.store.meta_set({META_RESYNC: st.dump()})
+                         lv.name, name, snap_id, why)
+        if d.state is not None:
+            _persist(lv, d.state)
         return released
 
     def schedule_release(self, lv: LocalVolume, why: str, epoch: int = 0) -> asyncio.Future[list[str]] | None:
@@ -302,28 +235,20 @@ class ResyncReceiver:
     def abort(self, lv: LocalVolume, rollback: bool) -> tuple[str, int]:
         """Abandon the resync in progress (operator abort, primary lost)."""
         st = ResyncState.load(lv)
-        if not st.resync_id:
-            return f"volume {lv.name!r} has no resync in progress", 0
-        if st.complete:
-            # Never rolled back: the data is the resync's consistent result.
+        d = core.decide_abort(st, lv.name, rollback, _snapshots(lv))
+        if d.release:
             released = self.release_rollback_point(lv, "AbortResync found the resync complete")
-            extra = f"; released {', '.join(released)}" if released else ""
-            return f"volume {lv.name!r} has no resync in progress (resync {st.resync_id} is complete{extra})", 0
-        lv.stream_token += 1  # fence any stream still applying
-        n = 0
-        if rollback and _live_snapshot(lv, st.pre_snapshot_id):
-            n = lv.store.rollback_to(st.pre_snapshot_id)
-        if rollback:
-            # The data is the rollback point now: forget the resync first, then
-            # delete the snapshot (a crash in between leaves a leftover that
-            # the next release removes, never a resync naming a lost snapshot).
+            return d.message(released=released), 0
+        if d.fence:
+            lv.stream_token += 1  # fence any stream still applying
+        n = lv.store.rollback_to(d.rollback_to) if d.rollback_to else 0
+        if d.forget:
             lv.store.meta_set({META_RESYNC: None})
             try:
-                lv.store.delete_snapshot(st.pre_snapshot_id)
+                lv.store.delete_snapshot(d.delete)
             except Exception:
                 pass
-            return f"resync {st.resync_id} abandoned; rolled back {n} bytes to the pre-resync snapshot", n
-        return f"resync {st.resync_id} left resumable; pre-resync snapshot {st.pre_snapshot_id} kept", 0
+        return d.message(rolled_back=n), n
 
     # ------------------------------------------------------------ stream
     async def serve(self, replica: Any, context: grpc.aio.ServicerContext) -> None:
@@ -364,14 +289,15 @@ class ResyncReceiver:
         lv: LocalVolume,
         token: int,
         h: pb.ResyncHeader,
-        st: ResyncState,
+        st: core.ResyncState,
         resume: int,
         inbox: asyncio.Queue[Any],
         context: grpc.aio.ServicerContext,
     ) -> None:
+        hd = header(h)
         expected = resume
         digest = hashlib.sha256()
-        key = round_key(h)
+        bs, size = lv.store.block_size, lv.store.size_bytes
         pending: Any = None
         while True:
             msg = pending if pending is not None else await inbox.get()
@@ -384,15 +310,12 @@ class ResyncReceiver:
                 return
             if msg.HasField("trailer"):
                 t = msg.trailer
-                if t.chunk_count != expected or t.digest != digest.digest():
-                    await context.abort(
-                        grpc.StatusCode.DATA_LOSS,
-                        f"resync round {h.round} trailer mismatch: {t.chunk_count} chunks announced, "
-                        f"{expected} applied, digest {'ok' if t.digest == digest.digest() else 'differs'}",
-                    )
+                verdict = core.check_trailer(hd, t.chunk_count, expected, t.digest == digest.digest())
+                if verdict.refuse:
+                    await context.abort(grpc.StatusCode.DATA_LOSS, verdict.refuse)
                     return
-                if h.final and h.kind != "repair":
-                    await lv.run_io(self.finish, lv, st, h.epoch)
+                if verdict.finish:
+                    st = await lv.run_io(self.finish, lv, st, h.epoch)
                 # Nothing may follow this reply: the primary cancels the call
                 # as soon as it reads it. The rollback point is released by a
                 # step of its own (module docstring), outside the primary's
@@ -407,14 +330,12 @@ class ResyncReceiver:
             m: Any = msg
             while True:
                 c = m.chunk
-                if c.index != expected + len(group):
-                    # Chunks after a refused one, sent before the primary saw
-                    # the refusal: dropped, the primary re-sends from there.
-                    pass
-                elif google_crc32c.value(c.data) != c.crc32c or not self._in_range(lv, c):
+                v = core.check_chunk(c.index, c.offset, len(c.data), c.crc32c, google_crc32c.value(c.data),
+                                     expected + len(group), bs, size)
+                if v is ChunkVerdict.REFUSE:
                     refused = c
                     break
-                else:
+                if v is ChunkVerdict.APPLY:
                     group.append(c)
                     nbytes += len(c.data)
                 if nbytes >= GROUP_MAX_BYTES or inbox.empty():
@@ -425,7 +346,7 @@ class ResyncReceiver:
                     break
             if group:
                 try:
-                    await lv.run_io(self._write_group, lv, group, st, key, expected + len(group))
+                    st = await lv.run_io(self._write_group, lv, group, st, hd.key, expected + len(group))
                 except STORAGE_ERRORS as e:
                     await context.abort(grpc.StatusCode.INTERNAL,
                                         f"secondary storage failed applying resync: {storage_error_text(e)}")
@@ -441,24 +362,19 @@ class ResyncReceiver:
                 await context.write(
                     pb.ResyncReply(
                         applied_below=expected, refused=True, refused_index=refused.index,
-                        message=f"chunk {refused.index} at offset {refused.offset}: crc32c mismatch",
+                        message=core.chunk_refusal(refused.index, refused.offset),
                     )
                 )
 
     @staticmethod
-    def _in_range(lv: LocalVolume, c: pb.ResyncChunk) -> bool:
-        bs = lv.store.block_size
-        n = len(c.data)
-        return n > 0 and c.offset % bs == 0 and n % bs == 0 and c.offset + n <= lv.store.size_bytes
-
-    @staticmethod
     def _write_group(
-        lv: LocalVolume, group: list[pb.ResyncChunk], st: ResyncState, key: str, applied_below: int
-    ) -> None:
+        lv: LocalVolume, group: list[pb.ResyncChunk], st: core.ResyncState, key: str, applied_below: int
+    ) -> core.ResyncState:
         lv.faults.check()
         lv.store.write_batch([(c.offset, c.data) for c in group])
-        if not st.resync_id:
-            return  # a repair: nothing to persist
+        new = st.applied(key, applied_below)
+        if new is None:
+            return st  # a repair: nothing to persist
         # After the data is durable: progress never claims more than is applied.
-        st.progress[key] = applied_below
-        lv.store.meta_set({META_RESYNC: st.dump()})
+        _persist(lv, new)
+        return new
