@@ -432,7 +432,7 @@ class Sim:
                     pass  # recorded as failed (indeterminate) by the workload
                 finally:
                     self.inflight -= 1
-                await asyncio.sleep(rng.uniform(0.0, 0.12))
+                await asyncio.sleep(rng.uniform(0.02, 0.25))
 
         try:
             await asyncio.gather(*(writer(w) for w in range(WRITERS)))

@@ -331,7 +331,7 @@ class PrimaryVolume:
     async def _open_link(self) -> None:
         async for attempt in AsyncRetrying(
             stop=stop_after_attempt(self.options.connect_attempts),
-            wait=wait_exponential_jitter(initial=0.1, max=2.0),
+            wait=wait_exponential_jitter(multiplier=0.1, max=2.0),
             retry=retry_if_exception_type(LinkError),
             reraise=True,
         ):

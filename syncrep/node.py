@@ -229,7 +229,7 @@ class Node:
         try:
             async for attempt in AsyncRetrying(
                 stop=stop_after_delay(REPORT_RETRY_MAX_S),
-                wait=wait_exponential_jitter(initial=0.1, max=2.0),
+                wait=wait_exponential_jitter(multiplier=0.1, max=2.0),
                 retry=retry_if_exception_type(grpc.RpcError),
                 reraise=True,
             ):
