@@ -2,8 +2,11 @@
 
 Pure planning lives in ``syncrep.core.resync_plan`` (``ResyncPlan``, a
 JSON-persisted record of where the resync is, and ``next_step``, the choice of
-what comes next); ``RoundSender`` here carries one round over one ``Resync``
-stream; ``PrimaryVolume._resync`` executes the steps:
+what comes next), and so does the send window of one round
+(``syncrep.core.resync_window.ResyncSendWindow``: what to send next, what is
+applied, refusals, the digest); ``RoundSender`` here carries one round over one
+``Resync`` stream (reads, writes, replies, deadlines); ``PrimaryVolume._resync``
+executes the steps:
 
 Variant A (rewrite):  rewrite the failed extents in place (read + write on the
                       I/O thread, atomic w.r.t. client writes) -> snapshot D1
@@ -24,7 +27,6 @@ it already applied travels twice.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import time
 from collections.abc import Callable
@@ -37,13 +39,14 @@ import grpc
 from syncrep import rpc
 from syncrep.blockstore import BlockStore, Extent
 from syncrep.core.resync_plan import ResyncPlan, RoundSpec, plan_pieces
+from syncrep.core.resync_window import ResyncSendWindow, ResyncWindowError, SendLimits
 from syncrep.core.vocab import RoundKind
 from syncrep.pb import syncrep_pb2 as pb
 from syncrep.pb import syncrep_pb2_grpc as pbg
 
 log = logging.getLogger(__name__)
 
-# Chunks sent but not yet applied (bounds memory: window * chunk_bytes).
+# The limits of the send window (syncrep.core.resync_window.ResyncSendWindow).
 # Chunks sent but not yet applied: bounded by count and bytes (memory on both
 # sides). Small chunks need a deep window: each window's worth becomes one
 # group commit (fdatasync) on the secondary.
@@ -158,17 +161,14 @@ class RoundSender:
                 first = await asyncio.wait_for(call.read(), REPLY_TIMEOUT_S)
                 if first is grpc.aio.EOF:
                     raise ResyncError(f"secondary {self.secondary} closed the resync stream")
-                start = first.applied_below
-                if start > len(self.pieces):
-                    raise ResyncError(
-                        f"secondary claims {start} chunks applied of a {len(self.pieces)}-chunk round"
-                    )
+                window = self._window(first.applied_below)
+                start = window.applied
                 if start:
                     log.info("volume %s: resync round %d resumes at chunk %d of %d (%d bytes already applied)",
                              self.spec_pb.name, self.spec.round, start, len(self.pieces),
-                             sum(n for _, n in self.pieces[:start]))
-                self.on_progress(sum(n for _, n in self.pieces[:start]))
-                await self._stream(call, start)
+                             window.progress_bytes)
+                self.on_progress(window.progress_bytes)
+                await self._stream(call, window)
             except grpc.RpcError as e:
                 raise ResyncError(
                     f"resync stream to {self.secondary} failed: {e.code().name}: {e.details()}"
@@ -189,15 +189,18 @@ class RoundSender:
                 # the switch-back stall does not wait for that release.
                 call.cancel()
 
-    async def _stream(self, call: Any, start: int) -> None:
-        n = len(self.pieces)
-        applied = start
-        next_i = start
-        sent: dict[int, pb.ResyncChunk] = {}
-        refusals: dict[int, int] = {}
-        digest = hashlib.sha256()
-        digest_upto = start  # chunks [start, digest_upto) are in the digest
-        inflight_bytes = 0
+    def _window(self, start: int) -> ResyncSendWindow:
+        """The round's send window, resuming at chunk ``start``. The limits are
+        read now (module constants, so tests may patch them)."""
+        limits = SendLimits(WINDOW_CHUNKS, WINDOW_BYTES, READ_BATCH_CHUNKS, MAX_REFUSALS_PER_CHUNK)
+        try:
+            return ResyncSendWindow(self.pieces, start, limits)
+        except ResyncWindowError as e:
+            raise ResyncError(str(e)) from None
+
+    async def _stream(self, call: Any, window: ResyncSendWindow) -> None:
+        """Carry the window out: read and send what ``next_batch`` allows, take
+        in the replies, then the trailer with the window's digest."""
         replies: asyncio.Queue[Any] = asyncio.Queue()
 
         async def reader() -> None:
@@ -211,73 +214,46 @@ class RoundSender:
                 await replies.put(e)
 
         rt = asyncio.create_task(reader())
-        # prefix[i] = bytes in pieces[:i]: progress without rescanning the list
-        prefix = [0]
-        for _, length in self.pieces:
-            prefix.append(prefix[-1] + length)
 
         def handle(r: Any) -> None:
-            nonlocal applied, inflight_bytes, digest_upto, next_i
             if isinstance(r, Exception):
                 raise r
             if r is grpc.aio.EOF:
                 raise ResyncError(f"secondary {self.secondary} closed the resync stream mid-round")
-            if r.applied_below > applied:
-                for i in range(applied, r.applied_below):
-                    c = sent.pop(i)
-                    inflight_bytes -= len(c.data)
-                    if i == digest_upto:
-                        digest.update(i.to_bytes(8, "little") + c.offset.to_bytes(8, "little"))
-                        digest.update(c.data)
-                        digest_upto += 1
-                applied = r.applied_below
-                self.on_progress(prefix[applied])
-            if r.refused:
-                i = r.refused_index
-                self.counters.chunks_refused += 1
-                refusals[i] = refusals.get(i, 0) + 1
-                if refusals[i] > MAX_REFUSALS_PER_CHUNK:
-                    raise ResyncError(f"chunk {i} refused {refusals[i]} times: {r.message}")
-                log.warning("volume %s: secondary refused resync chunk %d (%s); re-sending from it",
-                            self.spec_pb.name, i, r.message)
-                # Go back: everything from the refused chunk on is re-sent.
-                for j in range(i, next_i):
-                    if j in sent:
-                        inflight_bytes -= len(sent.pop(j).data)
-                next_i = i
+            try:
+                # The applied part first: progress is reported even when the
+                # refusal in the same reply aborts the round.
+                if window.on_applied(r.applied_below):
+                    self.on_progress(window.progress_bytes)
+                if r.refused:
+                    self.counters.chunks_refused += 1
+                    refusal = window.on_refused(r.refused_index, r.message)
+                    log.warning("volume %s: secondary refused resync chunk %d (%s); re-sending from it",
+                                self.spec_pb.name, refusal.index, r.message)
+            except ResyncWindowError as e:
+                raise ResyncError(str(e)) from None
 
         try:
-            while applied < n:
-                if next_i < n and next_i - applied < WINDOW_CHUNKS and (
-                    inflight_bytes < WINDOW_BYTES or next_i == applied
-                ):
+            while not window.done:
+                batch = window.next_batch()
+                if batch:
                     # Room in the window: send one read batch, then take in
                     # whatever replies arrived meanwhile (progress, refusals).
-                    k = next_i
-                    room = WINDOW_BYTES - inflight_bytes
-                    while (k < n and k - next_i < READ_BATCH_CHUNKS and k - applied < WINDOW_CHUNKS
-                           and (room > 0 or k == next_i)):
-                        room -= self.pieces[k][1]
-                        k += 1
-                    chunks = await asyncio.to_thread(self._read_many, next_i, k)
+                    chunks = await asyncio.to_thread(self._read_many, batch.start, batch.stop)
                     for c in chunks:
-                        sent[c.index] = c
-                        inflight_bytes += len(c.data)
+                        window.sent(c.index, c.data)
                         await self.limiter.take(len(c.data))
                         # Bounded like the replies: a write blocked on flow
                         # control (a stalled connection) must fail the round,
                         # not hang it until TCP gives up.
                         await asyncio.wait_for(call.write(pb.ResyncRequest(chunk=c)), REPLY_TIMEOUT_S)
                         self.counters.bytes_sent += len(c.data)
-                    next_i = k
                     while not replies.empty():
                         handle(replies.get_nowait())
                     continue
                 handle(await asyncio.wait_for(replies.get(), REPLY_TIMEOUT_S))
-            await asyncio.wait_for(
-                call.write(pb.ResyncRequest(trailer=pb.ResyncTrailer(chunk_count=n, digest=digest.digest()))),
-                REPLY_TIMEOUT_S,
-            )
+            trailer = pb.ResyncTrailer(chunk_count=window.chunk_count, digest=window.digest())
+            await asyncio.wait_for(call.write(pb.ResyncRequest(trailer=trailer)), REPLY_TIMEOUT_S)
             while True:
                 r = await asyncio.wait_for(replies.get(), REPLY_TIMEOUT_S)
                 if isinstance(r, Exception):
