@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from syncrep.blockstore import Extent
+from syncrep.core.driver import Progress
 from syncrep.core.pairstate import PairState
 
 __all__ = [
@@ -117,15 +118,8 @@ class NodeRecord:
     registered_at: float
 
 
-@dataclass(frozen=True)
-class ProgressRecord:
-    """Resync progress as last reported by the primary."""
-
-    bytes_done: int = 0
-    bytes_total: int = 0
-    rate_bytes_per_s: float = 0.0
-    eta_s: float = 0.0
-    round: int = 0
+#: Resync progress as last reported by the primary: the core's value type, stored as is.
+ProgressRecord = Progress
 
 
 @dataclass(frozen=True)

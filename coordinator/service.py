@@ -42,7 +42,7 @@ import grpc
 from grpc import aio
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
 
-from coordinator.db import CoordinatorDB, NodeRecord, PairExists, PairRecord, ProgressRecord, StateChange
+from coordinator.db import CoordinatorDB, NodeRecord, PairExists, PairRecord, StateChange
 from syncrep import rpc
 from syncrep.core import driver
 from syncrep.core.driver import (
@@ -121,16 +121,6 @@ async def _refuse(context: aio.ServicerContext, problem: Problem) -> NoReturn:
 
 
 # ---------------------------------------------------------------- proto <-> plain data
-
-
-def _progress_record(p: driver.Progress) -> ProgressRecord:
-    return ProgressRecord(
-        bytes_done=p.bytes_done,
-        bytes_total=p.bytes_total,
-        rate_bytes_per_s=p.rate_bytes_per_s,
-        eta_s=p.eta_s,
-        round=p.round,
-    )
 
 
 def _progress(p: pb.ResyncProgress) -> driver.Progress:
@@ -423,7 +413,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
             if isinstance(cmd, ChangePair):
                 self._change_pair(cmd)
             elif isinstance(cmd, SaveProgress):
-                progress = _progress_record(cmd.progress)
+                progress = cmd.progress
                 self.db.update_progress(cmd.volume, progress)
                 self._pairs[cmd.volume] = replace(self._pairs[cmd.volume], progress=progress)
                 self._progress_at[cmd.volume] = self._clock()
@@ -467,7 +457,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
             if cmd.fault_snapshot_id is None
             else cmd.fault_snapshot_id,
             last_error=pair.last_error if cmd.last_error is None else cmd.last_error,
-            progress=pair.progress if cmd.progress is None else _progress_record(cmd.progress),
+            progress=pair.progress if cmd.progress is None else cmd.progress,
             state_changed_at=now if cmd.to_state != cmd.from_state else pair.state_changed_at,
         )
         self.db.save_pair(updated, StateChange(cmd.from_state, cmd.reason), at=now)
