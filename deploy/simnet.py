@@ -572,17 +572,14 @@ class SimNet:
             return
         self.calls[call] = None
         if self.is_cut(call.src, call.dst):
+            # The opening is held with the first message; it starts the handler
+            # on heal, or keepalive declares the connection dead first (a
+            # unary call without a deadline ends that way too).
             self._watch(call.src, call.dst)
-        loop = asyncio.get_running_loop()
-        if not self.is_cut(call.src, call.dst):
-            loop.call_later(self.delay(), call.start_server)
-        else:
-            # The opening is held with the first message; it starts the handler on heal.
             call.up.held.insert(0, _Start())
             call.up.sink = _starting_sink(call)
-        if call.deadline is None and not call.handler.response_streaming and not call.handler.request_streaming:
-            # A unary call without a deadline ends when keepalive declares a cut connection dead.
-            pass
+        else:
+            asyncio.get_running_loop().call_later(self.delay(), call.start_server)
 
     # -- faults
     def cut(self, a: str, b: str) -> None:
