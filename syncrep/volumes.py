@@ -21,6 +21,7 @@ from typing import Any, TypeVar, cast
 
 from syncrep.blockstore import BlockStore
 from syncrep.config import Durability
+from syncrep.core.identity import Identity
 from syncrep.core.vocab import META_NODE_EPOCH, META_NODE_PEER, META_NODE_RESYNC_MODE, META_NODE_ROLE
 from syncrep.errors import FailedPrecondition, InvalidArgument, NotFound
 from syncrep.pb import syncrep_pb2 as pb
@@ -107,6 +108,10 @@ class LocalVolume:
     epoch: int
     peer: str
     resync_mode: int = pb.RESYNC_MODE_DIRECT
+    # The replica's data identity (syncrep/core/identity.py), as durable in
+    # the store's metadata. Whoever changes it persists ``identity.to_meta()``
+    # in the same transaction as the change it belongs to, then sets this.
+    identity: Identity = field(default_factory=Identity)
     faults: FaultInjector = field(default_factory=FaultInjector)
     # Fencing of replication/resync streams on the secondary: each accepted
     # stream bumps the token; a stream whose token is stale stops applying.

@@ -58,6 +58,14 @@ class _PairStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_PairState.V
     PAIR_STATE_IN_SYNC: _PairState.ValueType  # 1
     PAIR_STATE_DEGRADED: _PairState.ValueType  # 2
     PAIR_STATE_RESYNCING: _PairState.ValueType  # 3
+    PAIR_STATE_PRIMARY_LOST: _PairState.ValueType  # 4
+    """Shown by the coordinator's status only (never persisted, never reported
+    by a node): the primary is silent and nobody serves the volume.
+    """
+    PAIR_STATE_SPLIT_BRAIN: _PairState.ValueType  # 5
+    """Both sides wrote without each other since a common generation (only after
+    a forced promote). Nothing is resynced until `syncrep resolve`.
+    """
 
 class PairState(_PairState, metaclass=_PairStateEnumTypeWrapper): ...
 
@@ -65,6 +73,14 @@ PAIR_STATE_UNSPECIFIED: PairState.ValueType  # 0
 PAIR_STATE_IN_SYNC: PairState.ValueType  # 1
 PAIR_STATE_DEGRADED: PairState.ValueType  # 2
 PAIR_STATE_RESYNCING: PairState.ValueType  # 3
+PAIR_STATE_PRIMARY_LOST: PairState.ValueType  # 4
+"""Shown by the coordinator's status only (never persisted, never reported
+by a node): the primary is silent and nobody serves the volume.
+"""
+PAIR_STATE_SPLIT_BRAIN: PairState.ValueType  # 5
+"""Both sides wrote without each other since a common generation (only after
+a forced promote). Nothing is resynced until `syncrep resolve`.
+"""
 Global___PairState: _TypeAlias = PairState  # noqa: Y015
 
 class _ResyncMode:
@@ -193,6 +209,44 @@ class SnapshotInfo(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SnapshotInfo: _TypeAlias = SnapshotInfo  # noqa: Y015
+
+@_typing.final
+class Identity(_message.Message):
+    """The data identity of one replica (after DRBD's generation UUIDs; see
+    docs/FAILOVER.md). A replica's data is used only when its identity proves
+    it belongs to the pair.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VOLUME_UUID_FIELD_NUMBER: _builtins.int
+    CURRENT_FIELD_NUMBER: _builtins.int
+    HISTORY_FIELD_NUMBER: _builtins.int
+    volume_uuid: _builtins.str
+    """The pair's UUID, issued by the coordinator when the volume is created."""
+    current: _builtins.int
+    """The current generation: a random nonzero id, new whenever a side starts
+    writing without its peer (going degraded, promotion). 0 = this replica
+    holds no data of the pair (an empty replica being rebuilt by a full copy).
+    """
+    @_builtins.property
+    def history(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Earlier generations of this replica's data, oldest first (bounded)."""
+
+    def __init__(
+        self,
+        *,
+        volume_uuid: _builtins.str = ...,
+        current: _builtins.int = ...,
+        history: _abc.Iterable[_builtins.int] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["current", b"current", "history", b"history", "volume_uuid", b"volume_uuid"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Identity: _TypeAlias = Identity  # noqa: Y015
 
 @_typing.final
 class WriteRequest(_message.Message):
@@ -334,12 +388,19 @@ class StreamOpen(_message.Message):
     EPOCH_FIELD_NUMBER: _builtins.int
     FIRST_SEQ_FIELD_NUMBER: _builtins.int
     PRIMARY_ADDRESS_FIELD_NUMBER: _builtins.int
+    IDENTITY_FIELD_NUMBER: _builtins.int
     epoch: _builtins.int
     first_seq: _builtins.int
     """seq of the first write that will follow"""
     primary_address: _builtins.str
     @_builtins.property
     def volume(self) -> Global___VolumeSpec: ...
+    @_builtins.property
+    def identity(self) -> Global___Identity:
+        """The primary's identity: the secondary accepts the stream only when it is
+        at the same current generation (else it needs a resync first).
+        """
+
     def __init__(
         self,
         *,
@@ -347,10 +408,11 @@ class StreamOpen(_message.Message):
         epoch: _builtins.int = ...,
         first_seq: _builtins.int = ...,
         primary_address: _builtins.str = ...,
+        identity: Global___Identity | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["volume", b"volume"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["identity", b"identity", "volume", b"volume"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "first_seq", b"first_seq", "primary_address", b"primary_address", "volume", b"volume"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "first_seq", b"first_seq", "identity", b"identity", "primary_address", b"primary_address", "volume", b"volume"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -629,6 +691,8 @@ class ResyncHeader(_message.Message):
     KIND_FIELD_NUMBER: _builtins.int
     FINAL_FIELD_NUMBER: _builtins.int
     ROLLBACK_TO_SNAPSHOT_FIELD_NUMBER: _builtins.int
+    IDENTITY_FIELD_NUMBER: _builtins.int
+    FULL_COPY_FIELD_NUMBER: _builtins.int
     epoch: _builtins.int
     resync_id: _builtins.str
     """stable across restarts of one resync"""
@@ -649,8 +713,18 @@ class ResyncHeader(_message.Message):
     """Before applying anything, roll the secondary back to its snapshot with
     this name (a common snapshot), when failure information was lost.
     """
+    full_copy: _builtins.bool
+    """The resync rewrites the whole volume (the secondary was empty)."""
     @_builtins.property
     def volume(self) -> Global___VolumeSpec: ...
+    @_builtins.property
+    def identity(self) -> Global___Identity:
+        """The primary's identity. The secondary accepts the resync only when its own
+        current generation is in the primary's history or current (the primary is
+        newer), or when full_copy is set; it adopts this identity when the final
+        round completes.
+        """
+
     def __init__(
         self,
         *,
@@ -665,10 +739,12 @@ class ResyncHeader(_message.Message):
         kind: _builtins.str = ...,
         final: _builtins.bool = ...,
         rollback_to_snapshot: _builtins.str = ...,
+        identity: Global___Identity | None = ...,
+        full_copy: _builtins.bool = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["volume", b"volume"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["identity", b"identity", "volume", b"volume"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_snapshot_id", b"base_snapshot_id", "epoch", b"epoch", "final", b"final", "kind", b"kind", "resync_id", b"resync_id", "rollback_to_snapshot", b"rollback_to_snapshot", "round", b"round", "start_index", b"start_index", "target_snapshot_id", b"target_snapshot_id", "total_bytes", b"total_bytes", "volume", b"volume"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_snapshot_id", b"base_snapshot_id", "epoch", b"epoch", "final", b"final", "full_copy", b"full_copy", "identity", b"identity", "kind", b"kind", "resync_id", b"resync_id", "rollback_to_snapshot", b"rollback_to_snapshot", "round", b"round", "start_index", b"start_index", "target_snapshot_id", b"target_snapshot_id", "total_bytes", b"total_bytes", "volume", b"volume"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -904,12 +980,25 @@ class VolumeAssignment(_message.Message):
     EPOCH_FIELD_NUMBER: _builtins.int
     PEER_ADDRESS_FIELD_NUMBER: _builtins.int
     RESYNC_MODE_FIELD_NUMBER: _builtins.int
+    IDENTITY_FIELD_NUMBER: _builtins.int
+    CREATE_FIELD_NUMBER: _builtins.int
     role: Global___Role.ValueType
     epoch: _builtins.int
     peer_address: _builtins.str
     resync_mode: Global___ResyncMode.ValueType
+    create: _builtins.bool
+    """Create the store: a new volume (identity.current = the initial
+    generation) or the rebuild of a replica that has no data or unrelated
+    data (identity.current = 0; an unrelated store is set aside, never
+    deleted). Without create, a node never creates a store: a missing one is
+    reported (VolumeReport.data_missing).
+    """
     @_builtins.property
     def spec(self) -> Global___VolumeSpec: ...
+    @_builtins.property
+    def identity(self) -> Global___Identity:
+        """The pair's identity. volume_uuid is always set; current only with create."""
+
     def __init__(
         self,
         *,
@@ -918,10 +1007,12 @@ class VolumeAssignment(_message.Message):
         epoch: _builtins.int = ...,
         peer_address: _builtins.str = ...,
         resync_mode: Global___ResyncMode.ValueType = ...,
+        identity: Global___Identity | None = ...,
+        create: _builtins.bool = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["spec", b"spec"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["identity", b"identity", "spec", b"spec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "peer_address", b"peer_address", "resync_mode", b"resync_mode", "role", b"role", "spec", b"spec"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create", b"create", "epoch", b"epoch", "identity", b"identity", "peer_address", b"peer_address", "resync_mode", b"resync_mode", "role", b"role", "spec", b"spec"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -952,17 +1043,29 @@ class StartResyncRequest(_message.Message):
 
     VOLUME_FIELD_NUMBER: _builtins.int
     EPOCH_FIELD_NUMBER: _builtins.int
+    EXTRA_EXTENTS_FIELD_NUMBER: _builtins.int
+    FULL_COPY_FIELD_NUMBER: _builtins.int
     volume: _builtins.str
     epoch: _builtins.int
+    full_copy: _builtins.bool
+    """The secondary is empty (rebuilt): send the whole volume."""
+    @_builtins.property
+    def extra_extents(self) -> _containers.RepeatedCompositeFieldContainer[Global___Extent]:
+        """Extents the coordinator knows must be re-sent besides the primary's own
+        failed extents (a demoted primary's divergent writes).
+        """
+
     def __init__(
         self,
         *,
         volume: _builtins.str = ...,
         epoch: _builtins.int = ...,
+        extra_extents: _abc.Iterable[Global___Extent] | None = ...,
+        full_copy: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "volume", b"volume"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "extra_extents", b"extra_extents", "full_copy", b"full_copy", "volume", b"volume"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1136,6 +1239,52 @@ class InjectFaultReply(_message.Message):
 Global___InjectFaultReply: _TypeAlias = InjectFaultReply  # noqa: Y015
 
 @_typing.final
+class PromoteRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VOLUME_FIELD_NUMBER: _builtins.int
+    FORCE_FIELD_NUMBER: _builtins.int
+    volume: _builtins.str
+    force: _builtins.bool
+    """Promote even when the secondary is not current (loses what it lacks)."""
+    def __init__(
+        self,
+        *,
+        volume: _builtins.str = ...,
+        force: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["force", b"force", "volume", b"volume"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PromoteRequest: _TypeAlias = PromoteRequest  # noqa: Y015
+
+@_typing.final
+class PromoteReply(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STATUS_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    message: _builtins.str
+    @_builtins.property
+    def status(self) -> Global___VolumeStatus: ...
+    def __init__(
+        self,
+        *,
+        status: Global___VolumeStatus | None = ...,
+        message: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["status", b"status"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["message", b"message", "status", b"status"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PromoteReply: _TypeAlias = PromoteReply  # noqa: Y015
+
+@_typing.final
 class RegisterNodeRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -1217,23 +1366,71 @@ class HeartbeatReply(_message.Message):
 
     KNOWN_FIELD_NUMBER: _builtins.int
     ASSIGNMENTS_FIELD_NUMBER: _builtins.int
+    LEASES_FIELD_NUMBER: _builtins.int
     known: _builtins.bool
     """false: the coordinator does not know this node; register again"""
     @_builtins.property
     def assignments(self) -> _containers.RepeatedCompositeFieldContainer[Global___VolumeAssignment]: ...
+    @_builtins.property
+    def leases(self) -> _containers.RepeatedCompositeFieldContainer[Global___Lease]:
+        """One per volume this node is the primary of at the pair's epoch."""
+
     def __init__(
         self,
         *,
         known: _builtins.bool = ...,
         assignments: _abc.Iterable[Global___VolumeAssignment] | None = ...,
+        leases: _abc.Iterable[Global___Lease] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["assignments", b"assignments", "known", b"known"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["assignments", b"assignments", "known", b"known", "leases", b"leases"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___HeartbeatReply: _TypeAlias = HeartbeatReply  # noqa: Y015
+
+@_typing.final
+class Lease(_message.Message):
+    """The coordinator's permission for a primary to write (docs/FAILOVER.md).
+    The primary counts lease_s from when it SENT the request that this reply
+    answers (its monotonic clock), so it expires on the primary no later than
+    the coordinator believes. A primary acknowledges a write its secondary does
+    not have only under an unexpired lease whose state is not IN_SYNC and whose
+    generation is the primary's current one: then the coordinator knows the
+    secondary is not current, and never promotes it without --force.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VOLUME_FIELD_NUMBER: _builtins.int
+    EPOCH_FIELD_NUMBER: _builtins.int
+    LEASE_S_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    GENERATION_FIELD_NUMBER: _builtins.int
+    volume: _builtins.str
+    epoch: _builtins.int
+    lease_s: _builtins.float
+    state: Global___PairState.ValueType
+    """the coordinator's pair state at the grant"""
+    generation: _builtins.int
+    """the primary's generation as the coordinator knows it"""
+    def __init__(
+        self,
+        *,
+        volume: _builtins.str = ...,
+        epoch: _builtins.int = ...,
+        lease_s: _builtins.float = ...,
+        state: Global___PairState.ValueType = ...,
+        generation: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "generation", b"generation", "lease_s", b"lease_s", "state", b"state", "volume", b"volume"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Lease: _TypeAlias = Lease  # noqa: Y015
 
 @_typing.final
 class VolumeReport(_message.Message):
@@ -1257,6 +1454,13 @@ class VolumeReport(_message.Message):
     RESYNC_CHUNKS_REFUSED_FIELD_NUMBER: _builtins.int
     LAST_STALL_MS_FIELD_NUMBER: _builtins.int
     COMMON_SNAPSHOTS_FIELD_NUMBER: _builtins.int
+    IDENTITY_FIELD_NUMBER: _builtins.int
+    DATA_MISSING_FIELD_NUMBER: _builtins.int
+    DATA_PROBLEM_FIELD_NUMBER: _builtins.int
+    DIVERGENT_EXTENTS_FIELD_NUMBER: _builtins.int
+    OUT_OF_SYNC_BYTES_FIELD_NUMBER: _builtins.int
+    LEASE_REMAINING_S_FIELD_NUMBER: _builtins.int
+    SUSPENDED_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     role: Global___Role.ValueType
     epoch: _builtins.int
@@ -1272,10 +1476,34 @@ class VolumeReport(_message.Message):
     resync_chunks_refused: _builtins.int
     last_stall_ms: _builtins.float
     common_snapshots: _builtins.int
+    data_missing: _builtins.bool
+    """Assigned, but no store of the pair here (no store, an empty data dir, or
+    a store of another volume UUID: see data_problem). Never served.
+    """
+    data_problem: _builtins.str
+    out_of_sync_bytes: _builtins.int
+    """On the primary: bytes the secondary may lack (failed extents plus what
+    was written since the fault-recovery snapshot); 0 in sync.
+    """
+    lease_remaining_s: _builtins.float
+    """On the primary: seconds left of its lease (0 = none)."""
+    suspended: _builtins.bool
+    """On the primary: writes wait for a lease (it may not write alone now)."""
     @_builtins.property
     def failed_extents(self) -> _containers.RepeatedCompositeFieldContainer[Global___Extent]: ...
     @_builtins.property
     def resync(self) -> Global___ResyncProgress: ...
+    @_builtins.property
+    def identity(self) -> Global___Identity:
+        """Data identity of this replica (empty when data_missing)."""
+
+    @_builtins.property
+    def divergent_extents(self) -> _containers.RepeatedCompositeFieldContainer[Global___Extent]:
+        """On a demoted primary: regions its writes may have reached only this
+        replica (its activity log and failed extents at demotion); the resync
+        overwrites them from the new primary.
+        """
+
     def __init__(
         self,
         *,
@@ -1295,10 +1523,17 @@ class VolumeReport(_message.Message):
         resync_chunks_refused: _builtins.int = ...,
         last_stall_ms: _builtins.float = ...,
         common_snapshots: _builtins.int = ...,
+        identity: Global___Identity | None = ...,
+        data_missing: _builtins.bool = ...,
+        data_problem: _builtins.str = ...,
+        divergent_extents: _abc.Iterable[Global___Extent] | None = ...,
+        out_of_sync_bytes: _builtins.int = ...,
+        lease_remaining_s: _builtins.float = ...,
+        suspended: _builtins.bool = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["resync", b"resync"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["identity", b"identity", "resync", b"resync"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["acked_seq", b"acked_seq", "block_size", b"block_size", "common_snapshots", b"common_snapshots", "epoch", b"epoch", "failed_extents", b"failed_extents", "fault_snapshot_id", b"fault_snapshot_id", "last_error", b"last_error", "last_seq", b"last_seq", "last_stall_ms", b"last_stall_ms", "name", b"name", "resync", b"resync", "resync_bytes_sent", b"resync_bytes_sent", "resync_chunks_refused", b"resync_chunks_refused", "role", b"role", "size_bytes", b"size_bytes", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["acked_seq", b"acked_seq", "block_size", b"block_size", "common_snapshots", b"common_snapshots", "data_missing", b"data_missing", "data_problem", b"data_problem", "divergent_extents", b"divergent_extents", "epoch", b"epoch", "failed_extents", b"failed_extents", "fault_snapshot_id", b"fault_snapshot_id", "identity", b"identity", "last_error", b"last_error", "last_seq", b"last_seq", "last_stall_ms", b"last_stall_ms", "lease_remaining_s", b"lease_remaining_s", "name", b"name", "out_of_sync_bytes", b"out_of_sync_bytes", "resync", b"resync", "resync_bytes_sent", b"resync_bytes_sent", "resync_chunks_refused", b"resync_chunks_refused", "role", b"role", "size_bytes", b"size_bytes", "state", b"state", "suspended", b"suspended"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1345,6 +1580,7 @@ class CreateVolumeRequest(_message.Message):
     PRIMARY_FIELD_NUMBER: _builtins.int
     SECONDARY_FIELD_NUMBER: _builtins.int
     RESYNC_MODE_FIELD_NUMBER: _builtins.int
+    AUTO_FAILOVER_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     size_bytes: _builtins.int
     block_size: _builtins.int
@@ -1352,6 +1588,10 @@ class CreateVolumeRequest(_message.Message):
     primary: _builtins.str
     secondary: _builtins.str
     resync_mode: Global___ResyncMode.ValueType
+    auto_failover: _builtins.bool
+    """Promote the secondary automatically when the primary is lost (after its
+    lease expired, and only when the secondary is healthy and current).
+    """
     def __init__(
         self,
         *,
@@ -1361,10 +1601,11 @@ class CreateVolumeRequest(_message.Message):
         primary: _builtins.str = ...,
         secondary: _builtins.str = ...,
         resync_mode: Global___ResyncMode.ValueType = ...,
+        auto_failover: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_size", b"block_size", "name", b"name", "primary", b"primary", "resync_mode", b"resync_mode", "secondary", b"secondary", "size_bytes", b"size_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["auto_failover", b"auto_failover", "block_size", b"block_size", "name", b"name", "primary", b"primary", "resync_mode", b"resync_mode", "secondary", b"secondary", "size_bytes", b"size_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1447,6 +1688,14 @@ class VolumeStatus(_message.Message):
     RESYNC_BYTES_SENT_FIELD_NUMBER: _builtins.int
     RESYNC_CHUNKS_REFUSED_FIELD_NUMBER: _builtins.int
     LAST_STALL_MS_FIELD_NUMBER: _builtins.int
+    VOLUME_UUID_FIELD_NUMBER: _builtins.int
+    GENERATION_FIELD_NUMBER: _builtins.int
+    LEASE_REMAINING_S_FIELD_NUMBER: _builtins.int
+    OUT_OF_SYNC_BYTES_FIELD_NUMBER: _builtins.int
+    AUTO_FAILOVER_FIELD_NUMBER: _builtins.int
+    SECONDARY_GENERATION_FIELD_NUMBER: _builtins.int
+    PRIMARY_DATA_MISSING_FIELD_NUMBER: _builtins.int
+    SECONDARY_DATA_MISSING_FIELD_NUMBER: _builtins.int
     state: Global___PairState.ValueType
     epoch: _builtins.int
     primary: _builtins.str
@@ -1464,6 +1713,16 @@ class VolumeStatus(_message.Message):
     resync_bytes_sent: _builtins.int
     resync_chunks_refused: _builtins.int
     last_stall_ms: _builtins.float
+    volume_uuid: _builtins.str
+    generation: _builtins.int
+    """the primary's current generation"""
+    lease_remaining_s: _builtins.float
+    """the primary's lease, as the coordinator counts it"""
+    out_of_sync_bytes: _builtins.int
+    auto_failover: _builtins.bool
+    secondary_generation: _builtins.int
+    primary_data_missing: _builtins.bool
+    secondary_data_missing: _builtins.bool
     @_builtins.property
     def spec(self) -> Global___VolumeSpec: ...
     @_builtins.property
@@ -1492,10 +1751,18 @@ class VolumeStatus(_message.Message):
         resync_bytes_sent: _builtins.int = ...,
         resync_chunks_refused: _builtins.int = ...,
         last_stall_ms: _builtins.float = ...,
+        volume_uuid: _builtins.str = ...,
+        generation: _builtins.int = ...,
+        lease_remaining_s: _builtins.float = ...,
+        out_of_sync_bytes: _builtins.int = ...,
+        auto_failover: _builtins.bool = ...,
+        secondary_generation: _builtins.int = ...,
+        primary_data_missing: _builtins.bool = ...,
+        secondary_data_missing: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["resync", b"resync", "spec", b"spec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["acked_seq", b"acked_seq", "epoch", b"epoch", "failed_bytes", b"failed_bytes", "failed_extents", b"failed_extents", "fault_snapshot_id", b"fault_snapshot_id", "last_error", b"last_error", "last_seq", b"last_seq", "last_stall_ms", b"last_stall_ms", "primary", b"primary", "primary_alive", b"primary_alive", "resync", b"resync", "resync_bytes_sent", b"resync_bytes_sent", "resync_chunks_refused", b"resync_chunks_refused", "resync_mode", b"resync_mode", "secondary", b"secondary", "secondary_alive", b"secondary_alive", "spec", b"spec", "state", b"state", "state_changed_at", b"state_changed_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["acked_seq", b"acked_seq", "auto_failover", b"auto_failover", "epoch", b"epoch", "failed_bytes", b"failed_bytes", "failed_extents", b"failed_extents", "fault_snapshot_id", b"fault_snapshot_id", "generation", b"generation", "last_error", b"last_error", "last_seq", b"last_seq", "last_stall_ms", b"last_stall_ms", "lease_remaining_s", b"lease_remaining_s", "out_of_sync_bytes", b"out_of_sync_bytes", "primary", b"primary", "primary_alive", b"primary_alive", "primary_data_missing", b"primary_data_missing", "resync", b"resync", "resync_bytes_sent", b"resync_bytes_sent", "resync_chunks_refused", b"resync_chunks_refused", "resync_mode", b"resync_mode", "secondary", b"secondary", "secondary_alive", b"secondary_alive", "secondary_data_missing", b"secondary_data_missing", "secondary_generation", b"secondary_generation", "spec", b"spec", "state", b"state", "state_changed_at", b"state_changed_at", "volume_uuid", b"volume_uuid"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1515,6 +1782,7 @@ class ReplicationReport(_message.Message):
     FAULT_SNAPSHOT_ID_FIELD_NUMBER: _builtins.int
     RESYNC_FIELD_NUMBER: _builtins.int
     FAILED_EXTENTS_FIELD_NUMBER: _builtins.int
+    IDENTITY_FIELD_NUMBER: _builtins.int
     volume: _builtins.str
     reporter: _builtins.str
     """the primary's address"""
@@ -1536,6 +1804,10 @@ class ReplicationReport(_message.Message):
     def failed_extents(self) -> _containers.RepeatedCompositeFieldContainer[Global___Extent]:
         """the primary's own derivation"""
 
+    @_builtins.property
+    def identity(self) -> Global___Identity:
+        """the primary's"""
+
     def __init__(
         self,
         *,
@@ -1549,10 +1821,11 @@ class ReplicationReport(_message.Message):
         fault_snapshot_id: _builtins.int = ...,
         resync: Global___ResyncProgress | None = ...,
         failed_extents: _abc.Iterable[Global___Extent] | None = ...,
+        identity: Global___Identity | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["resync", b"resync"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["identity", b"identity", "resync", b"resync"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "failed_extents", b"failed_extents", "fault_snapshot_id", b"fault_snapshot_id", "nacks", b"nacks", "reason", b"reason", "reporter", b"reporter", "resync", b"resync", "state", b"state", "unacked", b"unacked", "volume", b"volume"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "failed_extents", b"failed_extents", "fault_snapshot_id", b"fault_snapshot_id", "identity", b"identity", "nacks", b"nacks", "reason", b"reason", "reporter", b"reporter", "resync", b"resync", "state", b"state", "unacked", b"unacked", "volume", b"volume"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1590,22 +1863,26 @@ class ReportReplicationReply(_message.Message):
     STATE_FIELD_NUMBER: _builtins.int
     EPOCH_FIELD_NUMBER: _builtins.int
     FAILED_EXTENTS_FIELD_NUMBER: _builtins.int
+    LEASE_FIELD_NUMBER: _builtins.int
     state: Global___PairState.ValueType
     epoch: _builtins.int
     @_builtins.property
     def failed_extents(self) -> _containers.RepeatedCompositeFieldContainer[Global___Extent]:
         """the coordinator's derivation"""
 
+    @_builtins.property
+    def lease(self) -> Global___Lease: ...
     def __init__(
         self,
         *,
         state: Global___PairState.ValueType = ...,
         epoch: _builtins.int = ...,
         failed_extents: _abc.Iterable[Global___Extent] | None = ...,
+        lease: Global___Lease | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["lease", b"lease"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "failed_extents", b"failed_extents", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "failed_extents", b"failed_extents", "lease", b"lease", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

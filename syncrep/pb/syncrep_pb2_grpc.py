@@ -799,6 +799,11 @@ class CoordinatorServiceStub:
                 request_serializer=syncrep_dot_pb_dot_syncrep__pb2.ReplicationReport.SerializeToString,
                 response_deserializer=syncrep_dot_pb_dot_syncrep__pb2.ReportReplicationReply.FromString,
                 _registered_method=True)
+        self.Promote = channel.unary_unary(
+                '/syncrep.v1.CoordinatorService/Promote',
+                request_serializer=syncrep_dot_pb_dot_syncrep__pb2.PromoteRequest.SerializeToString,
+                response_deserializer=syncrep_dot_pb_dot_syncrep__pb2.PromoteReply.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServiceServicer:
@@ -844,6 +849,13 @@ class CoordinatorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Promote(self, request, context):
+        """Make the secondary the primary at a new epoch (docs/FAILOVER.md).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -876,6 +888,11 @@ def add_CoordinatorServiceServicer_to_server(servicer, server):
                     servicer.ReportReplication,
                     request_deserializer=syncrep_dot_pb_dot_syncrep__pb2.ReplicationReport.FromString,
                     response_serializer=syncrep_dot_pb_dot_syncrep__pb2.ReportReplicationReply.SerializeToString,
+            ),
+            'Promote': grpc.unary_unary_rpc_method_handler(
+                    servicer.Promote,
+                    request_deserializer=syncrep_dot_pb_dot_syncrep__pb2.PromoteRequest.FromString,
+                    response_serializer=syncrep_dot_pb_dot_syncrep__pb2.PromoteReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1042,6 +1059,33 @@ class CoordinatorService:
             '/syncrep.v1.CoordinatorService/ReportReplication',
             syncrep_dot_pb_dot_syncrep__pb2.ReplicationReport.SerializeToString,
             syncrep_dot_pb_dot_syncrep__pb2.ReportReplicationReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Promote(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/syncrep.v1.CoordinatorService/Promote',
+            syncrep_dot_pb_dot_syncrep__pb2.PromoteRequest.SerializeToString,
+            syncrep_dot_pb_dot_syncrep__pb2.PromoteReply.FromString,
             options,
             channel_credentials,
             insecure,
