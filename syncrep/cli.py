@@ -229,6 +229,14 @@ NODE_FLAGS: tuple[_NodeFlag, ...] = (
     _NodeFlag("on_secondary_failure", "--on-secondary-failure",
               "what the primary does with client writes while degraded: 'continue' accepts them and "
               "tracks them for resync; 'block' fails them with UNAVAILABLE", choices=("continue", "block")),
+    _NodeFlag("on_quorum_loss", "--on-quorum-loss",
+              "what the primary does with writes its secondary does not get while it holds no lease "
+              "from the coordinator (it can reach neither): 'suspend' makes them wait for a lease up "
+              "to --quorum-loss-timeout-s, then fail with UNAVAILABLE (EIO over NBD); 'io-error' "
+              "fails them at once", choices=("suspend", "io-error")),
+    _NodeFlag("quorum_loss_timeout_s", "--quorum-loss-timeout-s",
+              "with --on-quorum-loss suspend: seconds a write waits for a lease before it fails",
+              type=_positive_seconds),
     _NodeFlag("window_writes", "--window-writes",
               "replication window: most writes sent to the secondary but not yet acked", type=_positive_int),
     _NodeFlag("window_bytes", "--window-bytes",

@@ -7,6 +7,7 @@ from typing import Literal
 
 Durability = Literal["sync", "os"]
 FailurePolicy = Literal["continue", "block"]
+QuorumLossPolicy = Literal["suspend", "io-error"]
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,12 @@ class NodeOptions:
     # (default, like DRBD) keeps accepting them and tracks them for resync;
     # "block" fails them with UNAVAILABLE.
     on_secondary_failure: FailurePolicy = "continue"
+    # A primary writes without its secondary only under a lease from the
+    # coordinator (docs/FAILOVER.md). Without one: "suspend" (default) makes
+    # such writes wait up to quorum_loss_timeout_s for a lease, then fail with
+    # UNAVAILABLE (EIO over NBD); "io-error" fails them at once.
+    on_quorum_loss: QuorumLossPolicy = "suspend"
+    quorum_loss_timeout_s: float = 30.0
     # Replication window: writes sent to the secondary but not yet acked.
     window_writes: int = 256
     window_bytes: int = 32 * 1024 * 1024

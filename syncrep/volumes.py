@@ -12,6 +12,7 @@ import asyncio
 import errno
 import logging
 import re
+import secrets
 import threading
 from collections.abc import Callable
 from concurrent.futures import Executor, ThreadPoolExecutor
@@ -99,6 +100,15 @@ def _thread_executor(name: str) -> Executor:
 #: deterministic simulator (deploy/sim.py) replaces it with one that runs each
 #: call inline, so the same code runs on virtual time without threads.
 io_executor_factory: Callable[[str], Executor] = _thread_executor
+
+
+def _random_generation() -> int:
+    return secrets.randbits(63) + 1
+
+
+#: Mints a new generation id (syncrep/core/identity.py): random, nonzero. The
+#: simulator replaces it with a seeded one, so a run is reproducible.
+new_generation: Callable[[], int] = _random_generation
 
 @dataclass
 class LocalVolume:
