@@ -33,8 +33,10 @@ __all__ = [
     "META_FAILED",
     "META_FAULT_SNAP",
     "META_LAST_ERROR",
+    "META_NODE_DIVERGENT",
     "META_NODE_EPOCH",
     "META_NODE_PEER",
+    "META_NODE_PROMOTE_PENDING",
     "META_NODE_RESYNC_MODE",
     "META_NODE_ROLE",
     "META_RESYNC_PLAN",
@@ -84,6 +86,14 @@ META_NODE_ROLE: Final = "node.role"
 META_NODE_EPOCH: Final = "node.epoch"
 META_NODE_PEER: Final = "node.peer"
 META_NODE_RESYNC_MODE: Final = "node.resync_mode"
+# Set with the role change that promotes this replica (secondary -> primary),
+# cleared in the transaction that persists the promoted primary's first record
+# (docs/FAILOVER.md): a crash in between redoes the promotion at startup.
+META_NODE_PROMOTE_PENDING: Final = "node.promote_pending"
+# A demoted primary's divergent extents (JSON [[offset, length], ...]): where
+# its writes may have reached only this replica. Cleared when it adopts the
+# primary's identity at the end of a resync.
+META_NODE_DIVERGENT: Final = "node.divergent_extents"
 
 # ---------------------------------------------------------------- snapshot names
 #: Periodic common snapshots, cut at the same seq on both nodes.
