@@ -10,8 +10,10 @@ from syncrep.core.pair import (
     PairRecord,
     decide_crash_recovery,
     decide_degrade,
+    decide_promotion,
     decide_start_resync,
     decide_startup,
+    is_full_copy,
     must_degrade_before_writing,
     repair_refusal,
     reply_refusal,
@@ -56,6 +58,15 @@ def test_degrade(name: str, rec: PairRecord, nacked: list[tuple[int, int]], unac
     assert d.record.fault_snapshot_id == rec.fault_snapshot_id  # filled in by the executor when new
 
 
+@pytest.mark.parametrize(("state", "new_generation"), [(S, True), (D, False), (R, False)])
+def test_only_leaving_in_sync_starts_a_new_generation(state: PairState, new_generation: bool) -> None:
+    """docs/FAILOVER.md §1: the primary starts a generation when it begins
+    writing without its peer; degraded -> degraded and resyncing -> degraded
+    stay in the generation begun when the pair left in sync."""
+    rec = PairRecord(state, fault_snapshot_id=0 if state is S else 3)
+    assert decide_degrade(rec, [], [(0, 4 * KIB)], "why").new_generation is new_generation
+
+
 def test_crash_recovery_prefers_the_activity_log_then_a_common_snapshot_then_a_full_copy() -> None:
     al = [Extent(0, 4 << 20)]
     with_log = decide_crash_recovery(PairRecord(S, clean="0", al_regions=(0,)), al, [("common-1", 5)], 1 << 30)
@@ -91,6 +102,65 @@ def test_start_resync(name: str, state: PairState, cur: int, epoch: int, running
     assert d.cancel_running is cancel
     if new is not None:
         assert d.state is new
+
+
+MIB = 1 << 20
+SIZE = 16 * MIB
+
+
+# (record's failed extents, extra extents, full copy) -> (failed extents after, bytes added)
+START_EXTRAS = [
+    ("no extras: the record's extents as they are", [Extent(0, 4 * KIB)], [], False, [Extent(0, 4 * KIB)], 0),
+    ("a demoted primary's divergent extents are unioned in",
+     [Extent(0, 4 * KIB)], [Extent(MIB, 64 * KIB)], False, [Extent(0, 4 * KIB), Extent(MIB, 64 * KIB)], 64 * KIB),
+    ("extras overlapping the record's extents add only what is new",
+     [Extent(0, 8 * KIB)], [Extent(4 * KIB, 8 * KIB)], False, [Extent(0, 12 * KIB)], 4 * KIB),
+    ("extras already covered add nothing (a retried StartResync)",
+     [Extent(0, 8 * KIB)], [Extent(0, 4 * KIB)], False, [Extent(0, 8 * KIB)], 0),
+    ("a full copy covers the whole volume", [Extent(0, 4 * KIB)], [], True, [Extent(0, SIZE)], SIZE - 4 * KIB),
+    ("a full copy of a promoted primary with no failed extents", [], [], True, [Extent(0, SIZE)], SIZE),
+]
+
+
+@pytest.mark.parametrize(("name", "failed", "extra", "full", "after", "added"), START_EXTRAS,
+                         ids=[r[0] for r in START_EXTRAS])
+def test_start_resync_extras(name: str, failed: list[Extent], extra: list[Extent], full: bool,
+                             after: list[Extent], added: int) -> None:
+    d = decide_start_resync(PairRecord(D, failed_extents=tuple(failed), fault_snapshot_id=3), "v", 3, 4, False,
+                            False, extra_extents=extra, full_copy=full, size_bytes=SIZE)
+    assert not d.refuse and not d.already and d.state is R
+    assert list(d.failed_extents) == after
+    assert d.added_bytes == added
+    assert bool(d.added) is (added > 0)
+    if full:
+        assert "full copy" in d.added
+    assert is_full_copy(d.failed_extents, SIZE) is full
+
+
+def test_start_resync_at_the_same_epoch_while_running_ignores_the_extras() -> None:
+    """The request is a retry of the one that started the running resync: it stays as is."""
+    d = decide_start_resync(PairRecord(R), "v", 4, 4, True, False, extra_extents=[Extent(0, 4 * KIB)],
+                            full_copy=True, size_bytes=SIZE)
+    assert d.already and not d.failed_extents and d.added_bytes == 0
+
+
+def test_is_full_copy_only_for_the_whole_volume() -> None:
+    assert is_full_copy([Extent(0, SIZE // 2), Extent(SIZE // 2, SIZE // 2)], SIZE)
+    assert not is_full_copy([Extent(0, SIZE - 4 * KIB)], SIZE)
+    assert not is_full_copy([Extent(4 * KIB, SIZE)], SIZE)
+    assert not is_full_copy([], SIZE)
+
+
+def test_a_promotion_record_is_degraded_from_the_promotion_point_and_replaces_any_old_record() -> None:
+    p = decide_promotion(7, 42)
+    assert p.record == PairRecord(D, failed_extents=(), fault_snapshot_id=42, last_error=p.reason, clean="0",
+                                  rollback_to="", al_regions=())
+    assert p.reason.startswith("promoted to primary at epoch 7")
+    # Needs no crash recovery and no resync restart at the next start: it is plainly degraded.
+    assert decide_startup(p.record) == decide_startup(PairRecord(D, clean="0"))
+    # The next failure while promoted keeps the promotion's snapshot and starts no new generation.
+    again = decide_degrade(p.record, [], [], "secondary unreachable")
+    assert not again.needs_snapshot and not again.new_generation
 
 
 def test_resync_done_clears_every_failure_field_and_marks_a_stream_open() -> None:

@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from syncrep.blockstore.extents import Extent
+from syncrep.blockstore.extents import Extent, merge_extents
 from syncrep.core.extents import derive_failed_extents
 from syncrep.core.pairstate import PairEvent, PairState, transition
 from syncrep.core.vocab import (
@@ -37,12 +37,15 @@ __all__ = [
     "CrashRecovery",
     "Degrade",
     "PairRecord",
+    "Promotion",
     "StartResync",
     "Startup",
     "decide_crash_recovery",
     "decide_degrade",
+    "decide_promotion",
     "decide_start_resync",
     "decide_startup",
+    "is_full_copy",
     "must_degrade_before_writing",
     "repair_refusal",
     "reply_refusal",
@@ -117,6 +120,11 @@ class Degrade:
 
     record: PairRecord
     needs_snapshot: bool
+    # The pair leaves IN_SYNC: the primary starts writing without its peer, so
+    # it starts a new generation (docs/FAILOVER.md section 1), persisted with
+    # the degraded record. degraded -> degraded and resyncing -> degraded stay
+    # in the generation begun when the pair left in sync.
+    new_generation: bool = False
 
 
 def decide_degrade(
@@ -133,7 +141,7 @@ def decide_degrade(
     extents = derive_failed_extents(nacked, unacked, [*rec.failed_extents, *unrecorded])
     state = transition(rec.state, PairEvent.SECONDARY_FAILED)
     return Degrade(rec.evolve(state=state, failed_extents=extents, last_error=reason),
-                   needs_snapshot=rec.fault_snapshot_id == 0)
+                   needs_snapshot=rec.fault_snapshot_id == 0, new_generation=rec.state is PairState.IN_SYNC)
 
 
 @dataclass(frozen=True)
@@ -175,17 +183,30 @@ def decide_crash_recovery(
 class StartResync:
     """The answer to StartResync(epoch). ``refuse``: a FAILED_PRECONDITION with
     that message; ``already``: a no-op answer; else start at ``epoch`` with
-    ``state`` (after cancelling a running resync when ``cancel_running``)."""
+    ``state`` (after cancelling a running resync when ``cancel_running``) and
+    ``failed_extents`` (the record's, plus what the coordinator asked for).
+    ``added_bytes`` > 0: the request added extents the record did not cover,
+    so a persisted resync plan (made from the old extents) is dropped and the
+    resync starts over from round 0, or the added extents would never travel."""
 
     refuse: str = ""
     already: str = ""
     cancel_running: bool = False
     state: PairState = PairState.RESYNCING
+    failed_extents: tuple[Extent, ...] = ()
+    added_bytes: int = 0
+    added: str = ""  # for the log: what the request added, and why
 
 
 def decide_start_resync(
-    rec: PairRecord, volume: str, current_epoch: int, epoch: int, running: bool, degrading: bool,
+    rec: PairRecord, volume: str, current_epoch: int, epoch: int, running: bool, degrading: bool, *,
+    extra_extents: Sequence[Extent] = (), full_copy: bool = False, size_bytes: int = 0,
 ) -> StartResync:
+    """``extra_extents``: extents the coordinator knows must be re-sent (a
+    demoted primary's divergent writes); ``full_copy``: the secondary is empty,
+    send the whole volume (``size_bytes``). Both are unioned into the failed
+    extents before the plan is made. A resync already running at the same
+    epoch stays as is (the request is a retry of the one that started it)."""
     if epoch < current_epoch:
         return StartResync(refuse=f"stale resync request for {volume!r}: epoch {epoch} < current epoch "
                                   f"{current_epoch}")
@@ -196,10 +217,55 @@ def decide_start_resync(
     if degrading:
         return StartResync(refuse=f"volume {volume!r} is still entering degraded state; retry",
                            cancel_running=running)
+    if full_copy and size_bytes <= 0:
+        return StartResync(refuse=f"volume {volume!r}: a full copy needs the volume size (internal error)")
     # RESYNCING stays RESYNCING: a resync restarted at a newer epoch (the
     # running attempt is cancelled first) is the same resync, resumed.
     state = transition(rec.state, PairEvent.RESYNC_STARTED) if rec.state is PairState.DEGRADED else rec.state
-    return StartResync(cancel_running=running, state=state)
+    asked = [*extra_extents, *((Extent(0, size_bytes),) if full_copy else ())]
+    extents = tuple(merge_extents([*rec.failed_extents, *asked]))
+    added_bytes = sum(e.length for e in extents) - sum(e.length for e in merge_extents(rec.failed_extents))
+    added = ""
+    if added_bytes > 0:
+        what = []
+        if full_copy:
+            what.append("a full copy (the secondary holds no data of the pair)")
+        if extra_extents:
+            what.append(f"{len(extra_extents)} extents from the coordinator (a demoted primary's divergent "
+                        "writes)")
+        added = f"{' and '.join(what)}: {added_bytes} bytes added to the failed extents"
+    return StartResync(cancel_running=running, state=state, failed_extents=extents, added_bytes=added_bytes,
+                       added=added)
+
+
+def is_full_copy(failed_extents: Sequence[Extent], size_bytes: int) -> bool:
+    """The resync sends the whole volume (a full copy was asked for, or a crash
+    left no better information): the secondary may accept it whatever its
+    identity (``ResyncHeader.full_copy``; syncrep/core/identity.py)."""
+    merged = merge_extents(failed_extents)
+    return size_bytes > 0 and len(merged) == 1 and merged[0].offset == 0 and merged[0].end >= size_bytes
+
+
+@dataclass(frozen=True)
+class Promotion:
+    """The first record of a promoted primary (docs/FAILOVER.md section 3)."""
+
+    record: PairRecord
+    reason: str
+
+
+def decide_promotion(epoch: int, fault_snapshot_id: int) -> Promotion:
+    """A secondary promoted at ``epoch`` writes alone from the promotion point:
+    degraded, the snapshot of that point is the fault-recovery snapshot (the
+    resync sends the difference since it), no failed extents (nothing was in
+    flight from this node), a stream may have writes in flight as soon as one
+    opens ("0"), and an empty activity log. Whatever record this store held
+    from an earlier life as primary is replaced whole."""
+    reason = (f"promoted to primary at epoch {epoch}: writes are tracked from the promotion point "
+              f"(fault snapshot {fault_snapshot_id}) and resynced to the new secondary")
+    rec = PairRecord(state=PairState.DEGRADED, failed_extents=(), fault_snapshot_id=fault_snapshot_id,
+                     last_error=reason, clean="0", rollback_to="", al_regions=())
+    return Promotion(rec, reason)
 
 
 def resync_done(rec: PairRecord, al_regions: Sequence[int]) -> PairRecord:
