@@ -12,6 +12,7 @@ Clients::
     syncrep write NAME --offset 0 --coordinator C [--input FILE]
     syncrep read NAME --offset 0 --length 1MiB --coordinator C [--output FILE]
     syncrep status --coordinator C [--json]
+    syncrep promote NAME --coordinator C [--force]
     syncrep verify NAME --coordinator C [--repair] [--chunk-bytes SIZE] [--json]
     syncrep demo [--workdir DIR] [--keep]
 
@@ -42,6 +43,7 @@ from syncrep.client import (
     VolumeClient,
     create_volume,
     list_volumes,
+    promote,
     volume_status_dict,
 )
 from syncrep.config import NodeOptions
@@ -360,6 +362,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "extents directly, then the diff)")
     p.add_argument("--no-auto-resync", dest="auto_resync", action="store_false", default=True,
                    help="do not start resync automatically when a failed secondary returns")
+    p.add_argument("--lease-s", type=_positive_seconds, default=4.0, metavar="S",
+                   help="how long a primary may write without its secondary after each heartbeat "
+                        "reply (its lease); a promotion waits until the old primary's lease expired")
+    p.add_argument("--lease-drift-s", type=_seconds, default=0.5, metavar="S",
+                   help="margin added to a lease before a promotion, for clock-rate drift between "
+                        "the coordinator and the primary")
     p.set_defaults(func=cmd_coordinator, role="coordinator")
 
     # -- primary / secondary
@@ -409,6 +417,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resync-mode", choices=tuple(RESYNC_MODES), default=None,
                    help="resync variant for this volume: 'rewrite' (variant A) or 'direct' (variant B); "
                         "default: the coordinator's --resync-mode")
+    p.add_argument("--auto-failover", action="store_true",
+                   help="let the coordinator promote the secondary by itself when the primary is lost "
+                        "(after the primary's lease expired, and only when the secondary is alive and "
+                        "in sync; default: off, promote with 'syncrep promote')")
     p.add_argument("--json", action="store_true", help="print the new volume's status as JSON")
     p.set_defaults(func=cmd_volume_create, role="client")
 
@@ -454,14 +466,45 @@ def build_parser() -> argparse.ArgumentParser:
     p = add(
         "status",
         "show every volume pair's replication state",
-        "Show every volume pair: state (in_sync, degraded or resyncing), epoch, which nodes hold\n"
-        "the primary and secondary roles and whether they are alive, failed extents, and resync\n"
-        "progress. --json prints the same as one JSON document.",
+        "Show every volume pair: its state, epoch, which nodes hold the primary and secondary\n"
+        "roles now (they change with a promotion) and whether they are alive or hold no data,\n"
+        "the primary's data generation (hex), its lease, the bytes the secondary lacks\n"
+        "(out of sync), failed extents, and resync progress. --json prints the same as one JSON\n"
+        "document.\n\n"
+        "States: in_sync (both nodes have every write), degraded (the primary writes alone and\n"
+        "tracks the changes), resyncing (the secondary is catching up), primary_lost (the primary\n"
+        "is silent; nobody serves the volume: bring it back or 'syncrep promote'), split_brain\n"
+        "(both sides wrote without each other after a forced promote; nothing is resynced).",
     )
     p.add_argument("--coordinator", required=True, type=_dial_address, metavar="HOST:PORT",
                    help="the coordinator's address")
     p.add_argument("--json", action="store_true", help="print JSON: {\"volumes\": [...]}")
     p.set_defaults(func=cmd_status, role="client")
+
+    # -- promote
+    p = add(
+        "promote",
+        "make a volume's secondary its primary (failover)",
+        "Ask the coordinator to make the secondary of volume NAME its primary, at a new epoch.\n"
+        "The old primary, if it comes back, is demoted to secondary and resynced (only what\n"
+        "changed, never a full copy).\n\n"
+        "The coordinator refuses, and the message says why:\n"
+        "  * while the old primary's lease runs (it may still be writing): it says how long to wait;\n"
+        "  * when the secondary is not alive, holds no data of the pair, or is not current (the\n"
+        "    pair is not in_sync), unless --force.\n\n"
+        "--force promotes a secondary that is not current: the writes it lacks (the pair's\n"
+        "out-of-sync bytes; mid-resync: everything since its pre-resync rollback point) are lost\n"
+        "on the new primary, and if the old primary comes back with them the pair is\n"
+        "split_brain. Use it only when the old primary is gone for good.\n\n"
+        "Exit status: 0 = promoted; 1 = refused or failed (the reason is on stderr).",
+    )
+    p.add_argument("name", metavar="NAME", help="volume name")
+    p.add_argument("--coordinator", required=True, type=_dial_address, metavar="HOST:PORT",
+                   help="the coordinator's address")
+    p.add_argument("--force", action="store_true",
+                   help="promote even when the secondary is not current (loses the writes it lacks)")
+    p.add_argument("--json", action="store_true", help="print the volume's new status as JSON")
+    p.set_defaults(func=cmd_promote, role="client")
 
     # -- verify
     p = add(
@@ -571,6 +614,8 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
             node_timeout_s=args.node_timeout_s,
             auto_resync=args.auto_resync,
             default_resync_mode=RESYNC_MODES[args.resync_mode],
+            lease_s=args.lease_s,
+            lease_drift_s=args.lease_drift_s,
         )
     )
     return EXIT_OK
@@ -592,19 +637,37 @@ def cmd_node(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- volume create / status
 
 
+def _generation_text(gen: int) -> str:
+    """A generation id as status shows it: 16 hex digits, or why there is none."""
+    return f"{gen:016x}" if gen else "none"
+
+
 def state_line(v: dict[str, Any]) -> str:
-    def alive(b: bool) -> str:
-        return "up" if b else "DOWN"
+    def node(role: str) -> str:
+        alive = "up" if v[f"{role}_alive"] else "DOWN"
+        if v.get(f"{role}_data_missing"):
+            alive += ", NO DATA"
+        return f"{role} {v[role] or '-'} ({alive})"
 
     parts = [
         f"{v['name']}",
         f"{v['state']}",
         f"epoch {v['epoch']}",
         f"{format_size(v['size_bytes'])} (block {v['block_size']})",
-        f"primary {v['primary'] or '-'} ({alive(v['primary_alive'])})",
-        f"secondary {v['secondary'] or '-'} ({alive(v['secondary_alive'])})",
+        node("primary"),
+        node("secondary"),
+        f"generation {_generation_text(v.get('generation', 0))}",
         f"acked {v['acked_seq']}/{v['last_seq']}",
     ]
+    sgen = v.get("secondary_generation", 0)
+    if sgen != v.get("generation", 0):
+        parts.append(f"secondary generation {_generation_text(sgen)}")
+    if v.get("lease_remaining_s", 0.0) > 0 or v["state"] != "in_sync":
+        parts.append(f"lease {v.get('lease_remaining_s', 0.0):.1f} s left")
+    if v.get("out_of_sync_bytes", 0) or v["state"] != "in_sync":
+        parts.append(f"out of sync {format_size(v.get('out_of_sync_bytes', 0))}")
+    if v.get("auto_failover"):
+        parts.append("auto-failover")
     if v["failed_extents_count"] or v["state"] != "in_sync":
         parts.append(f"failed {format_size(v['failed_bytes'])} in {v['failed_extents_count']} extent(s)")
     r = v["resync"]
@@ -629,6 +692,7 @@ def cmd_volume_create(args: argparse.Namespace) -> int:
             args.secondary,
             block_size=args.block_size,
             resync_mode=RESYNC_MODES[args.resync_mode] if args.resync_mode else 0,
+            auto_failover=args.auto_failover,
         )
         return volume_status_dict(st)
 
@@ -637,6 +701,23 @@ def cmd_volume_create(args: argparse.Namespace) -> int:
         print(json.dumps(v, indent=2))
     else:
         print(f"created volume {state_line(v)}")
+    return EXIT_OK
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    # A refusal is a ClientError: main() prints the coordinator's message on
+    # stderr (one line, with the gRPC code) and exits 1.
+    reply = asyncio.run(promote(args.coordinator, args.name, force=args.force))
+    v = volume_status_dict(reply.status)
+    if args.json:
+        print(json.dumps({"message": reply.message, "volume": v}, indent=2))
+        return EXIT_OK
+    if reply.message:
+        print(" ".join(reply.message.split()))
+    print(
+        f"{v['name']}: primary is now {v['primary'] or '-'}, secondary {v['secondary'] or '-'} "
+        f"(epoch {v['epoch']}, {v['state']}, generation {_generation_text(v['generation'])})"
+    )
     return EXIT_OK
 
 

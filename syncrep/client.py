@@ -5,12 +5,19 @@
   concurrent callers are multiplexed by ``client_seq`` and each gets exactly
   its own reply. A reply with a non-zero code raises :class:`WriteError`.
   When the stream breaks, every write still waiting for a reply fails with the
-  stream's error (writes are never silently retried: the caller cannot know
-  whether a failed write was applied), and the next write opens a new stream.
+  stream's error (such writes are never silently retried: the caller cannot
+  know whether a failed write was applied), and the next write opens a new
+  stream, towards the primary the coordinator names now.
+  It follows a failover without being told: a write the node *refused*
+  because it is not the volume's primary any more (FAILED_PRECONDITION "not
+  its primary"; nothing was applied) is re-sent to the primary the
+  coordinator names, and a read is retried there (reads are idempotent, so
+  also after UNAVAILABLE), for at most ``failover_wait_s``.
 * Node helpers (``NodeService``): :func:`read_local`, :func:`checksum`,
   :func:`node_status`, :func:`inject_fault`.
 * Coordinator helpers (``CoordinatorService``): :func:`create_volume`,
-  :func:`get_volume`, :func:`list_volumes`, :func:`wait_for_volume`.
+  :func:`get_volume`, :func:`list_volumes`, :func:`wait_for_volume`,
+  :func:`promote`.
 * :func:`volume_status_dict`: the JSON shape of ``syncrep status --json``.
 
 Every unary call carries a deadline (``DEFAULT_RPC_TIMEOUT_S`` unless the
@@ -50,12 +57,26 @@ CHECKSUM_TIMEOUT_S = 120.0
 #: Default bound on how long one write waits for its reply. The stream itself
 #: has keepalives; this only bounds a primary that accepts and never answers.
 DEFAULT_WRITE_TIMEOUT_S = 60.0
+#: How long a VolumeClient keeps looking for the volume's (new) primary after
+#: the node it used refused a write or read as not the primary, or (reads
+#: only) could not be reached. Longer than a lease (4 s) plus its drift and a
+#: few heartbeats, so an automatic failover completes within it.
+DEFAULT_FAILOVER_WAIT_S = 30.0
+#: Pause between two look-ups of the primary while it moves.
+FAILOVER_POLL_S = 0.2
+#: Promote waits for the coordinator to persist the new epoch and assign it.
+PROMOTE_TIMEOUT_S = 20.0
+#: Substring of the node's refusal when it is not the volume's primary
+#: (syncrep.node.Node.primary): the write or read was not applied.
+NOT_PRIMARY_HINT = "not its primary"
 
 STATE_NAMES: dict[int, str] = {
     pb.PAIR_STATE_UNSPECIFIED: "unspecified",
     pb.PAIR_STATE_IN_SYNC: "in_sync",
     pb.PAIR_STATE_DEGRADED: "degraded",
     pb.PAIR_STATE_RESYNCING: "resyncing",
+    pb.PAIR_STATE_PRIMARY_LOST: "primary_lost",
+    pb.PAIR_STATE_SPLIT_BRAIN: "split_brain",
 }
 STATE_VALUES: dict[str, int] = {v: k for k, v in STATE_NAMES.items()}
 
@@ -125,7 +146,14 @@ class WriteError(ClientError):
     ) -> None:
         self.offset = offset
         self.length = length
+        #: The node that answered (set for a node's per-write reply).
+        self.node: str | None = None
         super().__init__(code, message, what=what)
+
+
+def _not_primary(err: ClientError) -> bool:
+    """The node refused because it is not the volume's primary: nothing was applied."""
+    return err.code == grpc.StatusCode.FAILED_PRECONDITION and NOT_PRIMARY_HINT in err.message
 
 
 async def _call(what: str, aw: Awaitable[T], *, unreachable: str | None = None) -> T:
@@ -234,12 +262,14 @@ class VolumeClient:
         coordinator: str | None = None,
         rpc_timeout_s: float = rpc.DEFAULT_RPC_TIMEOUT_S,
         write_timeout_s: float | None = DEFAULT_WRITE_TIMEOUT_S,
+        failover_wait_s: float = DEFAULT_FAILOVER_WAIT_S,
     ) -> None:
         self.volume = volume
         self.primary = primary
         self.coordinator = coordinator
         self.rpc_timeout_s = rpc_timeout_s
         self.write_timeout_s = write_timeout_s
+        self.failover_wait_s = failover_wait_s
         self._channel: aio.Channel = rpc.channel(primary)
         self._stub: Any = pb_grpc.VolumeServiceStub(self._channel)
         self._stream: _WriteStream | None = None
@@ -247,6 +277,9 @@ class VolumeClient:
         self._seq = itertools.count(1)
         self._closed = False
         self._last_fail_log = -1e9
+        # Streams and channels to a node that stopped being the primary: they
+        # drain (their writes get the node's refusal) and close in the background.
+        self._retiring: set[asyncio.Task[None]] = set()
         self.status: pb.VolumeStatus | None = None
 
     @classmethod
@@ -257,6 +290,7 @@ class VolumeClient:
         *,
         rpc_timeout_s: float = rpc.DEFAULT_RPC_TIMEOUT_S,
         write_timeout_s: float | None = DEFAULT_WRITE_TIMEOUT_S,
+        failover_wait_s: float = DEFAULT_FAILOVER_WAIT_S,
     ) -> VolumeClient:
         """Look the volume up on the coordinator and connect to its primary."""
         st = await get_volume(coordinator_addr, volume, timeout_s=rpc_timeout_s)
@@ -272,6 +306,7 @@ class VolumeClient:
             coordinator=coordinator_addr,
             rpc_timeout_s=rpc_timeout_s,
             write_timeout_s=write_timeout_s,
+            failover_wait_s=failover_wait_s,
         )
         client.status = st
         return client
@@ -284,24 +319,60 @@ class VolumeClient:
 
     # ------------------------------------------------------------ writes
 
-    async def _relookup_primary(self) -> None:
-        """After a broken stream, ask the coordinator where the primary is now."""
+    async def _relookup_primary(self) -> bool:
+        """Ask the coordinator where the primary is now; switch to it if it
+        moved. True when it moved. Called with ``_open_lock`` held."""
         if not self.coordinator:
-            return
+            return False
         try:
             st = await get_volume(self.coordinator, self.volume, timeout_s=self.rpc_timeout_s)
         except ClientError as e:
             log.info("cannot re-check the primary of %s (%s); keeping %s", self.volume, e, self.primary)
-            return
+            return False
         self.status = st
-        if st.primary and st.primary != self.primary:
-            log.info("primary of %s moved: %s -> %s", self.volume, self.primary, st.primary)
-            old = self._channel
-            self.primary = st.primary
-            self._channel = rpc.channel(st.primary)
-            self._stub = pb_grpc.VolumeServiceStub(self._channel)
+        if not st.primary or st.primary == self.primary:
+            return False
+        log.info("primary of %s moved: %s -> %s", self.volume, self.primary, st.primary)
+        old_channel, old_stream = self._channel, self._stream
+        self.primary = st.primary
+        self._channel = rpc.channel(st.primary)
+        self._stub = pb_grpc.VolumeServiceStub(self._channel)
+        self._stream = None
+        task = asyncio.create_task(self._retire(old_stream, old_channel), name=f"retire[{old_channel}]")
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+        return True
+
+    async def _retire(self, stream: _WriteStream | None, channel: aio.Channel) -> None:
+        """Close a stream and channel to the old primary once the writes still
+        waiting on it have their answers (bounded by the write timeout): those
+        writes may have been applied, so they must get their real outcome."""
+        try:
+            waiting = list(stream.pending.values()) if stream is not None and not stream.broken else []
+            if waiting:
+                await asyncio.wait(waiting, timeout=self.write_timeout_s or DEFAULT_WRITE_TIMEOUT_S)
+        finally:
+            if stream is not None:
+                with contextlib.suppress(Exception):
+                    await stream.close()
             with contextlib.suppress(Exception):
-                await old.close()
+                await channel.close()
+
+    async def _follow_primary(self, refused_by: str, deadline: float) -> bool:
+        """``refused_by`` is not (or no longer reachable as) the primary: find
+        the one the coordinator names now, polling until ``deadline``
+        (monotonic). True when the client now points at another node."""
+        while True:
+            async with self._open_lock:
+                if self._closed:
+                    return False
+                if self.primary != refused_by:
+                    return True  # a concurrent caller already followed it
+                if await self._relookup_primary():
+                    return True
+            if time.monotonic() + FAILOVER_POLL_S >= deadline:
+                return False
+            await asyncio.sleep(FAILOVER_POLL_S)
 
     async def _get_stream(self) -> _WriteStream:
         if self._closed:
@@ -334,7 +405,30 @@ class VolumeClient:
         Raises :class:`WriteError` when the primary answers with a non-zero
         code, when the stream breaks before the reply, or when no reply came
         within ``timeout_s`` (default: the client's ``write_timeout_s``).
+        A write the node refused because it is not the primary (nothing was
+        applied) is re-sent to the primary the coordinator names, for at most
+        ``failover_wait_s``.
         """
+        deadline = time.monotonic() + self.failover_wait_s
+        while True:
+            try:
+                await self._write_once(offset, data, timeout_s)
+                return
+            except WriteError as e:
+                if not _not_primary(e) or not self.coordinator:
+                    raise
+                refused_by = self.primary if e.node is None else e.node
+                if not await self._follow_primary(refused_by, deadline):
+                    raise WriteError(
+                        e.code,
+                        f"{e.message}; the coordinator named no other primary within "
+                        f"{self.failover_wait_s:g} s",
+                        what=e.what, offset=offset, length=len(data),
+                    ) from None
+                log.info("write at %d refused by %s (not the primary); re-sent to %s",
+                         offset, refused_by, self.primary)
+
+    async def _write_once(self, offset: int, data: bytes, timeout_s: float | None) -> None:
         what = f"write {len(data)} B at offset {offset} to {self.volume}"
         if offset < 0:
             raise WriteError(grpc.StatusCode.INVALID_ARGUMENT, "negative offset", what=what)
@@ -390,7 +484,9 @@ class VolumeClient:
                 length=len(data),
             ) from None
         except WriteError as e:
-            raise WriteError(e.code, e.message, what=what, offset=offset, length=len(data)) from None
+            err = WriteError(e.code, e.message, what=what, offset=offset, length=len(data))
+            err.node = stream.primary
+            raise err from None
 
     async def _send_failed(
         self,
@@ -501,6 +597,32 @@ class VolumeClient:
         return await self._read_aligned(offset, length, snapshot_id)
 
     async def _read_aligned(self, offset: int, length: int, snapshot_id: int) -> bytes:
+        """One read, following the primary: a read refused as not the primary,
+        or that cannot reach it, is retried (reads are idempotent) on the primary
+        the coordinator names, for at most ``failover_wait_s``."""
+        deadline = time.monotonic() + self.failover_wait_s
+        while True:
+            node = self.primary
+            try:
+                return await self._read_from_primary(offset, length, snapshot_id)
+            except ClientError as e:
+                retry = _not_primary(e) or e.code == grpc.StatusCode.UNAVAILABLE
+                if not retry or not self.coordinator or self._closed:
+                    raise
+                if time.monotonic() >= deadline:
+                    raise ClientError(
+                        e.code, f"{e.message}; no reachable primary within {self.failover_wait_s:g} s",
+                        what=e.what,
+                    ) from None
+                if _not_primary(e):
+                    if not await self._follow_primary(node, deadline):
+                        raise
+                elif not await self._follow_primary(node, time.monotonic()):
+                    # Unreachable and still named the primary: it may be
+                    # restarting, or about to be replaced; ask again shortly.
+                    await asyncio.sleep(FAILOVER_POLL_S)
+
+    async def _read_from_primary(self, offset: int, length: int, snapshot_id: int) -> bytes:
         what = f"read {length} B at offset {offset} of {self.volume} from {self.primary}"
         step = MAX_READ_BYTES
         if self.block_size > 1:
@@ -535,6 +657,10 @@ class VolumeClient:
         if self._stream is not None:
             await self._stream.close()
             self._stream = None
+        for t in list(self._retiring):
+            t.cancel()
+        if self._retiring:
+            await asyncio.gather(*self._retiring, return_exceptions=True)
         with contextlib.suppress(Exception):
             await self._channel.close()
 
@@ -644,10 +770,14 @@ async def create_volume(
     *,
     block_size: int = 4096,
     resync_mode: int | str = pb.RESYNC_MODE_UNSPECIFIED,
+    auto_failover: bool = False,
     timeout_s: float = rpc.DEFAULT_RPC_TIMEOUT_S,
 ) -> pb.VolumeStatus:
     """``CoordinatorService.CreateVolume``. ``resync_mode``: a pb value or
-    "rewrite"/"direct" (UNSPECIFIED = the coordinator's default)."""
+    "rewrite"/"direct" (UNSPECIFIED = the coordinator's default).
+    ``auto_failover``: the coordinator promotes the secondary by itself when
+    the primary is lost (after its lease expired, only if the secondary is
+    healthy and current)."""
     mode = RESYNC_MODES[resync_mode] if isinstance(resync_mode, str) else resync_mode
     req = pb.CreateVolumeRequest(
         name=name,
@@ -656,6 +786,7 @@ async def create_volume(
         primary=primary,
         secondary=secondary,
         resync_mode=mode,  # type: ignore[arg-type]
+        auto_failover=auto_failover,
     )
     async with rpc.channel(coordinator) as ch:
         return await _coord_call(
@@ -685,6 +816,22 @@ async def list_volumes(
             pb_grpc.CoordinatorServiceStub(ch).ListVolumes(pb.ListVolumesRequest(), timeout=timeout_s),
         )
     return list(reply.volumes)
+
+
+async def promote(
+    coordinator: str, volume: str, *, force: bool = False, timeout_s: float = PROMOTE_TIMEOUT_S
+) -> pb.PromoteReply:
+    """``CoordinatorService.Promote``: make the secondary of ``volume`` its
+    primary at a new epoch (docs/FAILOVER.md). The coordinator refuses
+    (:class:`ClientError`, its message says why and for how long) while the old
+    primary's lease runs, and, unless ``force``, when the secondary is not
+    alive, has no data or is not current (``force`` loses what it lacks)."""
+    req = pb.PromoteRequest(volume=volume, force=force)
+    async with rpc.channel(coordinator) as ch:
+        return await _coord_call(
+            coordinator, f"Promote {volume!r}{' --force' if force else ''}",
+            pb_grpc.CoordinatorServiceStub(ch).Promote(req, timeout=timeout_s),
+        )
 
 
 async def wait_for_volume(
@@ -751,7 +898,7 @@ def volume_status_dict(st: pb.VolumeStatus) -> dict[str, Any]:
     failed_bytes = int(st.failed_bytes) or sum(e["length"] for e in failed)
     state = STATE_NAMES.get(st.state, "unspecified")
     if state == "unspecified":
-        # `state` is exactly one of three strings; an unknown pair is not in sync.
+        # `state` is exactly one of the five names; an unknown pair is not in sync.
         state = "degraded"
     mode = {v: k for k, v in RESYNC_MODES.items()}.get(st.resync_mode)
     return {
@@ -783,4 +930,13 @@ def volume_status_dict(st: pb.VolumeStatus) -> dict[str, Any]:
         "resync_bytes_sent": int(getattr(st, "resync_bytes_sent", 0)),
         "resync_chunks_refused": int(getattr(st, "resync_chunks_refused", 0)),
         "last_stall_ms": float(getattr(st, "last_stall_ms", 0.0)),
+        # Failover and data identity (docs/FAILOVER.md).
+        "volume_uuid": st.volume_uuid,
+        "generation": int(st.generation),
+        "secondary_generation": int(st.secondary_generation),
+        "lease_remaining_s": float(st.lease_remaining_s),
+        "out_of_sync_bytes": int(st.out_of_sync_bytes),
+        "auto_failover": bool(st.auto_failover),
+        "primary_data_missing": bool(st.primary_data_missing),
+        "secondary_data_missing": bool(st.secondary_data_missing),
     }

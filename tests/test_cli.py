@@ -3,10 +3,11 @@
 * ``--help`` of every command exits 0 and explains each flag.
 * Malformed input and an unreachable coordinator give ONE clear line on
   stderr and a non-zero exit, fast, without a traceback.
-* ``status``, ``volume create``, ``write`` and ``read`` against in-process fake
-  servers (a fake coordinator and a fake primary built with syncrep.rpc), and
-  the VolumeClient write stream: multiplexing, out-of-order replies, reply
-  errors, stream failure and re-opening.
+* ``status``, ``volume create``, ``write``, ``read`` and ``promote`` against
+  in-process fake servers (a fake coordinator and two fake nodes built with
+  syncrep.rpc), and the VolumeClient write stream: multiplexing, out-of-order
+  replies, reply errors, stream failure and re-opening, and following a
+  primary that moved (a refusal "not its primary", an unreachable primary).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from syncrep.client import (
     WriteError,
     get_volume,
     list_volumes,
+    promote,
     volume_status_dict,
 )
 from syncrep.config import NodeOptions
@@ -58,6 +60,7 @@ COMMANDS: list[list[str]] = [
     ["write"],
     ["read"],
     ["status"],
+    ["promote"],
     ["demo"],
 ]
 
@@ -131,12 +134,15 @@ def test_help_exits_0_and_explains(cmd: list[str], capsys: pytest.CaptureFixture
     "cmd,expect",
     [
         (["coordinator"], ["--listen", "--data-dir", "--heartbeat-interval-s", "--node-timeout-s", "--resync-mode",
-                           "(default: 0.5)", "(default: 3.0)", "(default: direct)"]),
+                           "(default: 0.5)", "(default: 3.0)", "(default: direct)", "--lease-s",
+                           "(default: 4.0)", "--lease-drift-s"]),
         (["volume", "create"], ["NAME", "--size", "--primary", "--secondary", "--coordinator", "--block-size",
-                                "--resync-mode", "64MiB", "(default: 4096)"]),
+                                "--resync-mode", "64MiB", "(default: 4096)", "--auto-failover"]),
         (["write"], ["--offset", "--coordinator", "--input", "stdin", "(default: 1MiB)"]),
         (["read"], ["--offset", "--length", "--coordinator", "--output", "stdout"]),
-        (["status"], ["--coordinator", "--json", "in_sync", "degraded", "resyncing"]),
+        (["status"], ["--coordinator", "--json", "in_sync", "degraded", "resyncing", "primary_lost",
+                      "split_brain", "generation", "lease"]),
+        (["promote"], ["NAME", "--coordinator", "--force", "lease", "how long", "split_brain", "Exit status"]),
         (["demo"], ["--workdir", "--keep"]),
     ],
 )
@@ -156,7 +162,8 @@ def test_node_help_covers_every_node_option(capsys: pytest.CaptureFixture[str]) 
     assert fields == {f.field for f in cli.NODE_FLAGS}, "every NodeOptions field needs a flag"
     for f in cli.NODE_FLAGS:
         assert f.flag in out
-    for flag in ["--durability", "--ack-timeout-s", "--on-secondary-failure", "--window-writes", "--window-bytes",
+    for flag in ["--durability", "--ack-timeout-s", "--on-secondary-failure", "--on-quorum-loss",
+                 "--quorum-loss-timeout-s", "--window-writes", "--window-bytes",
                  "--enable-fault-injection", "--resync-max-rate", "--diff-delay-s", "--snapshot-period-s",
                  "--snapshots-keep", "--advertise", "(default: 32MiB)", "(default: sync)"]:
         assert flag in out
@@ -278,6 +285,7 @@ def test_unusable_advertise_address_rejected(
         ["read", "vol0", "--offset", "0", "--length", "4KiB"],
         ["write", "vol0", "--offset", "0"],
         ["volume", "create", "vol0", "--size", "16MiB", "--primary", "127.0.0.1:1", "--secondary", "127.0.0.1:2"],
+        ["promote", "vol0"],
     ],
     ids=lambda a: " ".join(a[:2]),
 )
@@ -354,8 +362,45 @@ def test_volume_status_dict_shape() -> None:
     assert d["state_changed_at"].startswith("2023-11-14T22:13:20.5")
     json.dumps(d)
     for state, name in [(pb.PAIR_STATE_IN_SYNC, "in_sync"), (pb.PAIR_STATE_DEGRADED, "degraded"),
+                        (pb.PAIR_STATE_PRIMARY_LOST, "primary_lost"), (pb.PAIR_STATE_SPLIT_BRAIN, "split_brain"),
                         (pb.PAIR_STATE_UNSPECIFIED, "degraded")]:
         assert volume_status_dict(_status(state=state))["state"] == name
+
+
+def test_volume_status_dict_failover_fields() -> None:
+    st = _status(
+        state=pb.PAIR_STATE_DEGRADED, volume_uuid="u-1", generation=0xABC, secondary_generation=0x12,
+        lease_remaining_s=2.5, out_of_sync_bytes=8192, auto_failover=True, secondary_data_missing=True,
+        resync_bytes_sent=16 * MiB,
+    )
+    d = volume_status_dict(st)
+    assert {k: d[k] for k in ("volume_uuid", "generation", "secondary_generation", "lease_remaining_s",
+                              "out_of_sync_bytes", "auto_failover", "primary_data_missing",
+                              "secondary_data_missing", "resync_bytes_sent")} == {
+        "volume_uuid": "u-1", "generation": 0xABC, "secondary_generation": 0x12, "lease_remaining_s": 2.5,
+        "out_of_sync_bytes": 8192, "auto_failover": True, "primary_data_missing": False,
+        "secondary_data_missing": True, "resync_bytes_sent": 16 * MiB,
+    }
+    line = cli.state_line(d)
+    for part in ["degraded", "primary 127.0.0.1:7001 (up)", "secondary 127.0.0.1:7002 (up, NO DATA)",
+                 "generation 0000000000000abc", "secondary generation 0000000000000012", "lease 2.5 s left",
+                 "out of sync 8.0 KiB", "auto-failover"]:
+        assert part in line, (part, line)
+
+
+def test_coordinator_lease_flags_parse() -> None:
+    base = ["coordinator", "--listen", "127.0.0.1:7000", "--data-dir", "d"]
+    args = cli.build_parser().parse_args(base)
+    assert (args.lease_s, args.lease_drift_s) == (4.0, 0.5)
+    args = cli.build_parser().parse_args([*base, "--lease-s", "2", "--lease-drift-s", "0.1"])
+    assert (args.lease_s, args.lease_drift_s) == (2.0, 0.1)
+
+
+def test_coordinator_lease_of_zero_rejected(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["coordinator", "--listen", "127.0.0.1:7000", "--data-dir", "d", "--lease-s", "0"])
+    assert exc.value.code == 2
+    assert "--lease-s" in one_error_line(capsys.readouterr().err)
 
 
 # ---------------------------------------------------------------- fake servers
@@ -377,15 +422,30 @@ class FakeCluster:
     created: list[pb.CreateVolumeRequest] = field(default_factory=list)
     coordinator_addr: str = ""
     primary_addr: str = ""
+    #: A second fake node: the secondary, until a promotion makes it the primary.
+    secondary_addr: str = ""
+    #: The node the coordinator names as the primary (a failover changes it).
+    current_primary: str = ""
+    epoch: int = 1
+    #: Writes and reads a node refused because it is not the primary: (node, offset, length).
+    refused: list[tuple[str, int, int]] = field(default_factory=list)
+    promotes: list[pb.PromoteRequest] = field(default_factory=list)
+    #: Promote refuses (FAILED_PRECONDITION) with this message unless forced.
+    promote_refusal: str | None = None
+    servers: dict[str, rpc.Server] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.data = bytearray(self.volume_size)
 
+    @property
+    def other(self) -> str:
+        return self.secondary_addr if self.current_primary == self.primary_addr else self.primary_addr
+
     def status(self, name: str = "vol0") -> pb.VolumeStatus:
         return pb.VolumeStatus(
             spec=pb.VolumeSpec(name=name, size_bytes=self.volume_size, block_size=self.block_size),
-            state=pb.PAIR_STATE_IN_SYNC, epoch=1, primary=self.primary_addr, secondary="127.0.0.1:9",
-            primary_alive=True, secondary_alive=True, acked_seq=5, last_seq=5,
+            state=pb.PAIR_STATE_IN_SYNC, epoch=self.epoch, primary=self.current_primary, secondary=self.other,
+            primary_alive=True, secondary_alive=True, acked_seq=5, last_seq=5, generation=0xFEED,
         )
 
 
@@ -408,15 +468,44 @@ class _FakeCoordinator(pbg.CoordinatorServiceServicer):
         st = self.fake.status(request.name)
         st.spec.size_bytes = request.size_bytes
         st.spec.block_size = request.block_size
+        st.auto_failover = request.auto_failover
         return st
+
+    async def Promote(self, request: Any, context: Any) -> pb.PromoteReply:
+        f = self.fake
+        f.promotes.append(request)
+        if request.volume != "vol0":
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"no volume named {request.volume!r}")
+        if f.promote_refusal is not None and not request.force:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f.promote_refusal)
+        old = f.current_primary
+        f.current_primary, f.epoch = f.other, f.epoch + 1
+        st = f.status()
+        st.state = pb.PAIR_STATE_DEGRADED
+        return pb.PromoteReply(status=st, message=f"promoted {f.current_primary} (was secondary of {old})")
 
 
 class _FakeVolume(pbg.VolumeServiceServicer):
+    """One fake node. It serves the volume only while the coordinator names it
+    the primary; otherwise it refuses as syncrep.node does ("not its primary")."""
+
     def __init__(self, fake: FakeCluster) -> None:
         self.fake = fake
+        self.address = ""
+
+    def _refusal(self) -> str | None:
+        if self.address == self.fake.current_primary:
+            return None
+        return (f"this node ({self.address}) is secondary for volume 'vol0', not its primary; writes go to "
+                f"the primary ({self.fake.current_primary})")
 
     def _apply(self, req: Any) -> pb.WriteReply:
         f = self.fake
+        refusal = self._refusal()
+        if refusal is not None:
+            f.refused.append((self.address, req.offset, len(req.data)))
+            return pb.WriteReply(client_seq=req.client_seq, code=grpc.StatusCode.FAILED_PRECONDITION.value[0],
+                                 message=refusal)
         f.writes.append((req.offset, len(req.data)))
         if req.offset in f.error_at_offset:
             code, msg = f.error_at_offset[req.offset]
@@ -447,6 +536,10 @@ class _FakeVolume(pbg.VolumeServiceServicer):
 
     async def Read(self, request: Any, context: Any) -> pb.ReadReply:
         f = self.fake
+        refusal = self._refusal()
+        if refusal is not None:
+            f.refused.append((self.address, request.offset, request.length))
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, refusal)
         f.reads.append((request.offset, request.length))
         if request.offset % f.block_size or request.length % f.block_size:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "read not aligned")
@@ -458,14 +551,20 @@ async def fake() -> AsyncIterator[FakeCluster]:
     f = FakeCluster()
     coord = rpc.Server("127.0.0.1:0")
     coord.add(pbg.add_CoordinatorServiceServicer_to_server, _FakeCoordinator(f), "syncrep.v1.CoordinatorService")
-    prim = rpc.Server("127.0.0.1:0")
-    prim.add(pbg.add_VolumeServiceServicer_to_server, _FakeVolume(f), "syncrep.v1.VolumeService")
     f.coordinator_addr = f"127.0.0.1:{await coord.start()}"
-    f.primary_addr = f"127.0.0.1:{await prim.start()}"
+    for role in ("primary", "secondary"):
+        node = _FakeVolume(f)
+        server = rpc.Server("127.0.0.1:0")
+        server.add(pbg.add_VolumeServiceServicer_to_server, node, "syncrep.v1.VolumeService")
+        node.address = f"127.0.0.1:{await server.start()}"
+        setattr(f, f"{role}_addr", node.address)
+        f.servers[role] = server
+    f.current_primary = f.primary_addr
     try:
         yield f
     finally:
-        await prim.stop(0)
+        for server in f.servers.values():
+            await server.stop(0)
         await coord.stop(0)
 
 
@@ -498,6 +597,14 @@ async def test_volume_create(fake: FakeCluster) -> None:
                                                                           pb.RESYNC_MODE_REWRITE)
     assert (req.primary, req.secondary) == ("127.0.0.1:7001", "127.0.0.1:7002")
     assert json.loads(out)["name"] == "vol9"
+    assert not req.auto_failover
+    rc, out, err = await arun_cli(
+        "volume", "create", "vol8", "--size", "1MiB", "--auto-failover", "--primary", "127.0.0.1:7001",
+        "--secondary", "127.0.0.1:7002", "--coordinator", fake.coordinator_addr,
+    )
+    assert rc == 0, err
+    assert fake.created[-1].auto_failover
+    assert "auto-failover" in out.decode()
     rc, out, err = await arun_cli(
         "volume", "create", "vol0", "--size", "1MiB", "--primary", "127.0.0.1:7001", "--secondary",
         "127.0.0.1:7002", "--coordinator", fake.coordinator_addr,
@@ -667,3 +774,82 @@ async def test_client_close_fails_pending(fake: FakeCluster) -> None:
     assert exc.value.code == grpc.StatusCode.CANCELLED
     with pytest.raises(WriteError):
         await c.write(0, b"x" * 4096)
+
+
+# ---------------------------------------------------------------- promote and following the primary
+
+
+async def test_promote_prints_message_and_new_roles(fake: FakeCluster) -> None:
+    rc, out, err = await arun_cli("promote", "vol0", "--coordinator", fake.coordinator_addr)
+    assert rc == 0, err
+    text = out.decode()
+    assert f"promoted {fake.secondary_addr}" in text
+    assert f"primary is now {fake.secondary_addr}, secondary {fake.primary_addr} (epoch 2, degraded" in text
+    assert [(r.volume, r.force) for r in fake.promotes] == [("vol0", False)]
+
+
+async def test_promote_refused_prints_coordinator_message_and_exits_1(fake: FakeCluster) -> None:
+    fake.promote_refusal = ("volume 'vol0': the primary's lease runs for 3.2 s more; promote after it "
+                            "expired")
+    rc, out, err = await arun_cli("promote", "vol0", "--coordinator", fake.coordinator_addr)
+    assert rc == 1
+    line = one_error_line(err.decode())
+    assert "lease runs for 3.2 s more" in line and line.endswith("(FAILED_PRECONDITION)")
+    assert out == b""
+    assert fake.current_primary == fake.primary_addr, "a refused promote changes nothing"
+    rc, out, err = await arun_cli("promote", "vol0", "--force", "--json", "--coordinator", fake.coordinator_addr)
+    assert rc == 0, err
+    doc = json.loads(out)
+    assert doc["volume"]["primary"] == fake.secondary_addr and doc["message"].startswith("promoted")
+    assert [r.force for r in fake.promotes] == [False, True]
+
+
+async def test_promote_client_refusal_is_client_error(fake: FakeCluster) -> None:
+    fake.promote_refusal = "the secondary is not current; --force would lose 8 KiB"
+    with pytest.raises(ClientError) as exc:
+        await promote(fake.coordinator_addr, "vol0")
+    assert exc.value.code == grpc.StatusCode.FAILED_PRECONDITION and "--force" in exc.value.message
+    reply = await promote(fake.coordinator_addr, "vol0", force=True)
+    assert reply.status.primary == fake.secondary_addr
+
+
+async def test_client_write_refused_not_primary_is_resent_to_new_primary(fake: FakeCluster) -> None:
+    """Fault: a failover: the node the client writes to is demoted (refuses "not its primary")."""
+    async with await VolumeClient.connect(fake.coordinator_addr, "vol0") as c:
+        await c.write(0, b"a" * 4096)
+        fake.current_primary = fake.secondary_addr  # promoted behind the client's back
+        await asyncio.gather(*(c.write(i * 4096, bytes([i]) * 4096) for i in range(1, 9)))
+        assert c.primary == fake.secondary_addr
+        assert {n for n, _, _ in fake.refused} == {fake.primary_addr}, "only the old primary refused"
+        refused = [o for _, o, _ in fake.refused]
+        assert refused and len(set(refused)) == len(refused) <= 8, refused
+        assert set(refused) <= {i * 4096 for i in range(1, 9)}, refused
+        # every write was applied exactly once by the node that accepted it
+        assert sorted(fake.writes) == [(i * 4096, 4096) for i in range(9)]
+        assert all(fake.data[i * 4096] == i for i in range(1, 9))
+        # reads follow too
+        assert await c.read(4096, 4096) == b"\x01" * 4096
+
+
+async def test_client_read_follows_primary_when_old_one_is_unreachable(fake: FakeCluster) -> None:
+    """Fault: the primary dies (its server stops) and the coordinator names the other node."""
+    fake.data[0:4096] = b"r" * 4096
+    async with await VolumeClient.connect(fake.coordinator_addr, "vol0", failover_wait_s=10) as c:
+        await fake.servers["primary"].stop(0)
+        fake.current_primary = fake.secondary_addr
+        assert await c.read(0, 4096) == b"r" * 4096
+        assert c.primary == fake.secondary_addr
+
+
+async def test_client_not_primary_without_new_primary_fails_within_bound(fake: FakeCluster) -> None:
+    """Fault: the node refuses "not its primary" but the coordinator still names it (no failover yet)."""
+    async with await VolumeClient.connect(fake.coordinator_addr, "vol0", failover_wait_s=0.6) as c:
+        # The node refuses while the coordinator still names it (it has not learnt of a promotion yet).
+        node_refusal = "this node (x) is secondary for volume 'vol0', not its primary; writes go to the primary"
+        fake.error_at_offset[0] = (grpc.StatusCode.FAILED_PRECONDITION, node_refusal)
+        t0 = time.monotonic()
+        with pytest.raises(WriteError) as exc:
+            await c.write(0, b"x" * 4096)
+        assert exc.value.code == grpc.StatusCode.FAILED_PRECONDITION
+        assert "named no other primary within 0.6 s" in exc.value.message
+        assert time.monotonic() - t0 < 5
