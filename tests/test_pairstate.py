@@ -7,11 +7,13 @@ import itertools
 import pytest
 
 from syncrep.core.pairstate import (
+    PROTO_PAIR_STATE_PRIMARY_LOST,
     TRANSITIONS,
     IllegalTransition,
     PairEvent,
     PairState,
     is_legal,
+    status_proto,
     transition,
 )
 from syncrep.pb import syncrep_pb2 as pb
@@ -27,21 +29,26 @@ LEGAL: dict[tuple[PairState, PairEvent], PairState] = {
     (S.RESYNCING, E.RESYNC_FAILED): S.DEGRADED,
     (S.RESYNCING, E.RESYNC_DONE): S.IN_SYNC,
     (S.DEGRADED, E.RESYNC_DONE): S.IN_SYNC,
+    (S.IN_SYNC, E.PROMOTED): S.DEGRADED,
+    (S.DEGRADED, E.PROMOTED): S.DEGRADED,
+    (S.RESYNCING, E.PROMOTED): S.DEGRADED,
+    (S.DEGRADED, E.SPLIT_BRAIN_DETECTED): S.SPLIT_BRAIN,
+    (S.RESYNCING, E.SPLIT_BRAIN_DETECTED): S.SPLIT_BRAIN,
 }
 ALL_PAIRS = list(itertools.product(PairState, PairEvent))
 ILLEGAL = [p for p in ALL_PAIRS if p not in LEGAL]
 
 
 def test_state_values_are_exactly_the_strings() -> None:
-    assert [s.value for s in PairState] == ["in_sync", "degraded", "resyncing"]
+    assert [s.value for s in PairState] == ["in_sync", "degraded", "resyncing", "split_brain"]
     assert isinstance(PairState.IN_SYNC, str)
     assert PairState("degraded") is PairState.DEGRADED
 
 
 def test_table_is_exactly_the_expected_one() -> None:
     assert TRANSITIONS == LEGAL
-    assert len(ALL_PAIRS) == 12
-    assert len(ILLEGAL) == 5
+    assert len(ALL_PAIRS) == 24
+    assert len(ILLEGAL) == 12
 
 
 @pytest.mark.parametrize(("state", "event"), list(LEGAL), ids=lambda x: str(x))
@@ -77,6 +84,7 @@ def test_every_state_reachable_and_every_event_used() -> None:
         (S.IN_SYNC, pb.PAIR_STATE_IN_SYNC),
         (S.DEGRADED, pb.PAIR_STATE_DEGRADED),
         (S.RESYNCING, pb.PAIR_STATE_RESYNCING),
+        (S.SPLIT_BRAIN, pb.PAIR_STATE_SPLIT_BRAIN),
     ],
 )
 def test_proto_round_trip(state: PairState, proto: int) -> None:
@@ -84,15 +92,27 @@ def test_proto_round_trip(state: PairState, proto: int) -> None:
     assert PairState.from_proto(proto) is state
 
 
-@pytest.mark.parametrize("bad", [pb.PAIR_STATE_UNSPECIFIED, 4, -1])
-def test_from_proto_rejects_unspecified_and_unknown(bad: int) -> None:
+@pytest.mark.parametrize("bad", [pb.PAIR_STATE_UNSPECIFIED, pb.PAIR_STATE_PRIMARY_LOST, 6, -1])
+def test_from_proto_rejects_unspecified_status_only_and_unknown(bad: int) -> None:
     with pytest.raises(ValueError, match=str(bad)):
         PairState.from_proto(bad)
 
 
 def test_every_proto_state_maps() -> None:
-    values = {v for _, v in pb.PairState.items() if v != pb.PAIR_STATE_UNSPECIFIED}
+    status_only = {pb.PAIR_STATE_UNSPECIFIED, pb.PAIR_STATE_PRIMARY_LOST}
+    values = {v for _, v in pb.PairState.items() if v not in status_only}
     assert {PairState.from_proto(v).to_proto() for v in values} == values
+
+
+def test_primary_lost_is_status_only() -> None:
+    assert PROTO_PAIR_STATE_PRIMARY_LOST == pb.PAIR_STATE_PRIMARY_LOST
+    for s in PairState:
+        assert status_proto(s, primary_alive=False) == pb.PAIR_STATE_PRIMARY_LOST
+        assert status_proto(s, primary_alive=True) == s.to_proto()
+
+
+def test_split_brain_has_no_way_out_by_event() -> None:
+    assert [e for (s, e) in LEGAL if s is S.SPLIT_BRAIN] == []
 
 
 def test_pairstate_module_is_dependency_free() -> None:

@@ -14,6 +14,21 @@ primary node imports this same module for its own view of the pair.
     resyncing --RESYNC_FAILED-----> degraded
     resyncing --RESYNC_DONE-------> in_sync
     degraded  --RESYNC_DONE-------> in_sync    (see below)
+    in_sync   --PROMOTED----------> degraded   (the new primary writes alone)
+    degraded  --PROMOTED----------> degraded   (forced: the secondary was not current)
+    resyncing --PROMOTED----------> degraded   (forced: its pre-resync rollback point)
+    degraded  --SPLIT_BRAIN_DETECTED--> split_brain
+    resyncing --SPLIT_BRAIN_DETECTED--> split_brain
+    split_brain: no way out by an event of this table (``syncrep resolve``)
+
+A promotion swaps the roles: "degraded" then describes the new primary,
+which writes without its peer (the old primary, down or rebuilt).
+``split_brain``: both replicas wrote without each other since a common
+generation (only after a forced promotion); nothing is resynced automatically.
+
+The status-only state ``PAIR_STATE_PRIMARY_LOST`` (proto value 4: the primary
+is silent, nobody serves the volume) is never persisted and never a
+``PairState``; ``status_proto`` gives the value to show.
 
 ``degraded --RESYNC_DONE--> in_sync`` exists because "degraded" can be an
 inference of the coordinator alone (the secondary stopped heartbeating to the
@@ -33,11 +48,13 @@ from enum import StrEnum
 from typing import Final
 
 __all__ = [
+    "PROTO_PAIR_STATE_PRIMARY_LOST",
     "TRANSITIONS",
     "IllegalTransition",
     "PairEvent",
     "PairState",
     "is_legal",
+    "status_proto",
     "transition",
 ]
 
@@ -48,6 +65,7 @@ class PairState(StrEnum):
     IN_SYNC = "in_sync"
     DEGRADED = "degraded"
     RESYNCING = "resyncing"
+    SPLIT_BRAIN = "split_brain"
 
     def to_proto(self) -> int:
         """The ``syncrep.v1.PairState`` enum value of this state."""
@@ -64,7 +82,8 @@ class PairState(StrEnum):
         except KeyError:
             raise ValueError(
                 f"pair state {value} is not one of PAIR_STATE_IN_SYNC (1), "
-                "PAIR_STATE_DEGRADED (2), PAIR_STATE_RESYNCING (3)"
+                "PAIR_STATE_DEGRADED (2), PAIR_STATE_RESYNCING (3), PAIR_STATE_SPLIT_BRAIN (5) "
+                "(PAIR_STATE_PRIMARY_LOST (4) is shown by status only, never a pair's state)"
             ) from None
 
 
@@ -80,6 +99,11 @@ class PairEvent(StrEnum):
     RESYNC_FAILED = "resync_failed"
     # The primary reports the pair back in sync.
     RESYNC_DONE = "resync_done"
+    # The secondary was promoted (roles swapped, new epoch): the new primary
+    # writes alone until its peer is resynced.
+    PROMOTED = "promoted"
+    # Both replicas moved on from a common generation: no automatic resync.
+    SPLIT_BRAIN_DETECTED = "split_brain_detected"
 
 
 # syncrep.v1.PairState values (protos/syncrep.proto).
@@ -88,7 +112,10 @@ _TO_PROTO: Final[dict[PairState, int]] = {
     PairState.IN_SYNC: 1,
     PairState.DEGRADED: 2,
     PairState.RESYNCING: 3,
+    PairState.SPLIT_BRAIN: 5,
 }
+#: Status only: the primary is silent (never persisted, never a PairState).
+PROTO_PAIR_STATE_PRIMARY_LOST: Final = 4
 _FROM_PROTO: Final[dict[int, PairState]] = {v: k for k, v in _TO_PROTO.items()}
 
 
@@ -101,6 +128,11 @@ TRANSITIONS: Final[dict[tuple[PairState, PairEvent], PairState]] = {
     (PairState.RESYNCING, PairEvent.RESYNC_FAILED): PairState.DEGRADED,
     (PairState.RESYNCING, PairEvent.RESYNC_DONE): PairState.IN_SYNC,
     (PairState.DEGRADED, PairEvent.RESYNC_DONE): PairState.IN_SYNC,
+    (PairState.IN_SYNC, PairEvent.PROMOTED): PairState.DEGRADED,
+    (PairState.DEGRADED, PairEvent.PROMOTED): PairState.DEGRADED,
+    (PairState.RESYNCING, PairEvent.PROMOTED): PairState.DEGRADED,
+    (PairState.DEGRADED, PairEvent.SPLIT_BRAIN_DETECTED): PairState.SPLIT_BRAIN,
+    (PairState.RESYNCING, PairEvent.SPLIT_BRAIN_DETECTED): PairState.SPLIT_BRAIN,
 }
 
 
@@ -119,6 +151,12 @@ class IllegalTransition(Exception):
 
 def is_legal(state: PairState, event: PairEvent) -> bool:
     return (PairState(state), PairEvent(event)) in TRANSITIONS
+
+
+def status_proto(state: PairState, *, primary_alive: bool) -> int:
+    """The ``syncrep.v1.PairState`` value a status shows: PAIR_STATE_PRIMARY_LOST
+    while the primary is silent (nobody serves the volume), else ``state``'s."""
+    return PairState(state).to_proto() if primary_alive else PROTO_PAIR_STATE_PRIMARY_LOST
 
 
 def transition(state: PairState, event: PairEvent) -> PairState:
