@@ -27,6 +27,7 @@ import grpc
 
 from syncrep import rpc
 from syncrep.config import NodeOptions
+from syncrep.core.identity import Identity
 from syncrep.core.window import InFlight, NackInfo, ReplicationWindow
 from syncrep.pb import syncrep_pb2 as pb
 from syncrep.pb import syncrep_pb2_grpc as pbg
@@ -36,6 +37,14 @@ log = logging.getLogger(__name__)
 
 class LinkError(Exception):
     pass
+
+
+def identity_msg(identity: Identity) -> pb.Identity:
+    """The wire form of a data identity (StreamOpen, ResyncHeader, reports).
+    Field by field rather than ``pb.Identity(**identity.proto_fields())``:
+    that helper is typed ``dict[str, object]``, which mypy cannot check."""
+    return pb.Identity(volume_uuid=identity.volume_uuid, current=identity.current,
+                       history=list(identity.history))
 
 
 class ReplicationLink:
@@ -49,8 +58,13 @@ class ReplicationLink:
         options: NodeOptions,
         on_failure: Callable[[str], None],
         on_marker_done: Callable[[pb.MarkerDone], None] | None = None,
+        *,
+        identity: Identity,
     ) -> None:
         self.spec = spec
+        # The primary's data identity, sent in StreamOpen: the secondary
+        # accepts the stream only at the same current generation.
+        self.identity = identity
         self.epoch = epoch
         self.first_seq = first_seq
         self.secondary = secondary
@@ -87,6 +101,7 @@ class ReplicationLink:
                             epoch=self.epoch,
                             first_seq=self.first_seq,
                             primary_address=self.primary_address,
+                            identity=identity_msg(self.identity),
                         )
                     )
                 ),

@@ -36,8 +36,10 @@ from typing import Any
 import google_crc32c
 import grpc
 
+from primary.link import identity_msg
 from syncrep import rpc
 from syncrep.blockstore import BlockStore, Extent
+from syncrep.core.identity import Identity
 from syncrep.core.resync_plan import ResyncPlan, RoundSpec, plan_pieces
 from syncrep.core.resync_window import ResyncSendWindow, ResyncWindowError, SendLimits
 from syncrep.core.vocab import RoundKind
@@ -113,8 +115,17 @@ class RoundSender:
         limiter: RateLimiter,
         counters: Counters,
         on_progress: Callable[[int], None],
+        *,
+        identity: Identity,
+        full_copy: bool = False,
     ) -> None:
         self.store = store
+        # In every round's header: the secondary checks the primary is a
+        # source for it (syncrep/core/identity.py, resync_refusal) and adopts
+        # this identity when the final round completes. ``full_copy``: the
+        # resync sends the whole volume, so an empty secondary may take it.
+        self.identity = identity
+        self.full_copy = full_copy
         self.secondary = secondary
         self.spec_pb = spec_pb
         self.epoch = epoch
@@ -155,6 +166,8 @@ class RoundSender:
                 kind=self.spec.kind,
                 final=self.final,
                 rollback_to_snapshot=self.plan.rollback_to,
+                identity=identity_msg(self.identity),
+                full_copy=self.full_copy,
             )
             try:
                 await asyncio.wait_for(call.write(pb.ResyncRequest(header=header)), REPLY_TIMEOUT_S)

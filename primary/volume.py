@@ -22,25 +22,32 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
 
-from primary.link import LinkError, ReplicationLink
+from primary.link import LinkError, ReplicationLink, identity_msg
 from primary.resync import Counters, RateLimiter, ResyncError, RoundSender, round_pieces
+from syncrep import volumes
 from syncrep.blockstore import Extent
+from syncrep.blockstore.extents import merge_extents
 from syncrep.config import NodeOptions
 from syncrep.core.activity import ActivityLog
 from syncrep.core.classify import nack_code
+from syncrep.core.identity import Identity
+from syncrep.core.lease import LeaseState
 from syncrep.core.pair import (
     PairRecord,
     decide_crash_recovery,
     decide_degrade,
+    decide_promotion,
     decide_start_resync,
     decide_startup,
+    is_full_copy,
     must_degrade_before_writing,
     repair_refusal,
     reply_refusal,
@@ -63,6 +70,7 @@ from syncrep.core.resync_plan import (
 from syncrep.core.vocab import (
     COMMON_PREFIX,
     MAX_WRITE_BYTES,
+    META_NODE_PROMOTE_PENDING,
     META_RESYNC_PLAN,
     ResyncMode,
     RoundKind,
@@ -86,8 +94,14 @@ log = logging.getLogger(__name__)
 
 # Graceful stop: how long queued writes get to finish.
 STOP_DRAIN_S = 5.0
+# report() runs every heartbeat; the out-of-sync byte count (a bitmap diff
+# since the fault snapshot) is recomputed in a thread at most this often.
+OUT_OF_SYNC_REFRESH_S = 1.0
 
-Reporter = Callable[[pb.ReplicationReport], Awaitable[None]]
+#: Delivers a ReplicationReport to the coordinator; returns its reply (None
+#: when it could not be delivered). The node applies ``reply.lease`` through
+#: ``PrimaryVolume.on_lease``.
+Reporter = Callable[[pb.ReplicationReport], Awaitable["pb.ReportReplicationReply | None"]]
 
 
 @dataclass
@@ -147,6 +161,19 @@ class PrimaryVolume:
         self._resync_sent0 = 0
         self._resync_refused0 = 0
         self._snapshot_lock = asyncio.Lock()
+        # A new generation minted but not yet durable: every _persist carries
+        # it until one succeeds, and only then does ``lv.identity`` claim it.
+        self._identity_pending: Identity | None = None
+        # The coordinator's lease (docs/FAILOVER.md section 2): writes that
+        # are on the primary only are acknowledged only under it.
+        self.lease = LeaseState()
+        # Set (and replaced) on every lease taken in, and on stop: wakes the
+        # writes waiting for a lease.
+        self._lease_changed = asyncio.Event()
+        self._lease_waiters = 0
+        self._out_of_sync = self.rec.failed_bytes
+        self._out_of_sync_at = -math.inf
+        self._out_of_sync_task: asyncio.Task[None] | None = None
 
     # ------------------------------------------------------------ the pair record
     @property
@@ -178,9 +205,11 @@ class PrimaryVolume:
         rec = self._submitted.evolve(**changes)
         self._submitted = rec
         store = self.lv.store
+        identity = self._identity_pending
 
         def write() -> None:
-            store.meta_set({**(extra or {}), **rec.to_meta()})
+            ident = identity.to_meta() if identity is not None else {}
+            store.meta_set({**(extra or {}), **ident, **rec.to_meta()})
 
         # The I/O thread is FIFO, so writes complete in submission order: the
         # record just written is the newest durable one. A failed write (disk
@@ -188,6 +217,24 @@ class PrimaryVolume:
         # and reach the disk with the next record written.
         await self.lv.run_io(write)
         self.rec = rec
+        if identity is not None and self._identity_pending is identity:
+            old, self.lv.identity, self._identity_pending = self.lv.identity, identity, None
+            log.info("volume %s: new generation %s (was %s): this primary writes without its peer",
+                     self.lv.name, identity.short(), old.short())
+
+    def _start_generation(self) -> None:
+        """The primary begins writing without its peer (degrade, crash recovery,
+        promotion): mint a new generation, to be persisted by the next _persist
+        (docs/FAILOVER.md section 1). One already waiting to be durable is kept:
+        the writes since it are the same episode."""
+        if self._identity_pending is not None:
+            return
+        if not self.lv.identity.has_data:
+            log.warning("volume %s: the store carries no data identity (created before identities existed); "
+                        "no new generation is started", self.lv.name)
+            return
+        # Via the module attribute: the simulator patches it to stay reproducible.
+        self._identity_pending = self.lv.identity.next_generation(volumes.new_generation)
 
     def _report_msg(
         self,
@@ -206,6 +253,7 @@ class PrimaryVolume:
             epoch=self.lv.epoch if epoch is None else epoch,
             state=cast("pb.PairState.ValueType", state.to_proto()),
             reason=reason,
+            identity=identity_msg(self.lv.identity),
         )
         if state is not PairState.IN_SYNC:
             r.fault_snapshot_id = self.fault_snapshot_id
@@ -224,6 +272,8 @@ class PrimaryVolume:
         # write may go to the local volume alone without being tracked.
         self._hold_gate()
         try:
+            if self.lv.store.meta_get(META_NODE_PROMOTE_PENDING) is not None:
+                await self._promote()
             self._spawn(self._sequencer(), "sequencer")
             startup = decide_startup(self.rec)
             if startup.crash_recovery:
@@ -250,6 +300,9 @@ class PrimaryVolume:
     async def stop(self) -> None:
         """Graceful: stop taking writes, let queued ones finish, close the stream."""
         self._closed = True
+        # Writes waiting for a lease fail now (they are local and tracked), and
+        # so does every write sequenced from here on that has no lease.
+        self._wake_lease_waiters()
         try:
             # Every queued write gets sequenced (task_done per write) ...
             await asyncio.wait_for(self._queue.join(), STOP_DRAIN_S)
@@ -303,6 +356,7 @@ class PrimaryVolume:
                                             fault_snapshot_name(d.snapshot_cause, self._now_ms()))).id
         extents, rollback_to, reason = d.extents, d.rollback_to, d.reason
         log.error("volume %s: %s", self.lv.name, reason)
+        self._start_generation()
         await self._persist(
             state=transition(self._submitted.state, PairEvent.SECONDARY_FAILED), failed_extents=extents,
             fault_snapshot_id=snap_id, last_error=reason, rollback_to=rollback_to,
@@ -310,6 +364,49 @@ class PrimaryVolume:
         # Tell the coordinator now: until it knows, it shows the pair in_sync
         # although the replicas may differ.
         self._spawn(self.reporter(self._report_msg(PairState.DEGRADED, reason)), "report")
+
+    async def _promote(self) -> None:
+        """This replica was promoted (docs/FAILOVER.md section 3; the node
+        persisted META_NODE_PROMOTE_PENDING with the role change, after rolling
+        an incomplete resync back). Snapshot the promotion point, start a new
+        generation and persist the degraded record, the identity and the
+        cleared flag in one transaction. A crash before that transaction
+        redoes all of it; its leftover snapshot is dropped (nothing was
+        written since: the gate is held and nothing else writes this store)."""
+        store = self.lv.store
+        epoch = self.lv.epoch
+        if not self.lv.identity.has_data:
+            raise FailedPrecondition(
+                f"volume {self.lv.name!r} was promoted to primary at epoch {epoch}, but this replica holds no "
+                f"data of the pair (identity {self.lv.identity.short()}); it will not serve. Promote a replica "
+                "that has the data, or restore this one")
+        cause = f"promote-e{epoch}"
+        prefix = fault_snapshot_name(cause, 0).removesuffix("0")
+        keep = self.rec.fault_snapshot_id
+
+        def snapshot() -> int:
+            for s in store.list_snapshots():
+                if s.name.startswith(prefix) and s.id != keep:
+                    log.warning("volume %s: dropping snapshot %r (id %d) left by an interrupted promotion",
+                                self.lv.name, s.name, s.id)
+                    store.delete_snapshot(s.id)
+            return int(store.create_snapshot(fault_snapshot_name(cause, self._now_ms())).id)
+
+        snap_id = await self.lv.run_io(snapshot)
+        p = decide_promotion(epoch, snap_id)
+        self._start_generation()
+        r = p.record
+        await self._persist(
+            {META_NODE_PROMOTE_PENDING: None, META_RESYNC_PLAN: None},
+            state=r.state, failed_extents=r.failed_extents, fault_snapshot_id=r.fault_snapshot_id,
+            last_error=r.last_error, clean=r.clean, rollback_to=r.rollback_to, al_regions=r.al_regions,
+        )
+        # The activity log of an earlier life as primary is history now.
+        self.al = ActivityLog(regions=[])
+        self._al_at_start = []
+        self._out_of_sync = 0
+        log.warning("volume %s: %s; generation %s", self.lv.name, p.reason, self.lv.identity.short())
+        self._spawn(self.reporter(self._report_msg(PairState.DEGRADED, "promoted")), "report")
 
     @staticmethod
     def _now_ms() -> int:
@@ -344,6 +441,7 @@ class PrimaryVolume:
                     self.address,
                     self.options,
                     on_failure=self._begin_degrade,
+                    identity=self.lv.identity,
                 )
                 await link.open()
                 await self._persist(clean="0", al_regions=self.al.regions())
@@ -456,11 +554,15 @@ class PrimaryVolume:
         remote: list[asyncio.Future[bool]] | None,
         held: set[int],
     ) -> None:
+        alone = False
         try:
-            await self._settle(batch, writes, local, remote)
+            alone = await self._settle(batch, writes, local, remote)
         finally:
             # Both sides have settled: the region may leave the activity log.
             self.al.release(held)
+        if alone:
+            # After the release: a write waiting for a lease holds no region.
+            await self._acknowledge_alone(batch)
 
     async def _settle(
         self,
@@ -468,7 +570,10 @@ class PrimaryVolume:
         writes: list[tuple[int, int, bytes]],
         local: asyncio.Future[None],
         remote: list[asyncio.Future[bool]] | None,
-    ) -> None:
+    ) -> bool:
+        """Reply to the batch's writes, except those on the primary only
+        (tracked for resync): for those it returns True and the caller
+        acknowledges them under a lease (``_acknowledge_alone``)."""
         try:
             await local
         except Exception as e:
@@ -481,7 +586,7 @@ class PrimaryVolume:
                     w.fut.set_exception(err)
             if remote is not None:
                 await asyncio.gather(*remote)
-            return
+            return False
         lost = False
         if remote is not None:
             results = await asyncio.gather(*remote)
@@ -500,9 +605,12 @@ class PrimaryVolume:
                     for w in batch:
                         if not w.fut.done():
                             w.fut.set_exception(err)
-                    return
-        refusal = reply_refusal(self.options.on_secondary_failure == "block", lost or remote is None,
-                                self.lv.name, self.last_error)
+                    return False
+        alone = lost or remote is None
+        refusal = reply_refusal(self.options.on_secondary_failure == "block", alone, self.lv.name,
+                                self.last_error)
+        if alone and not refusal:
+            return True
         for w in batch:
             if w.fut.done():
                 continue
@@ -510,6 +618,93 @@ class PrimaryVolume:
                 w.fut.set_exception(Unavailable(refusal))
             else:
                 w.fut.set_result(None)
+        return False
+
+    # ------------------------------------------------------------ the lease (docs/FAILOVER.md section 2)
+    def on_lease(self, lease: pb.Lease, sent_at: float) -> None:
+        """A Lease from a HeartbeatReply or ReportReplicationReply; ``sent_at``:
+        time.monotonic() when the request it answers was sent. The newest
+        grant (by ``sent_at``) is kept; writes waiting for a lease look again."""
+        if lease.volume and lease.volume != self.lv.name:
+            log.warning("volume %s: ignoring a lease for volume %r", self.lv.name, lease.volume)
+            return
+        try:
+            state: PairState | None = PairState.from_proto(lease.state)
+        except ValueError:
+            state = None
+        if self.lease.grant(lease.epoch, lease.lease_s, state, lease.generation, sent_at):
+            self._wake_lease_waiters()
+
+    def _wake_lease_waiters(self) -> None:
+        changed, self._lease_changed = self._lease_changed, asyncio.Event()
+        changed.set()
+
+    def may_write_alone(self) -> bool:
+        return self.lease.may_write_alone(time.monotonic(), self.lv.identity.current)
+
+    async def _acknowledge_alone(self, batch: list[_Write]) -> None:
+        """The batch is on the primary only and tracked for resync: acknowledge
+        it under a lease, or fail it (safe: failing a tracked write leaves its
+        outcome unknown to the client, as for any UNAVAILABLE)."""
+        if all(w.fut.done() for w in batch):
+            return
+        refusal = await self._wait_for_lease()
+        for w in batch:
+            if w.fut.done():
+                continue
+            if refusal:
+                w.fut.set_exception(Unavailable(refusal))
+            else:
+                w.fut.set_result(None)
+
+    async def _wait_for_lease(self) -> str:
+        """"" once the primary may write alone; else why not (the message of
+        the UNAVAILABLE the writes get). --on-quorum-loss io-error: no wait;
+        suspend: up to quorum_loss_timeout_s, woken by on_lease and stop()."""
+        now = time.monotonic()
+        if self.lease.may_write_alone(now, self.lv.identity.current):
+            return ""
+        if self._closed:
+            return self._quorum_loss_message(now, "the write path is shutting down")
+        if self.options.on_quorum_loss == "io-error":
+            return self._quorum_loss_message(now, "--on-quorum-loss io-error: not waiting for one")
+        timeout_s = self.options.quorum_loss_timeout_s
+        deadline = now + timeout_s
+        t0 = now
+        if self._lease_waiters == 0:
+            log.warning("volume %s: writes suspended: the secondary is not reachable and the primary may not "
+                        "write alone (%s); waiting up to %.1f s for a lease from the coordinator",
+                        self.lv.name, self.lease.refusal(now, self.lv.identity.current), timeout_s)
+        self._lease_waiters += 1
+        try:
+            while True:
+                changed = self._lease_changed
+                now = time.monotonic()
+                if self.lease.may_write_alone(now, self.lv.identity.current):
+                    if self._lease_waiters == 1:
+                        log.warning("volume %s: writes resumed under a lease after %.2f s", self.lv.name, now - t0)
+                    return ""
+                if self._closed:
+                    return self._quorum_loss_message(
+                        now, f"waited {now - t0:.1f} s, then the write path shut down")
+                left = deadline - now
+                if left <= 0:
+                    return self._quorum_loss_message(now, f"waited {timeout_s:.1f} s (--quorum-loss-timeout-s)")
+                try:
+                    await asyncio.wait_for(changed.wait(), left)
+                except TimeoutError:
+                    pass
+        finally:
+            self._lease_waiters -= 1
+
+    def _quorum_loss_message(self, now: float, what: str) -> str:
+        why = self.lease.refusal(now, self.lv.identity.current)
+        return (
+            f"volume {self.lv.name!r}: the secondary is not reachable and the primary holds no lease from the "
+            f"coordinator (it may not write alone; docs/FAILOVER.md): {why}; {what}. The write is on the "
+            "primary and tracked for resync, its outcome is unknown: retry it once the coordinator is "
+            "reachable or the secondary is back"
+        )
 
     # ------------------------------------------------------------ degrade (method steps 1-2)
     def _begin_degrade(self, reason: str) -> None:
@@ -536,6 +731,10 @@ class PrimaryVolume:
             # after every write already submitted and before any new one (the
             # gate is closed).
             rec = decision.record
+            if decision.new_generation:
+                # Persisted with the degraded record below (and, should that
+                # fail, with the next record that is written).
+                self._start_generation()
             if decision.needs_snapshot:
                 info = await self.lv.run_io(
                     self.lv.store.create_snapshot, fault_snapshot_name(f"e{self.lv.epoch}", self._now_ms())
@@ -570,12 +769,20 @@ class PrimaryVolume:
         self._spawn(self.reporter(report), "report")
 
     # ------------------------------------------------------------ resync (method step 3)
-    async def start_resync(self, epoch: int) -> str:
-        """Called by the coordinator with a new epoch once the secondary is back."""
+    async def start_resync(
+        self, epoch: int, *, extra_extents: Sequence[Extent] = (), full_copy: bool = False,
+    ) -> str:
+        """Called by the coordinator with a new epoch once the secondary is back.
+        ``extra_extents``: extents to re-send besides the primary's failed ones
+        (a demoted primary's divergent writes); ``full_copy``: the secondary is
+        empty, send the whole volume. Both join the failed extents, persisted
+        with the state change, before the resync plan is made."""
         if self._closed:
             raise Unavailable(f"volume {self.lv.name!r} is shutting down")
         running = self._resync_task is not None and not self._resync_task.done()
-        d = decide_start_resync(self._submitted, self.lv.name, self.lv.epoch, epoch, running, self._degrading)
+        store = self.lv.store
+        d = decide_start_resync(self._submitted, self.lv.name, self.lv.epoch, epoch, running, self._degrading,
+                                extra_extents=extra_extents, full_copy=full_copy, size_bytes=store.size_bytes)
         if d.already:
             return d.already
         if d.cancel_running and self._resync_task is not None:
@@ -585,7 +792,24 @@ class PrimaryVolume:
             raise FailedPrecondition(d.refuse)
         self.lv.epoch = epoch
         state = d.state
-        await self._persist(self.lv.role_meta(), state=state)
+        meta = self.lv.role_meta()
+        stale_plan: ResyncPlan | None = None
+        if d.added_bytes:
+            # The persisted plan was made from the old failed extents: start over.
+            stale_plan = ResyncPlan.load(store.meta_get(META_RESYNC_PLAN))
+            meta[META_RESYNC_PLAN] = None
+            log.warning("volume %s: resync at epoch %d adds %s%s", self.lv.name, epoch, d.added,
+                        f"; the interrupted resync {stale_plan.resync_id} starts over" if stale_plan else "")
+        # Unioned with the extents submitted now: a change persisted while we
+        # waited for a cancelled resync keeps its extents.
+        failed = merge_extents([*self._submitted.failed_extents, *d.failed_extents])
+        await self._persist(meta, state=state, failed_extents=failed)
+        if stale_plan is not None:
+            for sid in stale_plan.snapshots:
+                try:
+                    await self.lv.run_io(store.delete_snapshot, sid)
+                except Exception as e:
+                    log.info("volume %s: snapshot %d of the dropped plan: %s", self.lv.name, sid, e)
         self._resync_t0 = time.monotonic()
         self._resync_sent0 = self.counters.bytes_sent
         self._resync_refused0 = self.counters.chunks_refused
@@ -612,6 +836,7 @@ class PrimaryVolume:
         sender = RoundSender(
             store, self.lv.peer, self.lv.spec, self.lv.epoch, plan, spec, pieces, final, limiter,
             self.counters, lambda done: self._on_progress(done, total, spec.round),
+            identity=self.lv.identity, full_copy=is_full_copy(self.failed_extents, store.size_bytes),
         )
         await sender.run()
         return total
@@ -734,7 +959,7 @@ class PrimaryVolume:
             # --resync-max-rate would only lengthen the stall.
             await self._send_round(plan, spec, True, RateLimiter(0))
             link = ReplicationLink(self.lv.spec, epoch, self.next_seq, self.lv.peer, self.address,
-                                   self.options, on_failure=self._begin_degrade)
+                                   self.options, on_failure=self._begin_degrade, identity=self.lv.identity)
             await link.open()
             old_snaps = [*plan.snapshots, self.fault_snapshot_id]
             done = resync_done(self._submitted, self.al.regions())
@@ -844,7 +1069,40 @@ class PrimaryVolume:
         r.resync_bytes_sent = self.counters.bytes_sent
         r.resync_chunks_refused = self.counters.chunks_refused
         r.last_stall_ms = self.last_stall_s * 1000
+        r.identity.CopyFrom(identity_msg(self.lv.identity))
+        r.out_of_sync_bytes = self._out_of_sync_bytes()
+        r.lease_remaining_s = self.lease.remaining_s(time.monotonic())
+        r.suspended = self._lease_waiters > 0
         return r
+
+    def _out_of_sync_bytes(self) -> int:
+        """0 in sync; else the failed extents plus what was written since the
+        fault snapshot (overlaps count twice: an upper bound). From a cache
+        refreshed in a thread at most every OUT_OF_SYNC_REFRESH_S: report()
+        runs every heartbeat and the diff walks a bitmap."""
+        if self.state is PairState.IN_SYNC:
+            return 0
+        now = time.monotonic()
+        refreshing = self._out_of_sync_task is not None and not self._out_of_sync_task.done()
+        if now - self._out_of_sync_at >= OUT_OF_SYNC_REFRESH_S and not refreshing and not self._closed:
+            try:
+                asyncio.get_running_loop()
+            except RuntimeError:
+                return self._out_of_sync
+            self._out_of_sync_at = now
+            self._out_of_sync_task = self._spawn(self._refresh_out_of_sync(), "out-of-sync")
+        return self._out_of_sync
+
+    async def _refresh_out_of_sync(self) -> None:
+        failed, snap = self.rec.failed_bytes, self.fault_snapshot_id
+        since = 0
+        if snap:
+            try:
+                since = await asyncio.to_thread(self.lv.store.bytes_written_since, snap)
+            except Exception as e:  # the snapshot went away (resync done): the next refresh sees in sync
+                log.debug("volume %s: out-of-sync bytes not measured: %s", self.lv.name, e)
+                return
+        self._out_of_sync = failed + since
 
 
 __all__ = ["PrimaryVolume", "SyncrepError"]
