@@ -1,5 +1,6 @@
 """Coordinator persistence: SQLite (stdlib), WAL, synchronous=FULL.
 
+Schema version 2 (version 1 files are migrated on open: ``_migrate_v1_to_v2``).
 Tables: ``nodes``, ``pairs``, ``failed_extents`` (one row per extent) and
 ``events`` (every pair state change, with its reason). A pair update and the
 event recording its state change commit in ONE transaction, so after a crash
@@ -38,7 +39,42 @@ __all__ = [
 ]
 
 DB_FILENAME = "coordinator.db"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+
+#: The pairs table of the current schema (version 2: the data identity, the
+#: failover settings, and 'split_brain' accepted by the state CHECK).
+_PAIRS_TABLE = """
+CREATE TABLE IF NOT EXISTS {name} (
+    name                   TEXT PRIMARY KEY,
+    size_bytes             INTEGER NOT NULL,
+    block_size             INTEGER NOT NULL,
+    primary_address        TEXT NOT NULL,
+    secondary_address      TEXT NOT NULL,
+    epoch                  INTEGER NOT NULL,
+    state                  TEXT NOT NULL CHECK (state IN ('in_sync', 'degraded', 'resyncing', 'split_brain')),
+    fault_snapshot_id      INTEGER NOT NULL,
+    resync_mode            INTEGER NOT NULL,
+    resync_bytes_done      INTEGER NOT NULL,
+    resync_bytes_total     INTEGER NOT NULL,
+    resync_rate_bytes_per_s REAL NOT NULL,
+    resync_eta_s           REAL NOT NULL,
+    resync_round           INTEGER NOT NULL,
+    last_error             TEXT NOT NULL,
+    state_changed_at       REAL NOT NULL,
+    created_at             REAL NOT NULL,
+    volume_uuid            TEXT NOT NULL DEFAULT '',
+    generation             INTEGER NOT NULL DEFAULT 0,  -- the primary's current, as last reported (uint64)
+    secondary_generation   INTEGER NOT NULL DEFAULT 0,  -- the secondary's current, as last reported (uint64)
+    auto_failover          INTEGER NOT NULL DEFAULT 0,
+    full_copy_pending      INTEGER NOT NULL DEFAULT 0
+)"""
+
+#: Version 1's columns of the pairs table, copied as they are by the migration.
+_V1_PAIR_COLUMNS = (
+    "name, size_bytes, block_size, primary_address, secondary_address, epoch, state, "
+    "fault_snapshot_id, resync_mode, resync_bytes_done, resync_bytes_total, "
+    "resync_rate_bytes_per_s, resync_eta_s, resync_round, last_error, state_changed_at, created_at"
+)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (
@@ -49,25 +85,6 @@ CREATE TABLE IF NOT EXISTS nodes (
     address       TEXT PRIMARY KEY,
     role_hint     TEXT NOT NULL,
     registered_at REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS pairs (
-    name                   TEXT PRIMARY KEY,
-    size_bytes             INTEGER NOT NULL,
-    block_size             INTEGER NOT NULL,
-    primary_address        TEXT NOT NULL,
-    secondary_address      TEXT NOT NULL,
-    epoch                  INTEGER NOT NULL,
-    state                  TEXT NOT NULL CHECK (state IN ('in_sync', 'degraded', 'resyncing')),
-    fault_snapshot_id      INTEGER NOT NULL,
-    resync_mode            INTEGER NOT NULL,
-    resync_bytes_done      INTEGER NOT NULL,
-    resync_bytes_total     INTEGER NOT NULL,
-    resync_rate_bytes_per_s REAL NOT NULL,
-    resync_eta_s           REAL NOT NULL,
-    resync_round           INTEGER NOT NULL,
-    last_error             TEXT NOT NULL,
-    state_changed_at       REAL NOT NULL,
-    created_at             REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS failed_extents (
     volume TEXT NOT NULL REFERENCES pairs(name) ON DELETE CASCADE,
@@ -85,7 +102,7 @@ CREATE TABLE IF NOT EXISTS events (
     reason     TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS events_by_volume ON events (volume, id);
-"""
+""" + _PAIRS_TABLE.format(name="pairs")
 
 _I64_MAX = 2**63 - 1
 
@@ -140,6 +157,16 @@ class PairRecord:
     last_error: str = ""
     state_changed_at: float = 0.0
     created_at: float = 0.0
+    #: The pair's UUID (issued at CreateVolume; "" for a pair created before version 2).
+    volume_uuid: str = ""
+    #: The primary's current generation as last reported (at creation: the initial one).
+    generation: int = 0
+    #: The secondary's current generation as last reported (0: no data / unknown).
+    secondary_generation: int = 0
+    #: Promote the secondary automatically when the primary is lost (in sync only).
+    auto_failover: bool = False
+    #: The secondary is being rebuilt: its next resync is a full copy.
+    full_copy_pending: bool = False
 
     @property
     def failed_bytes(self) -> int:
@@ -189,7 +216,6 @@ class CoordinatorDB:
             if str(mode).lower() != "wal":
                 raise DBError(f"coordinator database {self.path}: cannot enable WAL (journal_mode is {mode})")
             self._conn.execute("PRAGMA synchronous=FULL")
-            self._conn.execute("PRAGMA foreign_keys=ON")
             self._init_schema()
         except sqlite3.Error as e:
             self._conn.close()
@@ -201,20 +227,46 @@ class CoordinatorDB:
     # ------------------------------------------------------------ plumbing
 
     def _init_schema(self) -> None:
+        # Foreign keys off while the schema is created or migrated: rebuilding
+        # the pairs table drops it, and with them on that would cascade into
+        # failed_extents. (The pragma is a no-op inside a transaction.)
+        self._conn.execute("PRAGMA foreign_keys=OFF")
         with self._tx() as c:
+            c.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+            row = c.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+            version = None if row is None else int(row["value"])
+            if version is not None and version > SCHEMA_VERSION:
+                raise DBError(
+                    f"coordinator database {self.path} has schema version {version}, this coordinator "
+                    f"understands versions up to {SCHEMA_VERSION}; run a newer coordinator on it"
+                )
+            if version == 1:
+                self._migrate_v1_to_v2(c)
             for stmt in _SCHEMA.split(";"):
                 if stmt.strip():
                     c.execute(stmt)
-            row = c.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-            if row is None:
-                c.execute(
-                    "INSERT INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
-                )
-            elif int(row["value"]) != SCHEMA_VERSION:
+            c.execute(
+                "INSERT INTO meta (key, value) VALUES ('schema_version', ?) "
+                "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                (str(SCHEMA_VERSION),),
+            )
+            problems = c.execute("PRAGMA foreign_key_check").fetchall()
+            if problems:
                 raise DBError(
-                    f"coordinator database {self.path} has schema version {row['value']}, "
-                    f"this coordinator understands version {SCHEMA_VERSION}"
+                    f"coordinator database {self.path}: {len(problems)} rows violate foreign keys "
+                    f"after the schema migration (first: {tuple(problems[0])}); restore a backup"
                 )
+        self._conn.execute("PRAGMA foreign_keys=ON")
+
+    @staticmethod
+    def _migrate_v1_to_v2(c: sqlite3.Connection) -> None:
+        """Version 1 -> 2: the pairs table rebuilt (its state CHECK must accept
+        'split_brain', which ALTER TABLE cannot change), with the new columns at
+        their defaults: no volume UUID, generations unknown (0), no auto-failover."""
+        c.execute(_PAIRS_TABLE.format(name="pairs_v2"))
+        c.execute(f"INSERT INTO pairs_v2 ({_V1_PAIR_COLUMNS}) SELECT {_V1_PAIR_COLUMNS} FROM pairs")
+        c.execute("DROP TABLE pairs")
+        c.execute("ALTER TABLE pairs_v2 RENAME TO pairs")
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
@@ -278,7 +330,8 @@ class CoordinatorDB:
                     "INSERT INTO pairs (name, size_bytes, block_size, primary_address, secondary_address, "
                     "epoch, state, fault_snapshot_id, resync_mode, resync_bytes_done, resync_bytes_total, "
                     "resync_rate_bytes_per_s, resync_eta_s, resync_round, last_error, state_changed_at, "
-                    "created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "volume_uuid, generation, secondary_generation, auto_failover, full_copy_pending, "
+                    "created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (
                         pair.name,
                         pair.size_bytes,
@@ -309,8 +362,10 @@ class CoordinatorDB:
             cur = c.execute(
                 "UPDATE pairs SET epoch = ?, state = ?, fault_snapshot_id = ?, resync_mode = ?, "
                 "resync_bytes_done = ?, resync_bytes_total = ?, resync_rate_bytes_per_s = ?, "
-                "resync_eta_s = ?, resync_round = ?, last_error = ?, state_changed_at = ? WHERE name = ?",
-                (*self._mutable_values(pair), pair.name),
+                "resync_eta_s = ?, resync_round = ?, last_error = ?, state_changed_at = ?, "
+                "volume_uuid = ?, generation = ?, secondary_generation = ?, auto_failover = ?, "
+                "full_copy_pending = ?, primary_address = ?, secondary_address = ? WHERE name = ?",
+                (*self._mutable_values(pair), pair.primary, pair.secondary, pair.name),
             )
             if cur.rowcount != 1:
                 raise KeyError(f"volume {pair.name!r} does not exist")
@@ -416,6 +471,11 @@ class CoordinatorDB:
             *self._progress_values(pair.progress),
             pair.last_error,
             pair.state_changed_at,
+            pair.volume_uuid,
+            _u64_to_db(pair.generation),
+            _u64_to_db(pair.secondary_generation),
+            int(pair.auto_failover),
+            int(pair.full_copy_pending),
         )
 
     @staticmethod
@@ -475,4 +535,9 @@ class CoordinatorDB:
             last_error=r["last_error"],
             state_changed_at=r["state_changed_at"],
             created_at=r["created_at"],
+            volume_uuid=r["volume_uuid"],
+            generation=_u64_from_db(r["generation"]),
+            secondary_generation=_u64_from_db(r["secondary_generation"]),
+            auto_failover=bool(r["auto_failover"]),
+            full_copy_pending=bool(r["full_copy_pending"]),
         )

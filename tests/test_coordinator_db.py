@@ -213,3 +213,140 @@ def test_schema_version_mismatch(path: Path) -> None:
     conn.close()
     with pytest.raises(DBError, match="schema version 999"):
         CoordinatorDB(path)
+
+
+# The schema of version 1, as the coordinator of that version wrote it.
+_V1_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS nodes (
+    address       TEXT PRIMARY KEY,
+    role_hint     TEXT NOT NULL,
+    registered_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS pairs (
+    name                   TEXT PRIMARY KEY,
+    size_bytes             INTEGER NOT NULL,
+    block_size             INTEGER NOT NULL,
+    primary_address        TEXT NOT NULL,
+    secondary_address      TEXT NOT NULL,
+    epoch                  INTEGER NOT NULL,
+    state                  TEXT NOT NULL CHECK (state IN ('in_sync', 'degraded', 'resyncing')),
+    fault_snapshot_id      INTEGER NOT NULL,
+    resync_mode            INTEGER NOT NULL,
+    resync_bytes_done      INTEGER NOT NULL,
+    resync_bytes_total     INTEGER NOT NULL,
+    resync_rate_bytes_per_s REAL NOT NULL,
+    resync_eta_s           REAL NOT NULL,
+    resync_round           INTEGER NOT NULL,
+    last_error             TEXT NOT NULL,
+    state_changed_at       REAL NOT NULL,
+    created_at             REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS failed_extents (
+    volume TEXT NOT NULL REFERENCES pairs(name) ON DELETE CASCADE,
+    offset INTEGER NOT NULL,
+    length INTEGER NOT NULL,
+    PRIMARY KEY (volume, offset)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS events (
+    id         INTEGER PRIMARY KEY AUTOINCREMENT,
+    ts         REAL NOT NULL,
+    volume     TEXT NOT NULL,
+    from_state TEXT,            -- NULL: the pair was created
+    to_state   TEXT,            -- NULL: the pair was deleted
+    epoch      INTEGER NOT NULL,
+    reason     TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS events_by_volume ON events (volume, id);
+"""
+
+
+def _v1_file(path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(path)
+    conn.executescript(_V1_SCHEMA)
+    conn.execute("INSERT INTO meta (key, value) VALUES ('schema_version', '1')")
+    conn.execute(
+        "INSERT INTO pairs (name, size_bytes, block_size, primary_address, secondary_address, epoch, state, "
+        "fault_snapshot_id, resync_mode, resync_bytes_done, resync_bytes_total, resync_rate_bytes_per_s, "
+        "resync_eta_s, resync_round, last_error, state_changed_at, created_at) "
+        "VALUES ('vol1', 1048576, 4096, 'a:1', 'b:2', 7, 'degraded', -2, 2, 10, 20, 1.5, 2.5, 3, 'nack', 50.0, 40.0)"
+    )
+    conn.execute("INSERT INTO failed_extents (volume, offset, length) VALUES ('vol1', 4096, 8192)")
+    conn.execute(
+        "INSERT INTO events (ts, volume, from_state, to_state, epoch, reason) "
+        "VALUES (40.0, 'vol1', NULL, 'in_sync', 1, 'created')"
+    )
+    conn.commit()
+    conn.close()
+
+
+def test_migration_from_v1_keeps_pairs_extents_and_events(path: Path) -> None:
+    _v1_file(path)
+    with CoordinatorDB(path) as db:
+        got = db.get_pair("vol1")
+        assert got is not None
+        assert (got.primary, got.secondary, got.epoch, got.state) == ("a:1", "b:2", 7, PairState.DEGRADED)
+        assert got.fault_snapshot_id == 2**64 - 2
+        assert got.failed_extents == (Extent(4096, 8192),)
+        assert got.progress == ProgressRecord(10, 20, 1.5, 2.5, 3)
+        assert (got.last_error, got.state_changed_at, got.created_at) == ("nack", 50.0, 40.0)
+        # The new columns at their defaults.
+        assert (got.volume_uuid, got.generation, got.secondary_generation) == ("", 0, 0)
+        assert not got.auto_failover and not got.full_copy_pending
+        assert [e.reason for e in db.events("vol1")] == ["created"]
+        assert db._conn.execute("PRAGMA foreign_keys").fetchone()[0] == 1
+        row = db._conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        assert row[0] == "2"
+        # The rebuilt table accepts split_brain (v1's CHECK did not).
+        db.save_pair(replace(got, state=PairState.SPLIT_BRAIN), StateChange(got.state, "split brain"))
+    with CoordinatorDB(path) as db:
+        again = db.get_pair("vol1")
+        assert again is not None and again.state is PairState.SPLIT_BRAIN
+        assert again.failed_extents == (Extent(4096, 8192),)
+
+
+def test_migrated_db_deletes_cascade(path: Path) -> None:
+    _v1_file(path)
+    with CoordinatorDB(path) as db:
+        assert db.delete_pair("vol1", "gone")
+        assert db._conn.execute("SELECT COUNT(*) FROM failed_extents").fetchone()[0] == 0
+
+
+def test_failover_fields_persist(path: Path) -> None:
+    with CoordinatorDB(path) as db:
+        db.create_pair(_pair(volume_uuid="u" * 32, generation=2**64 - 1, auto_failover=True), "created")
+        pair = db.get_pair("vol1")
+        assert pair is not None
+        # A promotion swaps the roles: save_pair writes the addresses too.
+        db.save_pair(
+            replace(
+                pair,
+                primary=pair.secondary,
+                secondary=pair.primary,
+                secondary_generation=5,
+                full_copy_pending=True,
+                state=PairState.DEGRADED,
+                epoch=2,
+            ),
+            StateChange(PairState.IN_SYNC, "promoted"),
+        )
+    with CoordinatorDB(path) as db:
+        got = db.get_pair("vol1")
+        assert got is not None
+        assert (got.primary, got.secondary) == ("127.0.0.1:7002", "127.0.0.1:7001")
+        assert (got.volume_uuid, got.generation, got.secondary_generation) == ("u" * 32, 2**64 - 1, 5)
+        assert got.auto_failover and got.full_copy_pending
+
+
+def test_newer_schema_refused(path: Path) -> None:
+    CoordinatorDB(path).close()
+    conn = sqlite3.connect(path)
+    conn.execute("UPDATE meta SET value = '3' WHERE key = 'schema_version'")
+    conn.commit()
+    conn.close()
+    with pytest.raises(DBError, match=r"schema version 3.*newer coordinator"):
+        CoordinatorDB(path)
