@@ -12,6 +12,14 @@ Used by the end-to-end tests, ``syncrep demo`` and benchmarks::
     with LocalCluster() as c:                         # plain scripts, no event loop
         c.create_volume_sync("vol0", 16 * MiB)
 
+Failover (docs/FAILOVER.md): the process *names* ("primary", "secondary")
+are fixed, the *roles* move with a promotion. ``await c.role_of(vol)`` maps
+role -> process name as the coordinator says now; ``c.kill(name)`` then
+``await c.start_process(name)`` restarts a process with its original command
+line; ``c.wipe_data(name)`` empties a stopped node's data dir (a replaced
+disk); ``await c.promote(vol)`` and ``c.run_cli(...)`` / ``await
+c.status_json()`` drive the real ``syncrep`` command line.
+
 Each process runs ``sys.executable -m syncrep <role> ...`` in its own session
 (process group), with its data in ``<workdir>/<name>/`` and its stdout+stderr
 in ``<workdir>/<name>.log`` (appended across restarts). Teardown sends SIGTERM
@@ -35,8 +43,10 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
+import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -539,11 +549,31 @@ class LocalCluster:
         await self._start_one(p, new_port=False)
 
     async def start_process(self, name: str) -> None:
-        """Start a stopped/killed process again (same port, same data)."""
+        """Start a stopped/killed process again (same port, same data, its
+        original command line)."""
         p = self._proc(name)
         if p.running:
             raise ClusterError(f"{name} is already running (pid {p.pid})", name=name)
         await self._start_one(p, new_port=not p.port)
+
+    def wipe_data(self, name: str) -> None:
+        """Empty the data dir of a stopped node (a replaced or empty disk): the
+        directory stays, with nothing in it."""
+        p = self._proc(name)
+        if p.running:
+            raise ClusterError(f"cannot wipe the data of {name}: it is running (pid {p.pid}); kill it first",
+                               name=name)
+        if p.data_dir.exists():
+            shutil.rmtree(p.data_dir)
+        p.data_dir.mkdir(parents=True)
+
+    def volume_dir(self, name: str, volume: str) -> Path:
+        """Where node ``name`` keeps the store of ``volume`` (syncrep.volumes.VolumeRegistry)."""
+        return self._proc(name).data_dir / "volumes" / volume
+
+    def set_aside_dir(self, name: str) -> Path:
+        """Where node ``name`` moves stores it must not use (docs/FAILOVER.md: never deleted)."""
+        return self._proc(name).data_dir / "volumes" / ".set-aside"
 
     # ------------------------------------------------------------ volumes
 
@@ -554,6 +584,7 @@ class LocalCluster:
         block_size: int = 4096,
         *,
         resync_mode: int | str = 0,
+        auto_failover: bool = False,
         wait: bool = True,
         timeout_s: float = DEFAULT_VOLUME_READY_TIMEOUT_S,
     ) -> pb.VolumeStatus:
@@ -582,6 +613,7 @@ class LocalCluster:
                     self.secondary_addr,
                     block_size=block_size,
                     resync_mode=resync_mode,
+                    auto_failover=auto_failover,
                 )
                 break
             except sc.ClientError as e:
@@ -634,6 +666,60 @@ class LocalCluster:
         """Poll until the volume reaches a state ("in_sync", "degraded",
         "resyncing" — with both nodes alive) or ``predicate(status)`` holds."""
         return await sc.wait_for_volume(self.coordinator_addr, name, predicate, timeout_s=timeout_s)
+
+    async def role_of(self, volume: str) -> dict[str, str]:
+        """``{"primary": process name, "secondary": process name}`` as the
+        coordinator records the pair now (roles move with a promotion)."""
+        st = await self.get_volume(volume)
+        by_addr = {p.address: n for n, p in self.procs.items() if p.port}
+        out: dict[str, str] = {}
+        for role, addr in (("primary", st.primary), ("secondary", st.secondary)):
+            if addr not in by_addr:
+                raise ClusterError(f"volume {volume!r}: the {role} {addr!r} is no process of this cluster")
+            out[role] = by_addr[addr]
+        return out
+
+    async def current_primary_addr(self, volume: str) -> str:
+        """The address of the node the coordinator names the primary of ``volume`` now."""
+        return (await self.get_volume(volume)).primary
+
+    async def promote(self, volume: str, *, force: bool = False, timeout_s: float = 20.0) -> pb.PromoteReply:
+        """``CoordinatorService.Promote`` (raises ClientError on refusal)."""
+        return await sc.promote(self.coordinator_addr, volume, force=force, timeout_s=timeout_s)
+
+    def cli_command(self, *args: str) -> list[str]:
+        """``syncrep ARGS --coordinator <this cluster's coordinator>``."""
+        return [sys.executable, "-m", "syncrep", *args, "--coordinator", self.coordinator_addr]
+
+    async def run_cli(self, *args: str, timeout_s: float = 60.0) -> subprocess.CompletedProcess[str]:
+        """Run the real command line against this cluster (``--coordinator``
+        added), without blocking the event loop; returns exit code and output."""
+        proc = await asyncio.create_subprocess_exec(
+            *self.cli_command(*args),
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            env=self._environ(), cwd=str(self.workdir),
+        )
+        try:
+            out, err = await asyncio.wait_for(proc.communicate(), timeout_s)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+            raise ClusterError(f"`syncrep {' '.join(args)}` did not finish within {timeout_s:g} s") from None
+        assert proc.returncode is not None
+        return subprocess.CompletedProcess(list(args), proc.returncode, out.decode(), err.decode())
+
+    async def status_json(self, volume: str | None = None) -> Any:
+        """``syncrep status --json``: the whole document, or one volume's entry."""
+        r = await self.run_cli("status", "--json")
+        if r.returncode != 0:
+            raise ClusterError(f"`syncrep status --json` failed ({r.returncode}): {r.stderr.strip()}")
+        doc = json.loads(r.stdout)
+        if volume is None:
+            return doc
+        for v in doc["volumes"]:
+            if v["name"] == volume:
+                return v
+        raise ClusterError(f"`syncrep status --json` lists no volume {volume!r}")
 
     async def connect(self, volume: str, **kw: Any) -> sc.VolumeClient:
         """A :class:`syncrep.client.VolumeClient` for ``volume``."""

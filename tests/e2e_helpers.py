@@ -10,8 +10,9 @@ content of every block is exact: the last acknowledged write. A write that
 failed (or was still in flight when the workload stopped) is *indeterminate*:
 its blocks may hold it or what was there before, never anything else.
 
-``check_no_lost_writes`` reads every touched block back from the primary and
-checks it against the model; ``assert_replicas_identical`` compares primary and
+``check_no_lost_writes`` reads every touched block back from the primary (the
+node the coordinator names now: after a failover that is the process started
+as "secondary") and checks it against the model; ``assert_replicas_identical`` compares primary and
 secondary block for block (per-chunk checksums computed on each node, then a
 byte read of any chunk that differs, for a precise message).
 
@@ -64,7 +65,8 @@ async def check_no_lost_writes(cluster: LocalCluster, volume: str, w: wl.Workloa
     """Every touched block on the primary holds the last acknowledged version
     (or a version of a later indeterminate write); never an older one, never garbage."""
     h = w.history
-    read = await wl.read_blocks(cluster.primary_addr, volume, h.touched_blocks(), h.block_size)
+    primary = await cluster.current_primary_addr(volume)
+    read = await wl.read_blocks(primary, volume, h.touched_blocks(), h.block_size)
     rep = wl.check_blocks(h, read)
     # "LOST WRITE" and the seed: what a failing run's log is searched for.
     assert rep.ok, f"LOST WRITE or garbage on the primary (seed {w.seed}): {rep.summary()}"
@@ -75,7 +77,7 @@ async def assert_replicas_identical(cluster: LocalCluster, volume: str, chunk: i
         sc.checksum(cluster.primary_addr, volume, chunk),
         sc.checksum(cluster.secondary_addr, volume, chunk),
     )
-    assert len(p) == len(s)
+    assert len(p) == len(s), f"the replicas have different sizes: {len(p)} and {len(s)} chunks"
     bad = [i for i, (a, b) in enumerate(zip(p, s, strict=True)) if a != b]
     if bad:
         i = bad[0]
@@ -122,7 +124,7 @@ async def write_blocks(cl: sc.VolumeClient, first_block: int, count: int, per_wr
 
 async def check_model(cluster: LocalCluster, volume: str, model: dict[int, bytes]) -> None:
     """Every block in ``model`` holds, on the primary, the bytes last acknowledged."""
-    read = await wl.read_blocks(cluster.primary_addr, volume, model, BLOCK)
+    read = await wl.read_blocks(await cluster.current_primary_addr(volume), volume, model, BLOCK)
     wrong = [b for b, want in sorted(model.items()) if read.get(b) != want]
     if wrong:
         b = wrong[0]
