@@ -684,6 +684,11 @@ class PrimaryVolume:
                     if self._lease_waiters == 1:
                         log.warning("volume %s: writes resumed under a lease after %.2f s", self.lv.name, now - t0)
                     return ""
+                if self.rec.state is PairState.IN_SYNC:
+                    # A resync completed meanwhile: its final round carried
+                    # every write that had landed locally, this one included
+                    # (it landed before it began to wait). It is on both nodes.
+                    return ""
                 if self._closed:
                     return self._quorum_loss_message(
                         now, f"waited {now - t0:.1f} s, then the write path shut down")
@@ -731,15 +736,15 @@ class PrimaryVolume:
             # after every write already submitted and before any new one (the
             # gate is closed).
             rec = decision.record
-            if decision.new_generation:
-                # Persisted with the degraded record below (and, should that
-                # fail, with the next record that is written).
-                self._start_generation()
             if decision.needs_snapshot:
                 info = await self.lv.run_io(
                     self.lv.store.create_snapshot, fault_snapshot_name(f"e{self.lv.epoch}", self._now_ms())
                 )
                 rec = rec.evolve(fault_snapshot_id=info.id)
+            if decision.new_generation:
+                # Persisted with the degraded record just below (and, should
+                # that fail, with the next record that is written).
+                self._start_generation()
             # Only the fields this decision changes: a record persisted while
             # we awaited (the activity log) keeps its newer fields.
             await self._persist(state=rec.state, failed_extents=rec.failed_extents,
@@ -970,6 +975,8 @@ class PrimaryVolume:
             self.link = link
             self._release_gate()
             released = True
+            # Writes waiting for a lease are on both nodes now (_wait_for_lease).
+            self._wake_lease_waiters()
             stall = time.monotonic() - t0
             self.last_stall_s = stall
             log.info("volume %s: back in sync at epoch %d after %.1f s; resync sent %d bytes in %d rounds "

@@ -57,10 +57,7 @@ async def test_graceful_stop_during_a_degrade_keeps_the_failure_information(tmp_
     so the next start would replicate without a resync. Now the degrade
     finishes first: the record on disk is degraded, with the unacked write as a
     failed extent, and not clean."""
-    registry = VolumeRegistry(tmp_path, "os")
-    lv, _ = registry.assign(pb.VolumeAssignment(
-        spec=pb.VolumeSpec(name="v", size_bytes=1 << 20, block_size=4096), role=pb.ROLE_PRIMARY, epoch=1,
-        peer_address="secondary.invalid:1"))
+    registry, lv = _volume(tmp_path)
     reports: list[pb.ReplicationReport] = []
 
     async def reporter(r: pb.ReplicationReport) -> None:
@@ -335,5 +332,23 @@ async def test_start_resync_persists_the_coordinators_extra_extents_and_restarts
     # The same epoch again (a retried StartResync) while it runs: as is.
     if pv._resync_task is not None and not pv._resync_task.done():
         assert "already resyncing" in await pv.start_resync(2, full_copy=True)
+    await pv.stop()
+    registry.close()
+
+
+async def test_writes_waiting_for_a_lease_are_acknowledged_when_a_resync_completes_meanwhile(
+        tmp_path: Path) -> None:
+    """A write waiting for a lease has landed locally; the final resync round
+    carries it to the secondary. Once the pair is durably in sync it is on
+    both nodes: it is acknowledged without a lease (no needless failure)."""
+    registry, lv = _volume(tmp_path)
+    _degraded(lv)
+    pv = await _primary(lv, [], on_quorum_loss="suspend", quorum_loss_timeout_s=30.0)
+    w = asyncio.get_running_loop().create_task(pv.write(0, b"g" * 4096))
+    await _until_suspended(pv)
+    # What _final_round does once the resync is done: the record in sync, then wake.
+    pv.rec = pv.rec.evolve(state=PairState.IN_SYNC, failed_extents=(), fault_snapshot_id=0)
+    pv._wake_lease_waiters()
+    await asyncio.wait_for(w, 5.0)
     await pv.stop()
     registry.close()
