@@ -174,6 +174,8 @@ class PrimaryVolume:
         self._out_of_sync = self.rec.failed_bytes
         self._out_of_sync_at = -math.inf
         self._out_of_sync_task: asyncio.Task[None] | None = None
+        # Why this write path cannot serve (start() failed), for the writes refused.
+        self._unusable = ""
 
     # ------------------------------------------------------------ the pair record
     @property
@@ -273,7 +275,13 @@ class PrimaryVolume:
         self._hold_gate()
         try:
             if self.lv.store.meta_get(META_NODE_PROMOTE_PENDING) is not None:
-                await self._promote()
+                try:
+                    await self._promote()
+                except BaseException as e:
+                    # No sequencer runs: refuse writes rather than queue them forever.
+                    self._unusable = f"volume {self.lv.name!r}: the promotion to primary failed: {e}"
+                    self._closed = True
+                    raise
             self._spawn(self._sequencer(), "sequencer")
             startup = decide_startup(self.rec)
             if startup.crash_recovery:
@@ -469,6 +477,8 @@ class PrimaryVolume:
     async def write(self, offset: int, data: bytes) -> None:
         """Replicated write. Returns when acknowledged (see module docstring)."""
         self.validate(offset, data)
+        if self._unusable:
+            raise Unavailable(self._unusable)
         refusal = write_refusal(self.state, self._closed, self.options.on_secondary_failure == "block",
                                 self.lv.name)
         if refusal:
@@ -885,6 +895,13 @@ class PrimaryVolume:
         plan = ResyncPlan.load(store.meta_get(META_RESYNC_PLAN))
         if plan is None or plan.fault_snapshot != self.fault_snapshot_id:
             mode = ResyncMode.from_proto(self.lv.resync_mode)
+            if mode is ResyncMode.REWRITE and is_full_copy(self.failed_extents, store.size_bytes):
+                # Variant A would rewrite the whole volume in one step on the
+                # I/O thread, stalling every client write for that long;
+                # variant B reads a full copy from a snapshot instead.
+                log.info("volume %s: full copy: variant B (direct) instead of the configured rewrite",
+                         self.lv.name)
+                mode = ResyncMode.DIRECT
             plan = ResyncPlan.new(mode, self.fault_snapshot_id, self.rollback_to)
             log.info("volume %s: new resync %s, variant %s, base fault snapshot %d, %d failed extents "
                      "(%d bytes)%s", self.lv.name, plan.resync_id, mode.variant, plan.fault_snapshot,

@@ -26,7 +26,7 @@ from syncrep.core.vocab import (
     META_RESYNC_PLAN,
     ResyncMode,
 )
-from syncrep.errors import Unavailable
+from syncrep.errors import FailedPrecondition, Unavailable
 from syncrep.pb import syncrep_pb2 as pb
 from syncrep.volumes import LocalVolume, VolumeRegistry
 
@@ -350,5 +350,22 @@ async def test_writes_waiting_for_a_lease_are_acknowledged_when_a_resync_complet
     pv.rec = pv.rec.evolve(state=PairState.IN_SYNC, failed_extents=(), fault_snapshot_id=0)
     pv._wake_lease_waiters()
     await asyncio.wait_for(w, 5.0)
+    await pv.stop()
+    registry.close()
+
+
+async def test_promoting_a_replica_without_data_of_the_pair_refuses_to_serve(tmp_path: Path) -> None:
+    """Fault: a replica being rebuilt (generation 0) is promoted. It must never
+    serve: start() fails saying why, and writes are refused with that reason
+    (not queued for a sequencer that never runs)."""
+    registry, lv = _volume(tmp_path, epoch=3)
+    lv.identity = Identity("uuid-v", 0)
+    lv.store.meta_set({META_NODE_PROMOTE_PENDING: "3"})
+    pv = PrimaryVolume(lv, NodeOptions(durability="os"), "primary.invalid:1", await _reporter_into([]))
+    with pytest.raises(FailedPrecondition, match="holds no data of the pair"):
+        await pv.start()
+    with pytest.raises(Unavailable, match="promotion to primary failed"):
+        await asyncio.wait_for(pv.write(0, b"x" * 4096), 5.0)
+    assert lv.store.meta_get(META_NODE_PROMOTE_PENDING) == "3"  # redone once the cause is fixed
     await pv.stop()
     registry.close()
