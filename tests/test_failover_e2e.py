@@ -282,3 +282,41 @@ async def test_auto_failover_promotes_secondary_after_primary_sigkill(cluster_fa
     await w.stop()
     assert (await c.role_of(VOL)) == {"primary": "secondary", "secondary": "primary"}
     await finish(c, w=w)
+
+
+async def test_forced_promote_of_stale_secondary_loses_only_what_it_lacked(cluster_factory: Any, seed: int) -> None:
+    """Faults: kill -9 of the secondary (degraded, writes go on), then of the primary for good (its disk
+    replaced); the stale secondary returns and is promoted with --force; the old primary is rebuilt."""
+    c = await make_cluster(cluster_factory)
+    cl = await c.connect(VOL)
+    model: dict[int, bytes] = {}
+    await write_blocks(cl, 0, 128, 8, seed=seed + 1, model=model)  # on both nodes
+    c.kill("secondary")
+    await wait_state(c, VOL, "degraded", timeout_s=30)
+    lost: dict[int, bytes] = {}
+    await write_blocks(cl, 512, 128, 8, seed=seed + 2, model=lost)  # only on the primary
+    await cl.close()
+    c.kill("primary")
+    await c.start_process("secondary")
+    deadline = time.monotonic() + ROLE_TIMEOUT_S
+    while True:  # wait for the refusal that is about --force (the lease expires first)
+        r = await c.run_cli("promote", VOL)
+        assert r.returncode == 1, f"promoted a stale secondary without --force: {r.stdout}"
+        if "--force" in r.stderr:
+            break
+        assert time.monotonic() < deadline, f"no --force refusal within {ROLE_TIMEOUT_S} s: {r.stderr}"
+    r = await c.run_cli("promote", VOL, "--force")
+    assert r.returncode == 0, r.stderr
+    assert f"primary is now {c.address('secondary')}" in r.stdout, r.stdout
+    # Writes continue on the promoted node.
+    cl = await c.connect(VOL)
+    await write_blocks(cl, 1024, 128, 8, seed=seed + 3, model=model)
+    # The old primary is gone for good: its disk is replaced, it comes back empty and is rebuilt.
+    c.wipe_data("primary")
+    await c.start_process("primary")
+    await c.wait_for_volume(VOL, "in_sync", timeout_s=SYNC_TIMEOUT_S)
+    assert (await c.role_of(VOL)) == {"primary": "secondary", "secondary": "primary"}
+    await finish(c, model=model)
+    # What --force lost is exactly what the secondary lacked: those blocks are as before them (zeros).
+    await check_model(c, VOL, {b: bytes(BLOCK) for b in lost})
+    await cl.close()
