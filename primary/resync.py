@@ -116,7 +116,7 @@ class RoundSender:
         counters: Counters,
         on_progress: Callable[[int], None],
         *,
-        identity: Identity,
+        identity: Identity | None = None,
         full_copy: bool = False,
     ) -> None:
         self.store = store
@@ -124,7 +124,9 @@ class RoundSender:
         # source for it (syncrep/core/identity.py, resync_refusal) and adopts
         # this identity when the final round completes. ``full_copy``: the
         # resync sends the whole volume, so an empty secondary may take it.
-        self.identity = identity
+        # None (tests that drive a bare sender): no identity, which a
+        # secondary that checks identities refuses, saying so.
+        self.identity = identity if identity is not None else Identity()
         self.full_copy = full_copy
         self.secondary = secondary
         self.spec_pb = spec_pb
