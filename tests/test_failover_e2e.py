@@ -191,7 +191,8 @@ async def test_unrelated_store_on_secondary_is_set_aside_and_rebuilt(cluster_fac
 # ---------------------------------------------------------------- promotion
 
 
-LEASE_MESSAGE = re.compile(r"lease.*?(\d+(\.\d+)?) ?s", re.IGNORECASE | re.DOTALL)
+#: A lease refusal says how long: "... lease ... 1.8 s ..." (or ms, seconds).
+LEASE_MESSAGE = re.compile(r"lease.*?\d+(\.\d+)? ?(s|ms|sec|seconds)\b", re.IGNORECASE | re.DOTALL)
 
 
 async def test_primary_sigkill_for_good_promote_waits_for_lease_then_old_primary_fails_back_with_changes(
