@@ -30,6 +30,7 @@ from syncrep.core.classify import (
     storage_errno,
     storage_error_text,
 )
+from syncrep.core.identity import Identity, stream_refusal
 from syncrep.errors import FailedPrecondition, NotFound, SyncrepError
 from syncrep.pb import syncrep_pb2 as pb
 from syncrep.pb import syncrep_pb2_grpc as pbg
@@ -86,10 +87,19 @@ class ReplicaServicer(pbg.ReplicaServiceServicer):
         # releases a completed resync's rollback point when Replicate opens.
         self.resync = resync
 
-    def accept_stream(self, open_: pb.StreamOpen, fence: bool = True) -> tuple[LocalVolume, int]:
+    def accept_stream(
+        self, open_: pb.StreamOpen, fence: bool = True, *, check_identity: bool = True
+    ) -> tuple[LocalVolume, int]:
         """Validate a stream opening and (unless ``fence`` is False) fence every
-        older stream of the volume. Returns (volume, token)."""
+        older stream of the volume. Returns (volume, token). ``check_identity``
+        False: the caller checked the data identity itself (a resync)."""
         name = open_.volume.name
+        missing = self.registry.missing.get(name)
+        if missing is not None:
+            raise FailedPrecondition(
+                f"volume {name!r} has no data on this node ({missing.problem}); it is not served here "
+                "until the coordinator rebuilds it"
+            )
         try:
             lv = self.registry.get(name)
         except NotFound:
@@ -111,6 +121,15 @@ class ReplicaServicer(pbg.ReplicaServiceServicer):
                 f"{open_.volume.block_size}-byte blocks, this node has {lv.store.size_bytes} / "
                 f"{lv.store.block_size}"
             )
+        if check_identity:
+            # Synchronous replication only between replicas of the same current
+            # generation (docs/FAILOVER.md section 1). After the epoch checks (a
+            # stale primary hears "stale epoch"), before this stream adopts an
+            # epoch or fences anything: the primary goes degraded and a resync
+            # brings this replica up to date.
+            why = stream_refusal(lv.identity, Identity.from_proto(open_.identity), name)
+            if why is not None:
+                raise FailedPrecondition(why)
         if open_.epoch > lv.epoch:
             old_epoch, lv.epoch = lv.epoch, open_.epoch
             try:

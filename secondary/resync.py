@@ -80,8 +80,9 @@ import grpc
 from secondary.replica import EOF_MARK, first_message, read_ahead
 from syncrep.core import receiver as core
 from syncrep.core.classify import STORAGE_ERRORS, storage_errno, storage_error_text
+from syncrep.core.identity import Identity
 from syncrep.core.receiver import ChunkVerdict, Header, Opening, Snapshot
-from syncrep.core.vocab import META_SECONDARY_RESYNC
+from syncrep.core.vocab import META_NODE_DIVERGENT, META_SECONDARY_RESYNC
 from syncrep.errors import FailedPrecondition, SyncrepError
 from syncrep.pb import syncrep_pb2 as pb
 from syncrep.volumes import LocalVolume, VolumeRegistry
@@ -137,8 +138,18 @@ class ResyncReceiver:
         self.registry = registry
 
     # ------------------------------------------------------------ control
+    @staticmethod
+    def check_identity(lv: LocalVolume, h: pb.ResyncHeader) -> None:
+        """Refuse (FAILED_PRECONDITION) a resync from a primary that is no
+        source for this replica: checked before anything is applied or fenced."""
+        why = core.header_refusal(lv.identity, Identity.from_proto(h.identity), lv.name, header(h),
+                                  full_copy=h.full_copy)
+        if why is not None:
+            raise FailedPrecondition(why)
+
     def begin(self, lv: LocalVolume, h: pb.ResyncHeader) -> tuple[core.ResyncState, int]:
         """Runs on the I/O thread. Returns (state, resume index)."""
+        self.check_identity(lv, h)
         lv.faults.check_armed()
         hd = header(h)
         if hd.repair:
@@ -177,12 +188,28 @@ class ResyncReceiver:
                      lv.name, h.resync_id, new.pre_snapshot_id)
         return new, d.resume
 
-    def finish(self, lv: LocalVolume, st: core.ResyncState, epoch: int) -> core.ResyncState:
+    def finish(
+        self, lv: LocalVolume, st: core.ResyncState, epoch: int, identity: Identity | None = None
+    ) -> core.ResyncState:
         """The final round is complete (runs on the I/O thread, before the
         "complete" reply). Persisted: from here on a release of the rollback
-        point is owed, and one of the triggers (module docstring) runs it."""
+        point is owed, and one of the triggers (module docstring) runs it.
+
+        In the same transaction the replica adopts the primary's ``identity``
+        (docs/FAILOVER.md section 1) and forgets its divergent extents (the
+        resync overwrote them): a crash before it leaves the resync incomplete
+        and the identity unchanged, so the next resync is still accepted."""
         st = st.completed(epoch)
-        _persist(lv, st)
+        items: dict[str, str | None] = {META_RESYNC: st.dump()}
+        if identity is not None:
+            items.update(identity.to_meta())
+            items[META_NODE_DIVERGENT] = None
+        lv.store.meta_set(items)
+        if identity is not None:
+            old, lv.identity = lv.identity, identity
+            lv.divergent = []
+            log.info("volume %s: adopted the primary's identity: generation %s (was %s)", lv.name,
+                     identity.short(), old.short())
         log.info("volume %s: resync %s complete at epoch %d; rollback point %d awaits release (when the "
                  "primary opens the replication stream)", lv.name, st.resync_id, epoch, st.pre_snapshot_id)
         return st
@@ -257,10 +284,16 @@ class ResyncReceiver:
             return
         h = first.header
         try:
+            # The identity first: a refused resync must not fence the live
+            # replication stream nor adopt the header's epoch.
+            known = self.registry.volumes.get(h.volume.name)
+            if known is not None:
+                self.check_identity(known, h)
             # A repair runs beside the live replication stream (the primary
             # quiesced it); every other resync fences older streams.
             lv, token = replica.accept_stream(
-                pb.StreamOpen(volume=h.volume, epoch=h.epoch, first_seq=0), fence=h.kind != "repair"
+                pb.StreamOpen(volume=h.volume, epoch=h.epoch, first_seq=0), fence=h.kind != "repair",
+                check_identity=False,
             )
             st, resume = await lv.run_io(self.begin, lv, h)
         except SyncrepError as e:
@@ -315,7 +348,7 @@ class ResyncReceiver:
                     await context.abort(grpc.StatusCode.DATA_LOSS, verdict.refuse)
                     return
                 if verdict.finish:
-                    st = await lv.run_io(self.finish, lv, st, h.epoch)
+                    st = await lv.run_io(self.finish, lv, st, h.epoch, Identity.from_proto(h.identity))
                 # Nothing may follow this reply: the primary cancels the call
                 # as soon as it reads it. The rollback point is released by a
                 # step of its own (module docstring), outside the primary's

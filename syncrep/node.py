@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -23,16 +24,18 @@ from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, w
 
 from primary.volume import PrimaryVolume
 from secondary.replica import ReplicaServicer
-from secondary.resync import ResyncReceiver
+from secondary.resync import ResyncReceiver, ResyncState
 from syncrep import __version__, rpc
 from syncrep.blockstore import Extent
 from syncrep.config import NodeOptions
-from syncrep.core.vocab import MAX_WRITE_BYTES
+from syncrep.core.pair import PairRecord
+from syncrep.core.receiver import decode_extents, divergent_extents, encode_extents
+from syncrep.core.vocab import MAX_WRITE_BYTES, META_NODE_DIVERGENT, META_NODE_PROMOTE_PENDING
 from syncrep.errors import FailedPrecondition, InvalidArgument, SyncrepError, check_io_range
 from syncrep.nbd.server import NbdServer, NodeExports
 from syncrep.pb import syncrep_pb2 as pb
 from syncrep.pb import syncrep_pb2_grpc as pbg
-from syncrep.volumes import LocalVolume, VolumeRegistry, role_name
+from syncrep.volumes import DataMissing, LocalVolume, VolumeRegistry, role_name
 
 log = logging.getLogger(__name__)
 
@@ -73,9 +76,11 @@ class Node:
         # Before the volumes start: a primary that recovers from a crash
         # reports the pair degraded right away, through this channel.
         self._coord_channel = rpc.channel(self.coordinator)
-        for lv in self.registry.open_existing():
-            if lv.role == pb.ROLE_PRIMARY:
-                await self._become_primary(lv)
+        # No write path starts from disk: the coordinator records who is
+        # primary (a secondary may have been promoted while this node was
+        # down), so the first registration's assignments decide
+        # (docs/FAILOVER.md section 4; _apply_assignments starts them).
+        self.registry.open_existing()
         # A resync completed just before a crash may still owe the release of
         # its rollback point (secondary/resync.py): queued on each volume's
         # I/O thread, whatever the volume's role is now.
@@ -123,7 +128,36 @@ class Node:
 
     async def assign(self, a: pb.VolumeAssignment) -> str:
         async with self._assign_lock:
-            lv, role_changed = await asyncio.to_thread(self.registry.assign, a)
+            name = a.spec.name
+            extra: dict[str, str | None] | None = None
+            demoted: list[Extent] | None = None
+            cur = self.registry.volumes.get(name)
+            if cur is not None and cur.identity.volume_uuid != a.identity.volume_uuid:
+                # This store is about to be reported unrelated (or set aside by
+                # a rebuild): stop serving it first.
+                pv = self.primaries.pop(name, None)
+                if pv is not None:
+                    await pv.stop()
+            elif cur is not None and a.epoch >= cur.epoch:  # a stale epoch: the registry refuses it
+                if cur.role == pb.ROLE_SECONDARY and a.role == pb.ROLE_PRIMARY:
+                    extra = await self._prepare_promotion(cur, a)
+                elif cur.role == pb.ROLE_PRIMARY and a.role == pb.ROLE_SECONDARY:
+                    pv = self.primaries.pop(name, None)
+                    if pv is not None:
+                        # Stop serving writes first (removed from the map
+                        # before the await, so no request reaches it).
+                        await pv.stop()
+                    extra, demoted = await cur.run_io(_demotion_meta, cur)
+            # DataMissing (no data of the pair here) propagates: logged by the
+            # registry (rate limited), reported in every heartbeat, never served.
+            lv, role_changed = await asyncio.to_thread(self.registry.assign, a, extra)
+            if demoted is not None:
+                lv.divergent = demoted
+                log.warning(
+                    "volume %s demoted to secondary at epoch %d (new primary %s): %d divergent extents (%d bytes) "
+                    "will be overwritten by the resync", lv.name, lv.epoch, lv.peer, len(demoted),
+                    sum(e.length for e in demoted),
+                )
             if lv.role == pb.ROLE_PRIMARY:
                 pv = self.primaries.get(lv.name)
                 if pv is not None and role_changed:
@@ -136,6 +170,21 @@ class Node:
                 # before the await, so no request reaches a stopping volume).
                 await self.primaries.pop(lv.name).stop()
             return f"volume {lv.name} is {role_name(lv.role)} on {self.address} at epoch {lv.epoch}"
+
+    async def _prepare_promotion(self, lv: LocalVolume, a: pb.VolumeAssignment) -> dict[str, str | None]:
+        """This secondary becomes the primary (docs/FAILOVER.md section 3). An
+        incomplete resync is rolled back to its rollback point first (the
+        half-applied diff is no consistent state); the returned metadata is
+        persisted with the role change, and PrimaryVolume.start() carries the
+        promotion out (snapshot, new generation, degraded record)."""
+        st = ResyncState.load(lv)
+        if st.in_progress:
+            msg, n = await lv.run_io(self.resync_receiver.abort, lv, True)
+            log.warning("volume %s: promoted to primary at epoch %d during resync %s: %s (%d bytes rolled back)",
+                        lv.name, a.epoch, st.resync_id, msg, n)
+        log.warning("volume %s: promoted to primary at epoch %d (old primary %s), generation %s",
+                    lv.name, a.epoch, lv.peer or "(none)", lv.identity.short())
+        return {META_NODE_PROMOTE_PENDING: "1"}
 
     def primary(self, volume: str) -> PrimaryVolume:
         pv = self.primaries.get(volume)
@@ -155,12 +204,21 @@ class Node:
             if pv is not None:
                 out.append(pv.report())
             else:
-                out.append(
-                    pb.VolumeReport(
-                        name=name, role=lv.role, epoch=lv.epoch,
-                        size_bytes=lv.store.size_bytes, block_size=lv.store.block_size,
-                    )
+                r = pb.VolumeReport(
+                    name=name, role=lv.role, epoch=lv.epoch,
+                    size_bytes=lv.store.size_bytes, block_size=lv.store.block_size,
+                    identity=pb.Identity(**lv.identity.proto_fields()),  # type: ignore[arg-type]
                 )
+                r.divergent_extents.extend(pb.Extent(offset=e.offset, length=e.length) for e in lv.divergent)
+                out.append(r)
+        for name, m in self.registry.missing.items():
+            a = m.assignment
+            out.append(
+                pb.VolumeReport(
+                    name=name, role=a.role, epoch=a.epoch, size_bytes=a.spec.size_bytes,
+                    block_size=a.spec.block_size or 4096, data_missing=True, data_problem=m.problem,
+                )
+            )
         return out
 
     async def _register(self) -> None:
@@ -179,11 +237,19 @@ class Node:
     async def _apply_assignments(self, assignments: Any) -> None:
         for a in assignments:
             lv = self.registry.volumes.get(a.spec.name)
-            if lv is not None and (lv.role, lv.epoch, lv.peer) == (a.role, a.epoch, a.peer_address):
+            if (
+                lv is not None
+                and (lv.role, lv.epoch, lv.peer) == (a.role, a.epoch, a.peer_address)
+                and lv.identity.volume_uuid == a.identity.volume_uuid
+            ):
+                # Nothing changed, unless a primary's write path is not running
+                # (the first registration after a start, or a failed start).
                 if lv.role != pb.ROLE_PRIMARY or lv.name in self.primaries:
                     continue
             try:
                 await self.assign(a)
+            except DataMissing:
+                pass  # logged by the registry, rate limited; reported as data_missing
             except SyncrepError as e:
                 log.error("cannot apply assignment of volume %s: %s", a.spec.name, e.message)
             except Exception as e:  # a storage failure (disk full, ...): retried at the next heartbeat
@@ -201,13 +267,14 @@ class Node:
                     await self._register()
                     registered = True
                     warned = False
-                reply = await stub.Heartbeat(
-                    pb.HeartbeatRequest(address=self.address, volumes=self.reports()),
-                    timeout=max(1.0, self.heartbeat_interval_s * 4),
-                )
+                request = pb.HeartbeatRequest(address=self.address, volumes=self.reports())
+                # The lease counts from when the request was sent (docs/FAILOVER.md section 2).
+                sent_at = time.monotonic()
+                reply = await stub.Heartbeat(request, timeout=max(1.0, self.heartbeat_interval_s * 4))
                 if not reply.known:
                     registered = False
                     continue
+                self._on_leases(reply.leases, sent_at)
                 await self._apply_assignments(reply.assignments)
             except grpc.RpcError as e:
                 if not warned:
@@ -221,11 +288,23 @@ class Node:
                 log.exception("coordinator loop: unexpected error (retrying)")
             await asyncio.sleep(self.heartbeat_interval_s)
 
-    async def _report(self, report: pb.ReplicationReport) -> None:
+    def _on_leases(self, leases: Any, sent_at: float) -> None:
+        """Hand each lease to its primary's write path; ``sent_at`` is when the
+        request they answer was sent. A lease for a volume without a running
+        primary here means nothing (it will be the next reply's business)."""
+        for lease in leases:
+            pv = self.primaries.get(lease.volume)
+            if pv is not None:
+                pv.on_lease(lease, sent_at)
+
+    async def _report(self, report: pb.ReplicationReport) -> pb.ReportReplicationReply | None:
         """Deliver a failure/state report to the coordinator, retried with
         backoff for up to REPORT_RETRY_MAX_S (heartbeats carry the same state
-        afterwards, so nothing is lost if this gives up)."""
+        afterwards, so nothing is lost if this gives up). Returns the reply
+        (its lease already handed to the primary), or None after giving up."""
         stub = pbg.CoordinatorServiceStub(self._coord_channel)
+        reply: pb.ReportReplicationReply | None = None
+        sent_at = 0.0
         try:
             async for attempt in AsyncRetrying(
                 stop=stop_after_delay(REPORT_RETRY_MAX_S),
@@ -234,10 +313,32 @@ class Node:
                 reraise=True,
             ):
                 with attempt:
-                    await stub.ReportReplication(report, timeout=rpc.DEFAULT_RPC_TIMEOUT_S)
+                    sent_at = time.monotonic()  # of the attempt that succeeds
+                    reply = await stub.ReportReplication(report, timeout=rpc.DEFAULT_RPC_TIMEOUT_S)
         except grpc.RpcError as e:
             log.warning("could not report %s state of volume %s to the coordinator: %s: %s",
                         pb.PairState.Name(report.state), report.volume, e.code().name, e.details())
+            return None
+        if reply is not None and reply.HasField("lease"):
+            pv = self.primaries.get(report.volume)
+            if pv is not None:
+                pv.on_lease(reply.lease, sent_at)
+        return reply
+
+
+def _demotion_meta(lv: LocalVolume) -> tuple[dict[str, str | None], list[Extent]]:
+    """On the I/O thread, the write path stopped: what a demoted primary
+    persists with its role change (docs/FAILOVER.md section 4): its divergent
+    extents (activity log regions, failed extents, what it wrote alone since
+    its fault snapshot, any earlier ones) and its primary pair record reset,
+    so a later promotion starts clean. Returns (metadata, divergent extents)."""
+    store = lv.store
+    rec = PairRecord.from_meta(store.meta_get)
+    written_alone: list[Extent] = []
+    if rec.fault_snapshot_id and any(s.id == rec.fault_snapshot_id for s in store.list_snapshots()):
+        written_alone = store.diff(rec.fault_snapshot_id)
+    div = divergent_extents(rec, store.size_bytes, written_alone, decode_extents(store.meta_get(META_NODE_DIVERGENT)))
+    return {**PairRecord().to_meta(), META_NODE_DIVERGENT: encode_extents(div)}, div
 
 
 async def _abort(context: grpc.aio.ServicerContext, e: SyncrepError) -> None:
@@ -338,7 +439,11 @@ class NodeServicer(pbg.NodeServiceServicer):
             # Serialised with assignments: a resync never starts on a write
             # path that an assignment is replacing.
             async with self.node._assign_lock:
-                msg = await self.node.primary(request.volume).start_resync(request.epoch)
+                msg = await self.node.primary(request.volume).start_resync(
+                    request.epoch,
+                    extra_extents=[Extent(e.offset, e.length) for e in request.extra_extents],
+                    full_copy=request.full_copy,
+                )
         except SyncrepError as e:
             await _abort(context, e)
         return pb.StartResyncReply(message=msg)

@@ -11,19 +11,28 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import os
 import re
 import secrets
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Mapping
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
-from syncrep.blockstore import BlockStore
+from syncrep.blockstore import BlockStore, Extent
 from syncrep.config import Durability
 from syncrep.core.identity import Identity
-from syncrep.core.vocab import META_NODE_EPOCH, META_NODE_PEER, META_NODE_RESYNC_MODE, META_NODE_ROLE
+from syncrep.core.receiver import decode_extents
+from syncrep.core.vocab import (
+    META_NODE_DIVERGENT,
+    META_NODE_EPOCH,
+    META_NODE_PEER,
+    META_NODE_RESYNC_MODE,
+    META_NODE_ROLE,
+)
 from syncrep.errors import FailedPrecondition, InvalidArgument, NotFound
 from syncrep.pb import syncrep_pb2 as pb
 
@@ -122,6 +131,9 @@ class LocalVolume:
     # the store's metadata. Whoever changes it persists ``identity.to_meta()``
     # in the same transaction as the change it belongs to, then sets this.
     identity: Identity = field(default_factory=Identity)
+    # A demoted primary's divergent extents (META_NODE_DIVERGENT), as durable:
+    # reported to the coordinator until a resync overwrote them.
+    divergent: list[Extent] = field(default_factory=list)
     faults: FaultInjector = field(default_factory=FaultInjector)
     # Fencing of replication/resync streams on the secondary: each accepted
     # stream bumps the token; a stream whose token is stale stops applying.
@@ -166,6 +178,50 @@ class LocalVolume:
         self.store.close()
 
 
+#: Where a rebuild moves an unrelated store or foreign folder (never deleted),
+#: under the registry's root. Skipped when the volumes are listed.
+SET_ASIDE_DIR = ".set-aside"
+#: A volume that has no data here is logged at ERROR at most this often.
+MISSING_LOG_INTERVAL_S = 30.0
+
+
+@dataclass
+class MissingVolume:
+    """A volume assigned to this node that it cannot serve: no store (no
+    folder, an empty or foreign folder) or a store of another volume UUID.
+    Reported (``VolumeReport.data_missing``), never served, never a resync
+    source; the coordinator rebuilds it (docs/FAILOVER.md section 1)."""
+
+    assignment: pb.VolumeAssignment
+    problem: str
+    #: time.monotonic() of the last ERROR log about it (rate limit).
+    logged_at_s: float = field(default=-MISSING_LOG_INTERVAL_S)
+
+
+class DataMissing(FailedPrecondition):
+    """The assignment names a volume this node has no data for. Nothing
+    serves it; ``missing`` holds what the node reports."""
+
+    def __init__(self, missing: MissingVolume) -> None:
+        a = missing.assignment
+        super().__init__(
+            f"volume {a.spec.name!r} is assigned to this node as {role_name(a.role)} at epoch {a.epoch} "
+            f"but this node has no data for it: {missing.problem}"
+        )
+        self.missing = missing
+
+
+def _folder_state(path: Path) -> str:
+    """'store', 'absent' (no folder or an empty one) or 'foreign' (files that are no store)."""
+    if BlockStore.exists(path):
+        return "store"
+    if not path.exists():
+        return "absent"
+    if path.is_dir() and not any(path.iterdir()):
+        return "absent"
+    return "foreign"
+
+
 class VolumeRegistry:
     """The volumes held by one node, under ``<data_dir>/volumes/<name>``."""
 
@@ -174,38 +230,55 @@ class VolumeRegistry:
         self.root.mkdir(parents=True, exist_ok=True)
         self.durability: Durability = durability
         self.volumes: dict[str, LocalVolume] = {}
+        # Assigned here but without data of the pair (see MissingVolume).
+        self.missing: dict[str, MissingVolume] = {}
 
     def open_existing(self) -> list[LocalVolume]:
         for d in sorted(self.root.iterdir()):
-            if not d.is_dir() or not BlockStore.exists(d):
+            if d.name == SET_ASIDE_DIR or not d.is_dir() or not BlockStore.exists(d):
                 continue
-            store = BlockStore.open(d, durability=self.durability)
-            lv = LocalVolume(
-                name=d.name,
-                store=store,
-                role=as_role(int(store.meta_get(META_ROLE) or pb.ROLE_UNSPECIFIED)),
-                epoch=int(store.meta_get(META_EPOCH) or 0),
-                peer=store.meta_get(META_PEER) or "",
-                resync_mode=int(store.meta_get(META_RESYNC_MODE) or pb.RESYNC_MODE_DIRECT),
-            )
-            self.volumes[lv.name] = lv
+            lv = self._open(d)
             log.info(
-                "opened volume %s (%d bytes, %d-byte blocks, role %s, epoch %d)",
+                "opened volume %s (%d bytes, %d-byte blocks, role %s, epoch %d, volume UUID %s, generation %s)",
                 lv.name,
-                store.size_bytes,
-                store.block_size,
+                lv.store.size_bytes,
+                lv.store.block_size,
                 role_name(lv.role),
                 lv.epoch,
+                lv.identity.volume_uuid or "(none)",
+                lv.identity.short(),
             )
         return list(self.volumes.values())
+
+    def _open(self, d: Path) -> LocalVolume:
+        store = BlockStore.open(d, durability=self.durability)
+        lv = LocalVolume(
+            name=d.name,
+            store=store,
+            role=as_role(int(store.meta_get(META_ROLE) or pb.ROLE_UNSPECIFIED)),
+            epoch=int(store.meta_get(META_EPOCH) or 0),
+            peer=store.meta_get(META_PEER) or "",
+            resync_mode=int(store.meta_get(META_RESYNC_MODE) or pb.RESYNC_MODE_DIRECT),
+            identity=Identity.from_meta(store.meta_get),
+            divergent=decode_extents(store.meta_get(META_NODE_DIVERGENT)),
+        )
+        self.volumes[lv.name] = lv
+        return lv
 
     def get(self, name: str) -> LocalVolume:
         lv = self.volumes.get(name)
         if lv is None:
+            m = self.missing.get(name)
+            if m is not None:
+                raise FailedPrecondition(
+                    f"volume {name!r} is assigned to this node but not served here: {m.problem}"
+                )
             raise NotFound(f"volume {name!r} does not exist on this node")
         return lv
 
-    def assign(self, a: pb.VolumeAssignment) -> tuple[LocalVolume, bool]:
+    def assign(
+        self, a: pb.VolumeAssignment, extra_meta: Mapping[str, str | None] | None = None
+    ) -> tuple[LocalVolume, bool]:
         """Create or update a volume from the coordinator's assignment.
 
         Returns (volume, role_changed): True when the volume is new or its role
@@ -214,27 +287,155 @@ class VolumeRegistry:
         restarting its write path for one would race with the resync it starts.
         Idempotent. Refuses a stale epoch or a spec that does not match the
         volume already on disk.
+
+        A store is created only when the assignment says ``create``
+        (docs/FAILOVER.md section 1). Without it, no store here or a store of
+        another volume UUID raises ``DataMissing`` (recorded in ``missing``):
+        nothing may serve the volume. Runs off the event loop (it may open,
+        create or close stores).
+
+        ``extra_meta`` is persisted in the same transaction as a change of
+        role, epoch or peer (a promotion's or demotion's record); nothing is
+        persisted when the assignment changes nothing.
         """
         name = a.spec.name
         if not NAME_RE.match(name):
             raise InvalidArgument(f"invalid volume name {name!r}")
+        uuid = a.identity.volume_uuid
+        if not uuid:
+            raise InvalidArgument(
+                f"assignment of volume {name!r} carries no volume UUID (VolumeAssignment.identity); this "
+                "node serves only data it can prove belongs to the pair: upgrade the coordinator"
+            )
+        path = self.root / name
         lv = self.volumes.get(name)
-        if lv is None:
-            path = self.root / name
-            if BlockStore.exists(path):
-                store = BlockStore.open(path, durability=self.durability)
-            else:
-                store = BlockStore.create(
-                    path, a.spec.size_bytes, a.spec.block_size or 4096, durability=self.durability, name=name
-                )
-            lv = LocalVolume(name=name, store=store, role=a.role, epoch=a.epoch, peer=a.peer_address,
-                             resync_mode=a.resync_mode or pb.RESYNC_MODE_DIRECT)
-            self._check_spec(lv, a)
-            lv.persist_role()
-            self.volumes[name] = lv
-            log.info("volume %s assigned: role %s, epoch %d, peer %s",
-                     name, role_name(a.role), a.epoch, a.peer_address)
+        if lv is None and _folder_state(path) == "store":
+            lv = self._open(path)
+        created = False
+        if a.create and a.identity.current == 0:
+            lv, created = self._rebuild(a, lv, path)
+        elif a.create:
+            lv, created = self._create_new(a, lv, path)
+        elif lv is None:
+            state = _folder_state(path)
+            what = "there is no folder" if not path.exists() else (
+                "the folder is empty" if state == "absent" else "the folder holds files that are no volume store")
+            raise self._missing(a, f"{path}: {what}")
+        elif lv.identity.volume_uuid != uuid:
+            problem = (f"the store at {path} belongs to volume UUID {lv.identity.volume_uuid or '(none)'}, "
+                       f"the pair is {uuid}")
+            self._close(lv)
+            raise self._missing(a, problem)
+        if self.missing.pop(name, None) is not None:
+            log.warning("volume %s: data present again (volume UUID %s, generation %s); served as assigned",
+                        name, lv.identity.volume_uuid, lv.identity.short())
+        if created:
             return lv, True
+        return self._update(lv, a, extra_meta or {})
+
+    def _missing(self, a: pb.VolumeAssignment, problem: str) -> DataMissing:
+        name = a.spec.name
+        m = self.missing.get(name)
+        if m is None:
+            m = self.missing[name] = MissingVolume(assignment=a, problem=problem)
+        else:
+            m.assignment, m.problem = a, problem
+        now = time.monotonic()
+        if now - m.logged_at_s >= MISSING_LOG_INTERVAL_S:
+            m.logged_at_s = now
+            log.error(
+                "volume %s is assigned to this node as %s at epoch %d but this node has no data for it (%s): "
+                "it will not be served; the coordinator rebuilds it (a new empty store and a full copy) or "
+                "promotes its peer. If the data was moved, put it back at %s.",
+                name, role_name(a.role), a.epoch, problem, self.root / name,
+            )
+        return DataMissing(m)
+
+    def _close(self, lv: LocalVolume) -> None:
+        self.volumes.pop(lv.name, None)
+        lv.close()
+
+    def _set_aside(self, path: Path, why: str) -> None:
+        """Move ``path`` out of the way, never deleting it."""
+        aside = self.root / SET_ASIDE_DIR
+        aside.mkdir(exist_ok=True)
+        base = f"{path.name}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
+        dest, n = aside / base, 1
+        while dest.exists():  # two rebuilds within a second
+            n += 1
+            dest = aside / f"{base}.{n}"
+        os.rename(path, dest)
+        log.warning("volume %s: %s; moved %s aside to %s (not deleted)", path.name, why, path, dest)
+
+    def _new_store(self, a: pb.VolumeAssignment, path: Path, identity: Identity) -> LocalVolume:
+        name = a.spec.name
+        store = BlockStore.create(
+            path, a.spec.size_bytes, a.spec.block_size or 4096, durability=self.durability, name=name
+        )
+        lv = LocalVolume(name=name, store=store, role=a.role, epoch=a.epoch, peer=a.peer_address,
+                         resync_mode=a.resync_mode or pb.RESYNC_MODE_DIRECT, identity=identity)
+        try:
+            self._check_spec(lv, a)
+            # One transaction: a store without its identity is never left behind
+            # claiming to be this volume's.
+            store.meta_set({**lv.role_meta(), **identity.to_meta()})
+        except BaseException:
+            lv.close()
+            raise
+        self.volumes[name] = lv
+        return lv
+
+    def _create_new(
+        self, a: pb.VolumeAssignment, lv: LocalVolume | None, path: Path
+    ) -> tuple[LocalVolume, bool]:
+        """CreateVolume: a new store with the initial generation; idempotent."""
+        uuid = a.identity.volume_uuid
+        if lv is not None:
+            if lv.identity.volume_uuid != uuid:
+                raise FailedPrecondition(
+                    f"cannot create volume {a.spec.name!r}: {path} already holds a store of volume UUID "
+                    f"{lv.identity.volume_uuid or '(none)'} (the new volume is {uuid}); remove or move it, "
+                    "or create the volume under another name"
+                )
+            return lv, False
+        if _folder_state(path) == "foreign":
+            raise FailedPrecondition(
+                f"cannot create volume {a.spec.name!r}: {path} exists and holds files that are no volume "
+                "store; remove or move them, or create the volume under another name"
+            )
+        lv = self._new_store(a, path, Identity(uuid, a.identity.current))
+        log.info("volume %s created: %d bytes, %d-byte blocks, role %s, epoch %d, volume UUID %s, generation %s",
+                 a.spec.name, lv.store.size_bytes, lv.store.block_size, role_name(a.role), a.epoch, uuid,
+                 lv.identity.short())
+        return lv, True
+
+    def _rebuild(self, a: pb.VolumeAssignment, lv: LocalVolume | None, path: Path) -> tuple[LocalVolume, bool]:
+        """A rebuild (create with no generation): keep a store of the pair that
+        holds data (it came back), else set anything in the way aside and
+        create an empty store that receives a full copy."""
+        uuid = a.identity.volume_uuid
+        if lv is not None and lv.identity.volume_uuid == uuid:
+            if lv.identity.has_data:
+                log.warning("volume %s: asked to rebuild, but this node's store of the pair is back with data "
+                            "(generation %s); it is kept, the coordinator sees its identity",
+                            a.spec.name, lv.identity.short())
+            return lv, False  # an empty store of the pair: already rebuilt
+        if lv is not None:
+            why = (f"rebuilding: the store belongs to volume UUID {lv.identity.volume_uuid or '(none)'}, "
+                   f"the pair is {uuid}")
+            self._close(lv)
+            self._set_aside(path, why)
+        elif path.exists() and _folder_state(path) == "foreign":
+            self._set_aside(path, "rebuilding: the folder holds files that are no volume store")
+        lv = self._new_store(a, path, Identity(uuid, 0))
+        log.warning("rebuilding volume %s: empty store created (volume UUID %s), it receives a full copy",
+                    a.spec.name, uuid)
+        return lv, True
+
+    def _update(
+        self, lv: LocalVolume, a: pb.VolumeAssignment, extra_meta: Mapping[str, str | None]
+    ) -> tuple[LocalVolume, bool]:
+        name = lv.name
         self._check_spec(lv, a)
         if a.epoch < lv.epoch:
             raise FailedPrecondition(
@@ -251,7 +452,7 @@ class VolumeRegistry:
             lv.role, lv.epoch, lv.peer = a.role, a.epoch, a.peer_address
             lv.resync_mode = a.resync_mode or lv.resync_mode
             try:
-                lv.persist_role()
+                lv.store.meta_set({**lv.role_meta(), **extra_meta})
             except BaseException:
                 # Not persisted (disk full, ...): memory must not claim it was,
                 # or the next heartbeat sees nothing to do and never retries.

@@ -52,6 +52,7 @@ from secondary.replica import ReplicaServicer
 from secondary.resync import ResyncReceiver, ResyncState
 from syncrep import rpc
 from syncrep.blockstore import BlockStore
+from syncrep.core.identity import Identity
 from syncrep.core.resync_plan import ResyncPlan, RoundSpec
 from syncrep.core.vocab import PRE_RESYNC_PREFIX, ResyncMode, RoundKind, pre_resync_snapshot_name
 from syncrep.pb import syncrep_pb2 as pb
@@ -63,6 +64,10 @@ BLOCK = 4096
 SIZE = 4 << 20  # in-process volumes: 1024 blocks
 CHUNK = 64 << 10
 EPOCH0 = 1  # the secondary's epoch when assigned; every resync here runs at a newer one
+# The pair's data identity (docs/FAILOVER.md): both sides start with it, so
+# every resync here is from a primary at the secondary's own generation.
+IDENTITY = Identity("9a0c7e1e-0000-4000-8000-000000000011", 0x5EED)
+IDENTITY_PB = pb.Identity(**IDENTITY.proto_fields())  # type: ignore[arg-type]
 
 
 async def eventually(cond: Callable[[], Awaitable[bool]], what: str, timeout_s: float = 10.0) -> None:
@@ -91,7 +96,7 @@ class Secondary:
         self._open()
         self.registry.assign(pb.VolumeAssignment(
             spec=pb.VolumeSpec(name=VOL, size_bytes=SIZE, block_size=BLOCK), role=pb.ROLE_SECONDARY,
-            epoch=EPOCH0, peer_address="primary.invalid:1"))
+            epoch=EPOCH0, peer_address="primary.invalid:1", identity=IDENTITY_PB, create=True))
 
     def _open(self) -> None:
         self.registry = VolumeRegistry(self.root, "os")
@@ -164,7 +169,7 @@ class Primary:
     async def send(self, address: str, plan: ResyncPlan, spec: RoundSpec, *, final: bool) -> None:
         pieces = round_pieces(self.store, spec, CHUNK)
         sender = RoundSender(self.store, address, self.spec_pb, self.epoch, plan, spec, pieces, final,
-                             RateLimiter(0), Counters(), lambda _done: None)
+                             RateLimiter(0), Counters(), lambda _done: None, identity=IDENTITY)
         await sender.run()
         self.base = spec.target
 
@@ -187,7 +192,7 @@ async def open_replication(address: str, epoch: int) -> tuple[Any, Any]:
     call = pbg.ReplicaServiceStub(ch).Replicate()
     await call.write(pb.ReplicateRequest(open=pb.StreamOpen(
         volume=pb.VolumeSpec(name=VOL, size_bytes=SIZE, block_size=BLOCK), epoch=epoch, first_seq=1,
-        primary_address="test-primary")))
+        primary_address="test-primary", identity=IDENTITY_PB)))
     reply = await asyncio.wait_for(call.read(), 10)
     assert reply is not grpc.aio.EOF and reply.HasField("accepted"), reply
     return ch, call
@@ -253,7 +258,8 @@ def round_requests(primary: Primary, plan: ResyncPlan, spec: RoundSpec, *, final
     pieces = round_pieces(primary.store, spec, CHUNK)
     header = pb.ResyncHeader(volume=primary.spec_pb, epoch=primary.epoch, resync_id=plan.resync_id,
                              round=spec.round, base_snapshot_id=spec.base, target_snapshot_id=spec.target,
-                             total_bytes=sum(n for _, n in pieces), kind=spec.kind, final=final)
+                             total_bytes=sum(n for _, n in pieces), kind=spec.kind, final=final,
+                             identity=IDENTITY_PB)
     out = [pb.ResyncRequest(header=header)]
     digest = hashlib.sha256()
     for i, (off, n) in enumerate(pieces[:chunks]):
@@ -308,7 +314,7 @@ async def test_call_cancelled_right_after_complete_still_releases_the_rollback_p
         gate = threading.Event()
         busy = lv.submit_io(gate.wait, 10.0)
         rctx = Context([pb.ReplicateRequest(open=pb.StreamOpen(volume=primary.spec_pb, epoch=primary.epoch,
-                                                               first_seq=1))])
+                                                               first_seq=1, identity=IDENTITY_PB))])
         repl = asyncio.create_task(sec.servicer.Replicate(None, rctx))
 
         async def accepted() -> bool:
@@ -565,8 +571,9 @@ def _leave_completed_unreleased(data_dir: Path, resync_id: str) -> None:
     try:
         reg.open_existing()
         lv = reg.get(VOL)
+        # From a primary at this replica's own generation (what it adopted last).
         h = pb.ResyncHeader(volume=lv.spec, epoch=lv.epoch, resync_id=resync_id, round=1, kind="diff",
-                            final=True)
+                            final=True, identity=pb.Identity(**lv.identity.proto_fields()))  # type: ignore[arg-type]
         r = ResyncReceiver(reg)
         st, _ = r.begin(lv, h)
         r.finish(lv, st, lv.epoch)

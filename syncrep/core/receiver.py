@@ -21,6 +21,10 @@ from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import Self
 
+from syncrep.blockstore.extents import Extent, merge_extents
+from syncrep.core.activity import ActivityLog
+from syncrep.core.identity import Identity, resync_refusal
+from syncrep.core.pair import PairRecord
 from syncrep.core.vocab import PRE_RESYNC_PREFIX, RoundKind, pre_resync_snapshot_name
 
 __all__ = [
@@ -40,6 +44,10 @@ __all__ = [
     "decide_abort",
     "decide_begin",
     "decide_release",
+    "decode_extents",
+    "divergent_extents",
+    "encode_extents",
+    "header_refusal",
     "may_release",
 ]
 
@@ -363,3 +371,49 @@ def decide_abort(st: ResyncState, volume: str, rollback: bool, snapshots: Sequen
         return Abort(volume, st, fence=True)
     target = st.pre_snapshot_id if _live(snapshots, st.pre_snapshot_id) else 0
     return Abort(volume, st, fence=True, rollback_to=target, forget=True, delete=st.pre_snapshot_id, rollback=True)
+
+
+# ---------------------------------------------------------------- demotion (docs/FAILOVER.md section 4)
+def decode_extents(raw: str | None) -> list[Extent]:
+    """``META_NODE_DIVERGENT``'s JSON ``[[offset, length], ...]``; none is empty."""
+    return [Extent(int(o), int(n)) for o, n in json.loads(raw or "[]")]
+
+
+def encode_extents(extents: Iterable[Extent]) -> str | None:
+    """The persisted form of ``decode_extents``; None (delete the key) when empty."""
+    items = [[e.offset, e.length] for e in extents]
+    return json.dumps(items) if items else None
+
+
+def divergent_extents(
+    rec: PairRecord, size_bytes: int, written_alone: Iterable[Extent] = (), already: Iterable[Extent] = ()
+) -> list[Extent]:
+    """Where a demoted primary's writes may have reached only its own disk:
+    its activity log regions (writes in flight towards the secondary), its
+    failed extents, ``written_alone`` (what it wrote since its fault snapshot,
+    degraded) and ``already`` (divergent extents of an earlier demotion not yet
+    overwritten), merged and clipped to the volume. The new primary's resync
+    overwrites them; nothing here is a full copy."""
+    al = ActivityLog(regions=list(rec.al_regions or ())).extents(size_bytes)
+    out = []
+    for e in merge_extents([*al, *rec.failed_extents, *written_alone, *already]):
+        end = min(e.end, size_bytes)
+        if e.offset < end:
+            out.append(Extent(e.offset, end - e.offset))
+    return out
+
+
+def header_refusal(local: Identity, primary: Identity, volume: str, h: Header, *, full_copy: bool) -> str | None:
+    """None if this replica (``local``) may apply the resync round ``h`` from
+    a primary at ``primary``; else why not (docs/FAILOVER.md section 1). A
+    repair ("verify --repair", in sync) needs the same current generation: it
+    only re-sends blocks of data both sides already share."""
+    if h.repair:
+        if local.volume_uuid == primary.volume_uuid and local.has_data and local.current == primary.current:
+            return None
+        return (
+            f"volume {volume!r}: repair refused: this replica's generation {local.short()} (volume UUID "
+            f"{local.volume_uuid or '(none)'}) is not the primary's {primary.short()} (volume UUID "
+            f"{primary.volume_uuid or '(none)'}); a repair runs only between replicas in sync, resync instead"
+        )
+    return resync_refusal(local, primary, volume, full_copy=full_copy)
