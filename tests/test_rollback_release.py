@@ -273,13 +273,15 @@ def round_requests(primary: Primary, plan: ResyncPlan, spec: RoundSpec, *, final
     return out
 
 
-def cancel_when(task: Callable[[], asyncio.Task[Any]], pred: Callable[[Any], bool]) -> Callable[[Any], Any]:
+def cancel_when(task: Callable[[], asyncio.Task[Any] | None], pred: Callable[[Any], bool]) -> Callable[[Any], Any]:
     """An ``on_write`` that, once a reply matching ``pred`` is sent, cancels
     the handler while it is still inside that ``write`` -- what the primary's
     ``call.cancel()`` right after reading the reply does to the handler."""
     async def on_write(msg: Any) -> None:
         if pred(msg):
-            task().cancel()
+            t = task()
+            assert t is not None, "the handler task is not set"
+            t.cancel()
             await asyncio.Event().wait()  # the CancelledError arrives here, in write
     return on_write
 
