@@ -32,7 +32,9 @@ class Coordinator:
     ``node_timeout_s`` (a node silent this long is dead), ``auto_resync``
     (run the resync driver), ``resync_retry_max_s`` (cap of the per-pair
     backoff between resync attempts), ``default_resync_mode`` (for
-    CreateVolume with RESYNC_MODE_UNSPECIFIED), ``resync_check_interval_s``.
+    CreateVolume with RESYNC_MODE_UNSPECIFIED), ``resync_check_interval_s``,
+    ``lease_s`` (the term of a primary's lease) and ``lease_drift_s`` (the
+    margin for clock-rate drift before a lease counts as expired; both > 0).
     Any other keyword goes to ``CoordinatorServicer``, e.g. its clocks:
     ``clock`` (monotonic: liveness, backoff) and ``wall_clock`` (persisted
     timestamps), which tests move forward instead of sleeping.
@@ -49,6 +51,8 @@ class Coordinator:
         resync_retry_max_s: float = 10.0,
         default_resync_mode: int = pb.RESYNC_MODE_DIRECT,
         resync_check_interval_s: float = 0.5,
+        lease_s: float = 4.0,
+        lease_drift_s: float = 0.5,
         **servicer_opts: Any,
     ) -> None:
         self.listen = listen
@@ -61,6 +65,8 @@ class Coordinator:
             resync_retry_max_s=resync_retry_max_s,
             default_resync_mode=default_resync_mode,
             resync_check_interval_s=resync_check_interval_s,
+            lease_s=lease_s,
+            lease_drift_s=lease_drift_s,
             **servicer_opts,
         )
         self.db: CoordinatorDB | None = None

@@ -17,7 +17,13 @@ commands, and the shell carries them out in a fixed order -- persist first
   secondary health-checked, then a new epoch, persisted, then
   ``NodeService.StartResync`` on the primary.
 * CreateVolume pushes ``NodeService.AssignVolume`` to both nodes of a new
-  pair (secondary first).
+  pair (secondary first), with ``create`` and the pair's identity (a volume
+  UUID from ``new_volume_uuid()``, the initial generation from
+  ``syncrep.volumes.new_generation()``: both seams the simulator patches).
+* Leases (docs/FAILOVER.md section 2): every HeartbeatReply (and
+  ReportReplicationReply) grants the pair's primary a lease, after what the
+  request changed is persisted; the grant time is recorded per volume.
+* Promote (and the tick's automatic promotions): ``driver.plan_promote``.
 
 Time: every read goes through the injected clocks -- ``clock`` (monotonic:
 liveness, backoff) and ``wall_clock`` (the persisted timestamps).
@@ -34,6 +40,7 @@ import contextlib
 import logging
 import random
 import time
+import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import replace
 from typing import Any, NoReturn
@@ -43,7 +50,7 @@ from grpc import aio
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
 
 from coordinator.db import CoordinatorDB, NodeRecord, PairExists, PairRecord, StateChange
-from syncrep import rpc
+from syncrep import rpc, volumes
 from syncrep.core import driver
 from syncrep.core.driver import (
     DEFAULT_BLOCK_SIZE,
@@ -51,6 +58,7 @@ from syncrep.core.driver import (
     MAX_BLOCKS,
     MIN_BLOCK_SIZE,
     VOLUME_NAME_RE,
+    Alert,
     Backoff,
     ChangePair,
     ClearBackoff,
@@ -61,12 +69,14 @@ from syncrep.core.driver import (
     ProbeHealth,
     Problem,
     PushAssignment,
+    SaveGenerations,
     SaveProgress,
     SetBackoff,
     StartResync,
 )
 from syncrep.core.extents import summarize_extents
-from syncrep.core.pairstate import PairState
+from syncrep.core.identity import Identity
+from syncrep.core.pairstate import PairState, status_proto
 from syncrep.core.vocab import validate_dial_address
 from syncrep.pb import syncrep_pb2 as pb
 from syncrep.pb import syncrep_pb2_grpc as pb_grpc
@@ -81,6 +91,7 @@ __all__ = [
     "STATUS_MAX_EXTENTS",
     "VOLUME_NAME_RE",
     "CoordinatorServicer",
+    "new_volume_uuid",
     "validate_address",
 ]
 
@@ -94,6 +105,11 @@ HEALTH_CHECK_TIMEOUT_S = 1.0
 _RETRYABLE_CODES = frozenset(
     {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED}
 )
+
+
+def new_volume_uuid() -> str:
+    """A new pair's volume UUID (a seam: the simulator patches it to stay deterministic)."""
+    return uuid.uuid4().hex
 
 
 def validate_address(address: str) -> str | None:
@@ -140,6 +156,9 @@ def _pair_state(value: int) -> PairState | None:
         return None
 
 
+_ROLE_NAMES = {pb.ROLE_PRIMARY: "primary", pb.ROLE_SECONDARY: "secondary"}
+
+
 def _volume_report(r: pb.VolumeReport) -> driver.Report:
     return driver.Report(
         volume=r.name,
@@ -148,6 +167,13 @@ def _volume_report(r: pb.VolumeReport) -> driver.Report:
         fault_snapshot_id=r.fault_snapshot_id,
         failed_extents=tuple((e.offset, e.length) for e in r.failed_extents),
         last_error=r.last_error,
+        identity=Identity.from_proto(r.identity) if r.HasField("identity") else None,
+        data_missing=r.data_missing,
+        data_problem=r.data_problem,
+        divergent_extents=tuple((e.offset, e.length) for e in r.divergent_extents),
+        out_of_sync_bytes=r.out_of_sync_bytes,
+        lease_remaining_s=r.lease_remaining_s,
+        role=_ROLE_NAMES.get(r.role, ""),
     )
 
 
@@ -167,6 +193,7 @@ def _replication_report(r: pb.ReplicationReport) -> driver.ReplicationReport:
         reason=r.reason,
         fault_snapshot_id=r.fault_snapshot_id,
         progress=_progress(r.resync) if r.HasField("resync") else None,
+        identity=Identity.from_proto(r.identity) if r.HasField("identity") else None,
     )
 
 
@@ -191,12 +218,22 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
         rpc_timeout_s: float = rpc.DEFAULT_RPC_TIMEOUT_S,
         start_resync_attempts: int = 3,
         coordinator_address: str = "",
+        lease_s: float = 4.0,
+        lease_drift_s: float = 0.5,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
-        problem = driver.validate_config(heartbeat_interval_s, node_timeout_s, default_resync_mode)
+        problem = driver.validate_config(
+            heartbeat_interval_s,
+            node_timeout_s,
+            default_resync_mode,
+            lease_s=lease_s,
+            lease_drift_s=lease_drift_s,
+        )
         if problem:
             raise ValueError(problem)
+        self.lease_s = lease_s
+        self.lease_drift_s = lease_drift_s
         self.db = db
         self.heartbeat_interval_s = heartbeat_interval_s
         self.node_timeout_s = node_timeout_s
@@ -221,6 +258,10 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
         self._reports: dict[str, dict[str, pb.VolumeReport]] = {}
         self._report_at: dict[str, float] = {}
         self._progress_at: dict[str, float] = {}
+        # When the current primary's lease was last granted, by volume (clock).
+        # After a start nothing is recorded: driver.lease_remaining_s assumes a
+        # grant at the start (one granted just before a restart may still run).
+        self._lease_granted_at: dict[str, float] = {}
         # The resync driver's memory: per-pair failures since the pair was last
         # in sync, and the earliest (clock) time of the next attempt.
         self._backoff: dict[str, Backoff] = {}
@@ -282,6 +323,8 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
             auto_resync=self.auto_resync,
             resync_retry_initial_s=self.resync_retry_initial_s,
             resync_retry_max_s=self.resync_retry_max_s,
+            lease_s=self.lease_s,
+            lease_drift_s=self.lease_drift_s,
         )
 
     def liveness(self) -> driver.Liveness:
@@ -311,6 +354,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
             in_flight=frozenset(self._resync_tasks),
             healthy=healthy,
             jitter=jitter,
+            lease_granted_at=dict(self._lease_granted_at),
         )
 
     # ================================================================ queries
@@ -343,14 +387,40 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
         )
         return why is None, why or "ready"
 
-    def assignment(self, pair: PairRecord, address: str) -> pb.VolumeAssignment:
+    def lease_remaining_s(self, pair: PairRecord) -> float:
+        """Seconds the current primary's lease may still run (>= 0), as this coordinator counts it."""
+        return max(
+            0.0,
+            driver.lease_remaining_s(
+                pair.name,
+                self._lease_granted_at,
+                self._clock(),
+                policy=self.policy(),
+                started_at=self._started_at,
+            ),
+        )
+
+    def assignment(self, pair: PairRecord, address: str, *, create: bool = False) -> pb.VolumeAssignment:
+        """The assignment of ``pair`` to ``address``. ``create`` (CreateVolume):
+        the node creates its store with the initial identity. A secondary that
+        reports it has no data of the volume is rebuilt: ``create`` with
+        ``identity.current = 0`` (idempotent: a store of the same UUID with
+        data is kept by the node)."""
         role = pb.ROLE_PRIMARY if address == pair.primary else pb.ROLE_SECONDARY
+        identity = pb.Identity(volume_uuid=pair.volume_uuid)
+        if create:
+            identity.current = pair.generation
+        else:
+            report = self.latest_report(address, pair.name)
+            create = report is not None and report.data_missing and address == pair.secondary
         return pb.VolumeAssignment(
             spec=pb.VolumeSpec(name=pair.name, size_bytes=pair.size_bytes, block_size=pair.block_size),
             role=role,
             epoch=pair.epoch,
             peer_address=pair.peer_of(address),
             resync_mode=pair.resync_mode,  # type: ignore[arg-type]
+            identity=identity,
+            create=create,
         )
 
     def assignments_for(self, address: str) -> list[pb.VolumeAssignment]:
@@ -359,10 +429,12 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
     def volume_status(self, pair: PairRecord) -> pb.VolumeStatus:
         summary = summarize_extents(pair.failed_extents, STATUS_MAX_EXTENTS)
         report = self.latest_report(pair.primary, pair.name)
+        sec_report = self.latest_report(pair.secondary, pair.name)
+        primary_alive = self.is_alive(pair.primary)
         p = pair.progress
         status = pb.VolumeStatus(
             spec=pb.VolumeSpec(name=pair.name, size_bytes=pair.size_bytes, block_size=pair.block_size),
-            state=pair.state.to_proto(),  # type: ignore[arg-type]
+            state=status_proto(pair.state, primary_alive=primary_alive),  # type: ignore[arg-type]
             epoch=pair.epoch,
             primary=pair.primary,
             secondary=pair.secondary,
@@ -379,8 +451,16 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
             last_error=pair.last_error,
             state_changed_at=pair.state_changed_at,
             resync_mode=pair.resync_mode,  # type: ignore[arg-type]
-            primary_alive=self.is_alive(pair.primary),
+            primary_alive=primary_alive,
             secondary_alive=self.is_alive(pair.secondary),
+            volume_uuid=pair.volume_uuid,
+            generation=pair.generation,
+            secondary_generation=pair.secondary_generation,
+            lease_remaining_s=self.lease_remaining_s(pair),
+            out_of_sync_bytes=report.out_of_sync_bytes if report is not None else summary.total_bytes,
+            auto_failover=pair.auto_failover,
+            primary_data_missing=report is not None and report.data_missing,
+            secondary_data_missing=sec_report is not None and sec_report.data_missing,
         )
         if report is not None:
             # Counters from the primary's latest heartbeat (since it started).
@@ -421,6 +501,10 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
                 self._backoff[cmd.volume] = Backoff(cmd.failures, cmd.not_before)
             elif isinstance(cmd, ClearBackoff):
                 self._backoff.pop(cmd.volume, None)
+            elif isinstance(cmd, SaveGenerations):
+                self._save_generations(cmd)
+            elif isinstance(cmd, Alert):
+                log.error("%s", cmd.message)
             elif isinstance(cmd, NodeSilent):
                 self._dead_logged.add(cmd.address)
                 if cmd.heard_before:
@@ -459,9 +543,21 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
             last_error=pair.last_error if cmd.last_error is None else cmd.last_error,
             progress=pair.progress if cmd.progress is None else cmd.progress,
             state_changed_at=now if cmd.to_state != cmd.from_state else pair.state_changed_at,
+            primary=pair.primary if cmd.primary is None else cmd.primary,
+            secondary=pair.secondary if cmd.secondary is None else cmd.secondary,
+            generation=pair.generation if cmd.generation is None else cmd.generation,
+            secondary_generation=pair.secondary_generation
+            if cmd.secondary_generation is None
+            else cmd.secondary_generation,
+            full_copy_pending=pair.full_copy_pending
+            if cmd.full_copy_pending is None
+            else cmd.full_copy_pending,
         )
         self.db.save_pair(updated, StateChange(cmd.from_state, cmd.reason), at=now)
         self._pairs[cmd.volume] = updated
+        if updated.primary != pair.primary:
+            # A new primary: the old one's grant is no lease of the new one.
+            self._lease_granted_at.pop(cmd.volume, None)
         if cmd.progress_reported:
             self._progress_at[cmd.volume] = self._clock()
         if cmd.to_state != cmd.from_state:
@@ -484,6 +580,26 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
                 cmd.reason,
             )
 
+    def _save_generations(self, cmd: SaveGenerations) -> None:
+        pair = self._pairs[cmd.volume]
+        updated = replace(
+            pair,
+            generation=pair.generation if cmd.generation is None else cmd.generation,
+            secondary_generation=pair.secondary_generation
+            if cmd.secondary_generation is None
+            else cmd.secondary_generation,
+        )
+        self.db.save_pair(updated)
+        self._pairs[cmd.volume] = updated
+        log.info(
+            "volume %s: generation of primary %s is %016x, of secondary %s %016x",
+            cmd.volume,
+            updated.primary,
+            updated.generation,
+            updated.secondary,
+            updated.secondary_generation,
+        )
+
     def _create_pair(self, cmd: CreatePair) -> None:
         spec = cmd.spec
         pair = PairRecord(
@@ -495,6 +611,10 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
             epoch=1,
             state=PairState.IN_SYNC,
             resync_mode=int(spec.resync_mode),
+            volume_uuid=cmd.volume_uuid,
+            generation=cmd.generation,
+            secondary_generation=cmd.generation,
+            auto_failover=spec.auto_failover,
         )
         self._pairs[spec.name] = self.db.create_pair(pair, reason=cmd.reason, at=self._wall())
 
@@ -544,13 +664,40 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
         self._mark_alive(address)
         self._reports[address] = {r.name: r for r in request.volumes}
         self._report_at[address] = self._clock()
-        for report in request.volumes:
-            try:
-                await self._primary_heartbeat(address, _volume_report(report))
-            except Exception:
-                # Never fail the heartbeat itself: the node would think we are gone.
-                log.exception("volume %s: cannot apply the degraded heartbeat of %s", report.name, address)
-        return pb.HeartbeatReply(known=True, assignments=self.assignments_for(address))
+        views = {r.name: _volume_report(r) for r in request.volumes}
+        async with self._lock:
+            for view in views.values():
+                try:
+                    self._carry_out(self._on_heartbeat(address, view))
+                    self._carry_out(driver.on_identity(self._pairs.get(view.volume), address, view))
+                except Exception:
+                    # Never fail the heartbeat itself: the node would think we are gone.
+                    log.exception("volume %s: cannot apply the heartbeat report of %s", view.volume, address)
+            # Only now, with what this heartbeat changed persisted: a lease's
+            # state must be durable.
+            leases = self._grant_leases(address, views)
+            assignments = self.assignments_for(address)
+        if any(v.no_data for v in views.values()):
+            self.wake()  # a replica without data: a rebuild or a promotion is decided at once
+        return pb.HeartbeatReply(known=True, assignments=assignments, leases=leases)
+
+    def _grant_leases(self, address: str, views: Mapping[str, driver.Report]) -> list[pb.Lease]:
+        """The leases for ``address`` (see ``driver.leases_for``), recorded as
+        granted now. Call with ``self._lock`` held, right before replying."""
+        grants = driver.leases_for(address, self.pairs(), views, policy=self.policy())
+        now = self._clock()
+        for g in grants:
+            self._lease_granted_at[g.volume] = now
+        return [
+            pb.Lease(
+                volume=g.volume,
+                epoch=g.epoch,
+                lease_s=g.lease_s,
+                state=g.state.to_proto(),  # type: ignore[arg-type]
+                generation=g.generation,
+            )
+            for g in grants
+        ]
 
     def _on_heartbeat(self, address: str, report: driver.Report) -> list[Command]:
         return driver.on_heartbeat(
@@ -564,14 +711,6 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
             jitter=random.random(),
         )
 
-    async def _primary_heartbeat(self, address: str, report: driver.Report) -> None:
-        """The safety net for a lost ReportReplication (see ``driver.on_heartbeat``).
-        Decided without the lock first, as nearly every heartbeat needs nothing."""
-        if not self._on_heartbeat(address, report):
-            return
-        async with self._lock:
-            self._carry_out(self._on_heartbeat(address, report))
-
     # ================================================================ RPCs: volumes
 
     async def CreateVolume(
@@ -584,6 +723,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
             secondary=request.secondary,
             block_size=request.block_size,
             resync_mode=request.resync_mode,
+            auto_failover=request.auto_failover,
         )
         spec = driver.volume_spec(args, self.default_resync_mode)
         async with self._lock:
@@ -596,7 +736,13 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
             )
             if problem:
                 await _refuse(context, problem)
-            cmds = driver.plan_create_volume(args, default_resync_mode=self.default_resync_mode)
+            cmds = driver.plan_create_volume(
+                args,
+                default_resync_mode=self.default_resync_mode,
+                # Both through the module attributes: the simulator patches them.
+                volume_uuid=new_volume_uuid(),
+                generation=volumes.new_generation(),
+            )
             try:
                 self._carry_out(cmds)
             except PairExists as e:
@@ -617,7 +763,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
                 continue
             try:
                 await self._stub(push.address).AssignVolume(
-                    self.assignment(pair, push.address), timeout=self.rpc_timeout_s
+                    self.assignment(pair, push.address, create=push.create), timeout=self.rpc_timeout_s
                 )
             except (aio.AioRpcError, OSError) as e:
                 error = _rpc_error_text(e)
@@ -673,12 +819,89 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
             if isinstance(outcome, Problem):
                 await _refuse(context, outcome)
             self._carry_out(outcome)
+            view = self._replication_view(request)
+            self._carry_out(driver.on_identity(self._pairs[pair.name], request.reporter, view))
             pair = self._pairs[pair.name]
-        return pb.ReportReplicationReply(
+            # After what the report changed is persisted (the lease's state is durable).
+            leases = self._grant_leases(request.reporter, {pair.name: view})
+        reply = pb.ReportReplicationReply(
             state=pair.state.to_proto(),  # type: ignore[arg-type]
             epoch=pair.epoch,
             failed_extents=[pb.Extent(offset=e.offset, length=e.length) for e in pair.failed_extents],
         )
+        if leases:
+            reply.lease.CopyFrom(leases[0])
+        return reply
+
+    def _replication_view(self, request: pb.ReplicationReport) -> driver.Report:
+        """A ReplicationReport as the identity part of a heartbeat report: its
+        identity, or (if it carries none) the one of the reporter's latest heartbeat."""
+        if request.HasField("identity"):
+            return driver.Report(
+                volume=request.volume,
+                epoch=request.epoch,
+                state=_pair_state(request.state),
+                identity=Identity.from_proto(request.identity),
+            )
+        latest = self.latest_report(request.reporter, request.volume)
+        if latest is not None:
+            return _volume_report(latest)
+        return driver.Report(volume=request.volume, epoch=request.epoch, state=_pair_state(request.state))
+
+    # ================================================================ RPCs: promotion
+
+    async def Promote(self, request: pb.PromoteRequest, context: aio.ServicerContext) -> pb.PromoteReply:
+        async with self._lock:
+            pair = self._pairs.get(request.volume)
+            if pair is None:
+                await _refuse(context, driver.not_found(request.volume, self._pairs))
+            outcome = driver.plan_promote(
+                pair,
+                self.liveness(),
+                self.report_views(),
+                self._clock(),
+                force=request.force,
+                policy=self.policy(),
+                lease_granted_at=dict(self._lease_granted_at),
+            )
+            if isinstance(outcome, Problem):
+                log.warning("volume %s: promotion refused: %s", request.volume, outcome.message)
+                await _refuse(context, outcome)
+            self._carry_out(outcome)
+            pair = self._pairs[pair.name]
+        failed = await self._push_assignments(outcome)
+        message = pair.last_error
+        if failed:
+            message += (
+                f"; the assignment did not reach {', '.join(failed)} yet: it gets it with its next heartbeat"
+            )
+        return pb.PromoteReply(status=self.volume_status(pair), message=message)
+
+    async def _push_assignments(self, cmds: Iterable[Command]) -> list[str]:
+        """Push the assignments among ``cmds`` (after they were carried out). A
+        failed push is not rolled back: the node gets the same assignment with
+        its next heartbeat reply. Returns the addresses that were not reached."""
+        failed: list[str] = []
+        for cmd in cmds:
+            if not isinstance(cmd, PushAssignment):
+                continue
+            pair = self._pairs.get(cmd.volume)
+            if pair is None:
+                continue
+            try:
+                await self._stub(cmd.address).AssignVolume(
+                    self.assignment(pair, cmd.address, create=cmd.create), timeout=self.rpc_timeout_s
+                )
+                log.info("volume %s: assignment pushed to %s (epoch %d)", cmd.volume, cmd.address, pair.epoch)
+            except (aio.AioRpcError, OSError) as e:
+                failed.append(cmd.address)
+                log.warning(
+                    "volume %s: AssignVolume to %s failed (%s); its next heartbeat delivers it",
+                    cmd.volume,
+                    cmd.address,
+                    _rpc_error_text(e),
+                )
+        return failed
 
     # ================================================================ background: the tick
 
@@ -689,6 +912,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
         async with self._lock:
             cmds = self.commands(jitter=random.random())
             self._carry_out(cmds)
+        await self._push_assignments(cmds)
         probes = [c for c in cmds if isinstance(c, ProbeHealth)]
         if not probes:
             return
@@ -703,7 +927,9 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
                     "volume %s: secondary %s does not answer health checks yet", probe.volume, probe.address
                 )
         async with self._lock:
-            self._carry_out(self.commands(healthy, jitter=random.random()))
+            cmds = self.commands(healthy, jitter=random.random())
+            self._carry_out(cmds)
+        await self._push_assignments(cmds)
 
     async def _start_resync(self, cmd: StartResync) -> None:
         name, primary, epoch = cmd.volume, cmd.primary, cmd.epoch
@@ -718,7 +944,15 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
                 ):
                     with attempt:
                         reply = await self._stub(primary).StartResync(
-                            pb.StartResyncRequest(volume=name, epoch=epoch), timeout=self.rpc_timeout_s
+                            pb.StartResyncRequest(
+                                volume=name,
+                                epoch=epoch,
+                                extra_extents=[
+                                    pb.Extent(offset=e.offset, length=e.length) for e in cmd.extra_extents
+                                ],
+                                full_copy=cmd.full_copy,
+                            ),
+                            timeout=self.rpc_timeout_s,
                         )
                 log.info(
                     "volume %s: primary %s accepted StartResync at epoch %d: %s",

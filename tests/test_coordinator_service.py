@@ -69,6 +69,11 @@ class FakeNode(pb_grpc.NodeServiceServicer):  # only AssignVolume and StartResyn
         self.resync_errors: list[grpc.StatusCode] = []  # popped one per StartResync call
         self.resync_requests: list[pb.StartResyncRequest] = []
         self.reports: dict[str, pb.VolumeReport] = {}
+        # What a node keeps of its assignments: the identity of the store it
+        # created (AssignVolume with create) and its role, reported in every
+        # heartbeat unless the test set the report's identity itself.
+        self.identities: dict[str, pb.Identity] = {}
+        self.roles: dict[str, int] = {}
         self.heartbeating = False
         self._server: rpc.Server | None = None
         self._hb_task: asyncio.Task[None] | None = None
@@ -78,7 +83,25 @@ class FakeNode(pb_grpc.NodeServiceServicer):  # only AssignVolume and StartResyn
         self.calls.append(("assign", self.address, request))
         if self.assign_error is not None:
             await context.abort(self.assign_error, "disk full (injected)")
+        name = request.spec.name
+        self.roles[name] = request.role
+        if request.create and (name not in self.identities or request.identity.current):
+            self.identities[name] = pb.Identity(
+                volume_uuid=request.identity.volume_uuid, current=request.identity.current
+            )
         return pb.AssignVolumeReply(message="ok")
+
+    def volume_reports(self) -> list[pb.VolumeReport]:
+        out: dict[str, pb.VolumeReport] = {}
+        for name in self.identities:
+            out[name] = pb.VolumeReport(name=name, role=self.roles.get(name, 0))  # type: ignore[arg-type]
+        for name, r in self.reports.items():
+            out[name] = pb.VolumeReport()
+            out[name].CopyFrom(r)
+        for name, r in out.items():
+            if not r.HasField("identity") and not r.data_missing and name in self.identities:
+                r.identity.CopyFrom(self.identities[name])
+        return list(out.values())
 
     async def StartResync(self, request: pb.StartResyncRequest, context: Any) -> pb.StartResyncReply:
         self.calls.append(("resync", self.address, request))
@@ -113,7 +136,7 @@ class FakeNode(pb_grpc.NodeServiceServicer):  # only AssignVolume and StartResyn
             if self.heartbeating:
                 with contextlib.suppress(grpc.RpcError):
                     await coord.Heartbeat(
-                        pb.HeartbeatRequest(address=self.address, volumes=list(self.reports.values())),
+                        pb.HeartbeatRequest(address=self.address, volumes=self.volume_reports()),
                         timeout=1.0,
                     )
             await asyncio.sleep(HEARTBEAT_S)
@@ -724,10 +747,18 @@ async def test_restart_loses_nothing(env: Env, caplog: pytest.LogCaptureFixture)
     before = await env.get()
     await env.restart(auto_resync=False)
     after = await env.get()
+    # Nobody alive yet after the restart: the status shows the primary lost,
+    # the persisted state is unchanged.
+    assert before.state == pb.PAIR_STATE_DEGRADED
+    assert after.state == pb.PAIR_STATE_PRIMARY_LOST
+    assert env.servicer.pair("vol1").state is PairState.DEGRADED
     for f in (
         "spec",
-        "state",
         "epoch",
+        "volume_uuid",
+        "generation",
+        "secondary_generation",
+        "auto_failover",
         "primary",
         "secondary",
         "failed_extents",
@@ -744,6 +775,7 @@ async def test_restart_loses_nothing(env: Env, caplog: pytest.LogCaptureFixture)
     hb = await env.stub.Heartbeat(pb.HeartbeatRequest(address=env.primary.address))
     assert hb.known and hb.assignments[0].spec.name == "vol1"
     assert (await env.get()).primary_alive
+    assert (await env.get()).state == pb.PAIR_STATE_DEGRADED
     assert events(env) == [(None, "in_sync", 1), ("in_sync", "degraded", 1)]
 
 

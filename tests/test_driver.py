@@ -52,6 +52,7 @@ from syncrep.core.driver import (
     validate_register,
     validate_report,
 )
+from syncrep.core.identity import Identity
 from syncrep.core.pairstate import PairState
 from syncrep.pb import syncrep_pb2 as pb
 
@@ -61,6 +62,11 @@ VOL = "vol1"
 MiB = 1024 * 1024
 POLICY = Policy(node_timeout_s=3.0, auto_resync=True, resync_retry_initial_s=0.5, resync_retry_max_s=10.0)
 FAILED = (Extent(4096, 4196),)
+UUID = "c0ffee" * 5 + "00"
+G0, G1, G2 = 0x10, 0x11, 0x12
+#: The primary went degraded (new generation G1); the secondary is still at G0.
+PID = Identity(UUID, G1, (G0,))
+SID = Identity(UUID, G0)
 
 
 def pair(state: PairState = S_.DEGRADED, epoch: int = 1, **kw: Any) -> PairRecord:
@@ -74,12 +80,26 @@ def pair(state: PairState = S_.DEGRADED, epoch: int = 1, **kw: Any) -> PairRecor
         state=state,
         failed_extents=FAILED if state is not S_.IN_SYNC else (),
         fault_snapshot_id=11 if state is not S_.IN_SYNC else 0,
+        volume_uuid=UUID,
+        generation=G1 if state is not S_.IN_SYNC else G0,
+        secondary_generation=G0,
     )
     return PairRecord(**{**base, **kw})
 
 
 def hb(state: PairState | None = S_.DEGRADED, epoch: int = 1, snap: int = 11, **kw: Any) -> Report:
+    """The primary's heartbeat report (with its identity unless told otherwise)."""
+    kw.setdefault("identity", PID)
     return Report(volume=VOL, epoch=epoch, state=state, fault_snapshot_id=snap, **kw)
+
+
+def sec(identity: Identity | None = SID, epoch: int = 1, **kw: Any) -> Report:
+    """The secondary's heartbeat report."""
+    return Report(volume=VOL, epoch=epoch, state=None, identity=identity, role="secondary", **kw)
+
+
+def both(primary: Report, secondary: Report | None = None) -> dict[tuple[str, str], Report]:
+    return {(P, VOL): primary, (S, VOL): sec() if secondary is None else secondary}
 
 
 def short(cmd: Command) -> tuple[Any, ...]:
@@ -124,7 +144,8 @@ def test_wire_values_agree_with_the_protos() -> None:
 
 NOW = 100.0
 BOTH = {P: 99.9, S: 99.9}  # both heard a moment ago
-DEGRADED_HB = {(P, VOL): hb()}  # the primary's heartbeat: degraded at epoch 1, fault snapshot 11
+# The primary's heartbeat (degraded at epoch 1, fault snapshot 11) and the secondary's.
+DEGRADED_HB = both(hb())
 
 
 @dataclass
@@ -214,7 +235,7 @@ DECIDE: dict[str, Row] = {
     ),
     "degraded, primary still at an older epoch (StartResync never reached it) -> resync": Row(
         pair(epoch=3),
-        reports={(P, VOL): hb(epoch=2)},
+        reports=both(hb(epoch=2)),
         healthy={S: True},
         want=[("change", "degraded->resyncing", 4), ("start", P, 4)],
     ),
@@ -370,7 +391,7 @@ class World:
 
 
 def test_trace_secondary_goes_silent_comes_back_and_resyncs_at_the_next_epoch() -> None:
-    w = World({VOL: pair(S_.RESYNCING, 2)}, reports={(P, VOL): hb(S_.RESYNCING, 2)})
+    w = World({VOL: pair(S_.RESYNCING, 2)}, reports=both(hb(S_.RESYNCING, 2)))
     w.hear(0.0, P, S)
     assert w.tick(0.0) == []
     for t in (1.0, 2.0, 3.0):  # the secondary stops heartbeating after t=0
@@ -397,7 +418,7 @@ def test_trace_secondary_goes_silent_comes_back_and_resyncs_at_the_next_epoch() 
 
 
 def test_trace_failed_start_resync_backs_off_then_retries_at_a_new_epoch() -> None:
-    w = World({VOL: pair(S_.DEGRADED, 1)}, reports={(P, VOL): hb()})
+    w = World({VOL: pair(S_.DEGRADED, 1)}, reports=both(hb()))
     w.hear(10.0, P, S)
     assert w.tick(10.0, healthy={S: True}) == [("change", "degraded->resyncing", 2), ("start", P, 2)]
     # StartResync at epoch 2 was refused.
@@ -422,7 +443,7 @@ def test_trace_failed_start_resync_backs_off_then_retries_at_a_new_epoch() -> No
 
 
 def test_trace_primary_dead_no_resync_until_it_is_back() -> None:
-    w = World({VOL: pair(S_.DEGRADED, 1)}, reports={(P, VOL): hb()})
+    w = World({VOL: pair(S_.DEGRADED, 1)}, reports=both(hb()))
     w.hear(0.0, P, S)
     for t in (3.5, 5.0):
         w.hear(t, S)  # only the secondary heartbeats: the primary is dead
@@ -792,17 +813,22 @@ def test_validate_create_volume(fields: dict[str, Any], code: Code | None, fragm
 
 
 def test_plan_create_volume_persists_then_pushes_secondary_first() -> None:
-    cmds = plan_create_volume(cv(), default_resync_mode=driver.RESYNC_MODE_DIRECT)
+    cmds = plan_create_volume(
+        cv(auto_failover=True), default_resync_mode=driver.RESYNC_MODE_DIRECT, volume_uuid=UUID, generation=G0
+    )
     assert shorts(cmds) == [("create", VOL), ("push", S), ("push", P)]
     create = cmds[0]
     assert isinstance(create, CreatePair)
     assert (create.spec.block_size, create.spec.resync_mode) == (4096, driver.RESYNC_MODE_DIRECT)
+    assert (create.volume_uuid, create.generation, create.spec.auto_failover) == (UUID, G0, True)
+    assert all(isinstance(c, PushAssignment) and c.create for c in cmds[1:])
     assert create.reason == (
-        f"created: primary {P}, secondary {S}, {64 * MiB} bytes, block size 4096, resync mode RESYNC_MODE_DIRECT"
+        f"created: primary {P}, secondary {S}, {64 * MiB} bytes, block size 4096, resync mode RESYNC_MODE_DIRECT, "
+        f"volume uuid {UUID}, generation {G0:016x}, auto-failover on"
     )
     rewrite = plan_create_volume(cv(resync_mode=1, block_size=512), default_resync_mode=2)[0]
     assert isinstance(rewrite, CreatePair) and rewrite.spec.block_size == 512
-    assert rewrite.reason.endswith("resync mode RESYNC_MODE_REWRITE")
+    assert "resync mode RESYNC_MODE_REWRITE," in rewrite.reason
 
 
 @pytest.mark.parametrize(("still_ours", "want"), [(True, [("delete", VOL)]), (False, [])])

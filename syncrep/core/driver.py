@@ -19,6 +19,11 @@ Entry points:
   (``ProbeHealth``) and, once the probe answered, a resync at a new epoch.
 * ``on_report``: a ReplicationReport from a primary.
 * ``on_heartbeat``: the safety net of a primary's heartbeat that says degraded.
+* ``on_identity``: a node's reported generation, persisted when it changed.
+* ``plan_promote``: the Promote RPC (``decide`` promotes by itself on
+  auto-failover and when the primary has lost its data).
+* ``leases_for`` / ``lease_remaining_s``: the primaries' leases
+  (docs/FAILOVER.md section 2).
 * ``on_start_resync_failed``: StartResync failed (refused or unreachable).
 * ``plan_create_volume`` / ``on_push_failed``: CreateVolume.
 * validators that return a ``Problem`` (or a message) or None:
@@ -42,7 +47,8 @@ from typing import Final, Protocol, TypeAlias
 
 from syncrep.blockstore.extents import Extent
 from syncrep.core.extents import derive_failed_extents, to_extent
-from syncrep.core.pairstate import IllegalTransition, PairEvent, PairState, transition
+from syncrep.core.identity import Identity, Relation, relate
+from syncrep.core.pairstate import IllegalTransition, PairEvent, PairState, is_legal, transition
 from syncrep.core.vocab import validate_dial_address
 
 __all__ = [
@@ -54,6 +60,7 @@ __all__ = [
     "RESYNC_MODE_REWRITE",
     "ROLE_HINTS",
     "VOLUME_NAME_RE",
+    "Alert",
     "Backoff",
     "ChangePair",
     "ClearBackoff",
@@ -62,6 +69,7 @@ __all__ = [
     "CreatePair",
     "CreateVolumeArgs",
     "DeletePair",
+    "LeaseGrant",
     "Liveness",
     "Nack",
     "NodeSilent",
@@ -73,17 +81,22 @@ __all__ = [
     "PushAssignment",
     "ReplicationReport",
     "Report",
+    "SaveGenerations",
     "SaveProgress",
     "SetBackoff",
     "StartResync",
     "VolumeSpec",
     "decide",
+    "lease_remaining_s",
+    "leases_for",
     "not_found",
     "on_heartbeat",
+    "on_identity",
     "on_push_failed",
     "on_report",
     "on_start_resync_failed",
     "plan_create_volume",
+    "plan_promote",
     "resync_backoff_s",
     "resync_blocker",
     "validate_config",
@@ -165,6 +178,16 @@ class PairView(Protocol):
     def last_error(self) -> str: ...
     @property
     def state_changed_at(self) -> float: ...
+    @property
+    def volume_uuid(self) -> str: ...
+    @property
+    def generation(self) -> int: ...
+    @property
+    def secondary_generation(self) -> int: ...
+    @property
+    def auto_failover(self) -> bool: ...
+    @property
+    def full_copy_pending(self) -> bool: ...
 
 
 @dataclass(frozen=True)
@@ -188,6 +211,27 @@ class Report:
     fault_snapshot_id: int = 0
     failed_extents: tuple[tuple[int, int], ...] = ()
     last_error: str = ""
+    #: The replica's data identity; None: the report carries none (unknown).
+    identity: Identity | None = None
+    #: The node has no usable store for the volume (``data_problem`` says why).
+    data_missing: bool = False
+    data_problem: str = ""
+    #: A demoted primary's extents that may be on its disk only.
+    divergent_extents: tuple[tuple[int, int], ...] = ()
+    out_of_sync_bytes: int = 0
+    lease_remaining_s: float = 0.0
+    #: "primary", "secondary" or "" (unspecified): the role the node applies.
+    role: str = ""
+
+    @property
+    def has_data(self) -> bool:
+        """The node reports a store with data of a pair (never served otherwise)."""
+        return not self.data_missing and self.identity is not None and self.identity.has_data
+
+    @property
+    def no_data(self) -> bool:
+        """The node says it has no data: no store, or an empty one (being rebuilt)."""
+        return self.data_missing or (self.identity is not None and not self.identity.has_data)
 
 
 @dataclass(frozen=True)
@@ -213,6 +257,7 @@ class ReplicationReport:
     reason: str = ""
     fault_snapshot_id: int = 0
     progress: Progress | None = None  # None: the report carries no progress
+    identity: Identity | None = None  # the primary's; None: not in the report
 
 
 @dataclass(frozen=True)
@@ -251,6 +296,10 @@ class Policy:
     auto_resync: bool = True
     resync_retry_initial_s: float = 0.5
     resync_retry_max_s: float = 10.0
+    #: The term of a primary's lease, and the margin for clock-rate drift the
+    #: coordinator adds before it treats a lease as expired.
+    lease_s: float = 4.0
+    lease_drift_s: float = 0.5
 
 
 @dataclass(frozen=True)
@@ -263,6 +312,7 @@ class CreateVolumeArgs:
     secondary: str
     block_size: int = 0
     resync_mode: int = 0
+    auto_failover: bool = False
 
 
 @dataclass(frozen=True)
@@ -275,6 +325,7 @@ class VolumeSpec:
     primary: str
     secondary: str
     resync_mode: int
+    auto_failover: bool = False
 
     def role_of(self, address: str) -> str | None:
         return {self.primary: "primary", self.secondary: "secondary"}.get(address)
@@ -311,6 +362,30 @@ class ChangePair:
     progress: Progress | None = None
     #: The progress came from the primary just now (newer than its heartbeats).
     progress_reported: bool = False
+    #: A promotion swaps the roles: the new addresses (None: unchanged).
+    primary: str | None = None
+    secondary: str | None = None
+    generation: int | None = None
+    secondary_generation: int | None = None
+    full_copy_pending: bool | None = None
+
+
+@dataclass(frozen=True)
+class SaveGenerations:
+    """Persist the generations the nodes reported (no state change, no event);
+    None means unchanged."""
+
+    volume: str
+    generation: int | None = None
+    secondary_generation: int | None = None
+
+
+@dataclass(frozen=True)
+class Alert:
+    """Log ``message`` at ERROR: something an operator must know (data that may be lost)."""
+
+    volume: str
+    message: str
 
 
 @dataclass(frozen=True)
@@ -351,19 +426,25 @@ class ProbeHealth:
 @dataclass(frozen=True)
 class StartResync:
     """Call ``NodeService.StartResync(volume, epoch)`` on ``primary`` (after the
-    ``ChangePair`` that issued ``epoch`` is persisted)."""
+    ``ChangePair`` that issued ``epoch`` is persisted), with ``extra_extents``
+    (the pair's failed extents: they include a demoted primary's divergent
+    ones) and ``full_copy`` (the secondary holds no data)."""
 
     volume: str
     primary: str
     epoch: int
+    extra_extents: tuple[Extent, ...] = ()
+    full_copy: bool = False
 
 
 @dataclass(frozen=True)
 class CreatePair:
-    """Persist a new pair (in sync at epoch 1) and its creation event."""
+    """Persist a new pair (in sync at epoch 1, with its data identity) and its creation event."""
 
     spec: VolumeSpec
     reason: str
+    volume_uuid: str = ""
+    generation: int = 0
 
 
 @dataclass(frozen=True)
@@ -376,15 +457,20 @@ class DeletePair:
 
 @dataclass(frozen=True)
 class PushAssignment:
-    """Call ``NodeService.AssignVolume`` on ``address``; on failure, ask ``on_push_failed``."""
+    """Call ``NodeService.AssignVolume`` on ``address``; on failure, ask ``on_push_failed``
+    (CreateVolume) or leave it to the heartbeats (promotion). ``create``: the
+    node creates the store (CreateVolume only)."""
 
     volume: str
     address: str
+    create: bool = False
 
 
 Command: TypeAlias = (
     NodeSilent
     | ChangePair
+    | SaveGenerations
+    | Alert
     | SaveProgress
     | SetBackoff
     | ClearBackoff
@@ -400,9 +486,19 @@ Command: TypeAlias = (
 
 
 def validate_config(
-    heartbeat_interval_s: float, node_timeout_s: float, default_resync_mode: int
+    heartbeat_interval_s: float,
+    node_timeout_s: float,
+    default_resync_mode: int,
+    *,
+    lease_s: float = 4.0,
+    lease_drift_s: float = 0.5,
 ) -> str | None:
     """None if the coordinator's settings make sense, else what is wrong."""
+    if not lease_s > 0 or not lease_drift_s > 0:
+        return (
+            f"lease_s ({lease_s}) and lease_drift_s ({lease_drift_s}) must be > 0: a primary writes "
+            "alone only under a lease, and the coordinator promotes only after it certainly expired"
+        )
     if heartbeat_interval_s <= 0 or node_timeout_s <= 0:
         return (
             f"heartbeat_interval_s ({heartbeat_interval_s}) and node_timeout_s ({node_timeout_s}) must be > 0"
@@ -441,6 +537,7 @@ def volume_spec(args: CreateVolumeArgs, default_resync_mode: int) -> VolumeSpec:
         primary=args.primary,
         secondary=args.secondary,
         resync_mode=args.resync_mode or default_resync_mode,
+        auto_failover=args.auto_failover,
     )
 
 
@@ -599,6 +696,11 @@ def _change(
     last_error: str | None = None,
     progress: Progress | None = None,
     progress_reported: bool = False,
+    primary: str | None = None,
+    secondary: str | None = None,
+    generation: int | None = None,
+    secondary_generation: int | None = None,
+    full_copy_pending: bool | None = None,
 ) -> list[Command]:
     """``event`` on ``pair`` (IllegalTransition if the table has no entry), with
     what follows from it: a resync that fell back to degraded backs off, a pair
@@ -617,8 +719,17 @@ def _change(
             last_error=last_error,
             progress=progress,
             progress_reported=progress_reported,
+            primary=primary,
+            secondary=secondary,
+            generation=generation,
+            secondary_generation=secondary_generation,
+            full_copy_pending=full_copy_pending,
         )
     ]
+    if event is PairEvent.PROMOTED:
+        # A new primary: the old one's resync failures say nothing about it.
+        cmds.append(ClearBackoff(pair.name))
+        return cmds
     if pair.state is PairState.RESYNCING and to_state is PairState.DEGRADED:
         failures = book.failures + 1
         delay = resync_backoff_s(
@@ -638,6 +749,299 @@ def _proto_state_name(state: PairState | None) -> str:
 
 
 # ---------------------------------------------------------------- the tick
+
+
+@dataclass(frozen=True)
+class LeaseGrant:
+    """A lease for the primary of ``volume`` (``syncrep.v1.Lease``): the pair's
+    persisted state and the primary's generation as the coordinator knows them."""
+
+    volume: str
+    epoch: int
+    lease_s: float
+    state: PairState
+    generation: int
+
+
+def lease_remaining_s(
+    volume: str, granted_at: Mapping[str, float], now: float, *, policy: Policy, started_at: float
+) -> float:
+    """Seconds until the lease of ``volume``'s current primary has certainly
+    expired (<= 0: it has): ``granted_at + lease_s + lease_drift_s - now``.
+    With no grant recorded (since this coordinator started), a grant at
+    ``started_at`` is assumed: one granted just before a restart may still run."""
+    t = max(granted_at.get(volume, started_at), started_at)
+    return t + policy.lease_s + policy.lease_drift_s - now
+
+
+def leases_for(
+    address: str, pairs: Iterable[PairView], reports: Mapping[str, Report], *, policy: Policy
+) -> list[LeaseGrant]:
+    """The leases for ``address``: one per volume whose primary it is and that
+    it reports (``reports``: its reports of this request, by volume) with data.
+    The shell grants them only after it persisted what it decided for the
+    same request (a lease's state must be durable) and records each grant
+    when it replies."""
+    grants: list[LeaseGrant] = []
+    for pair in sorted(pairs, key=lambda p: p.name):
+        report = reports.get(pair.name)
+        if pair.primary != address or report is None or not report.has_data:
+            continue
+        grants.append(LeaseGrant(pair.name, pair.epoch, policy.lease_s, pair.state, pair.generation))
+    return grants
+
+
+def on_identity(pair: PairView | None, reporter: str, report: Report) -> list[Command]:
+    """Persist the generation a node of ``pair`` reports when it changed: the
+    primary's (only with data) or the secondary's (0 while it has no data).
+    A store of another volume UUID is not this pair's data: ignored."""
+    ident = report.identity
+    if pair is None or (ident is None and not report.data_missing):
+        return []
+    if ident is not None and pair.volume_uuid and ident.volume_uuid and ident.volume_uuid != pair.volume_uuid:
+        return []
+    current = 0 if report.data_missing or ident is None else ident.current
+    if reporter == pair.primary:
+        if current and current != pair.generation:
+            return [SaveGenerations(pair.name, generation=current)]
+    elif reporter == pair.secondary and current != pair.secondary_generation:
+        return [SaveGenerations(pair.name, secondary_generation=current)]
+    return []
+
+
+# ---------------------------------------------------------------- promotion
+
+
+def _secondary_unfit(
+    pair: PairView, liveness: Liveness, reports: Mapping[tuple[str, str], Report], now: float, policy: Policy
+) -> str | None:
+    """None if the secondary of ``pair`` can take over (alive, with data of the pair), else why not."""
+    sec = pair.secondary
+    if not liveness.alive(sec, now, policy.node_timeout_s):
+        return (
+            f"secondary {sec} is not alive (silent for {liveness.silent_for(sec, now):.1f} s, "
+            f"node_timeout_s={policy.node_timeout_s}); start it first"
+        )
+    report = reports.get((sec, pair.name))
+    if report is None:
+        return f"secondary {sec} has not reported the volume yet; wait for its next heartbeat"
+    if report.data_missing:
+        return f"secondary {sec} has no data of the volume ({report.data_problem or 'no store'})"
+    if report.identity is None:
+        return f"secondary {sec} has not reported its data identity yet; wait for its next heartbeat"
+    if not report.identity.has_data:
+        return f"secondary {sec} holds no data of the pair yet (it is being rebuilt by a full copy)"
+    if pair.volume_uuid and report.identity.volume_uuid != pair.volume_uuid:
+        return (
+            f"secondary {sec}'s store belongs to volume UUID {report.identity.volume_uuid}, "
+            f"not the pair's {pair.volume_uuid}"
+        )
+    return None
+
+
+def _lacks(pair: PairView, reports: Mapping[tuple[str, str], Report]) -> str:
+    """What the secondary lacks, as far as the coordinator knows."""
+    failed = sum(e.length for e in pair.failed_extents)
+    text = f"the writes in {len(pair.failed_extents)} failed extents ({failed} bytes)"
+    report = reports.get((pair.primary, pair.name))
+    if report is not None and report.out_of_sync_bytes:
+        text += f"; the primary last reported {report.out_of_sync_bytes} bytes out of sync"
+    return text + ", and whatever the primary wrote alone since it last reported"
+
+
+def _primary_has_no_data(
+    pair: PairView, liveness: Liveness, reports: Mapping[tuple[str, str], Report], now: float, policy: Policy
+) -> Report | None:
+    """The primary's report if it is alive and says it has no data (its current
+    process serves nothing), else None."""
+    report = reports.get((pair.primary, pair.name))
+    if report is None or not liveness.alive(pair.primary, now, policy.node_timeout_s) or not report.no_data:
+        return None
+    return report
+
+
+def _promote(
+    pair: PairView,
+    reports: Mapping[tuple[str, str], Report],
+    why: str,
+    *,
+    forced: str,
+    now: float,
+    policy: Policy,
+) -> list[Command]:
+    """The promotion of ``pair``'s secondary (already checked): a new epoch, the
+    roles swapped, degraded (the new primary writes alone), then its assignment."""
+    old, new = pair.primary, pair.secondary
+    epoch = pair.epoch + 1
+    sec = reports[(new, pair.name)].identity
+    reason = f"promoted {new} to primary at epoch {epoch} (old primary {old}): {why}" + (
+        f" (forced: {forced})" if forced else ""
+    )
+    cmds = _change(
+        pair,
+        PairEvent.PROMOTED,
+        reason,
+        book=Backoff(),
+        now=now,
+        policy=policy,
+        jitter=0.0,
+        epoch=epoch,
+        primary=new,
+        secondary=old,
+        failed_extents=(),
+        fault_snapshot_id=0,
+        last_error=reason,
+        progress=Progress(),
+        generation=sec.current if sec is not None else pair.secondary_generation,
+        secondary_generation=pair.generation,
+        full_copy_pending=False,
+    )
+    cmds.append(PushAssignment(pair.name, new))
+    return cmds
+
+
+def plan_promote(
+    pair: PairView,
+    liveness: Liveness,
+    reports: Mapping[tuple[str, str], Report],
+    now: float,
+    *,
+    force: bool,
+    policy: Policy,
+    lease_granted_at: Mapping[str, float],
+) -> Problem | list[Command]:
+    """The Promote RPC on ``pair``: the refusal, or the promotion's commands."""
+    name = pair.name
+    if pair.state is PairState.SPLIT_BRAIN:
+        return Problem(
+            Code.FAILED_PRECONDITION,
+            f"volume {name!r} is in split brain ({pair.last_error}); promoting resolves nothing: "
+            "pick the surviving replica with `syncrep resolve`",
+        )
+    lost = _primary_has_no_data(pair, liveness, reports, now, policy)
+    if lost is None:
+        remaining = lease_remaining_s(name, lease_granted_at, now, policy=policy, started_at=liveness.started_at)
+        if remaining > 0:
+            return Problem(
+                Code.FAILED_PRECONDITION,
+                f"volume {name!r}: primary {pair.primary} may still be writing: its lease runs "
+                f"{remaining:.1f} s more; retry after that",
+            )
+    unfit = _secondary_unfit(pair, liveness, reports, now, policy)
+    if unfit:
+        return Problem(Code.FAILED_PRECONDITION, f"volume {name!r}: cannot promote: {unfit}")
+    forced = ""
+    if pair.state is PairState.RESYNCING:
+        if not force:
+            return Problem(
+                Code.FAILED_PRECONDITION,
+                f"volume {name!r} is resyncing at epoch {pair.epoch}: secondary {pair.secondary} is not "
+                f"current. `--force` promotes the secondary's pre-resync rollback point, losing "
+                f"{_lacks(pair, reports)}",
+            )
+        forced = f"mid-resync: the secondary's pre-resync rollback point; lost: {_lacks(pair, reports)}"
+    elif pair.state is PairState.DEGRADED:
+        if not force:
+            return Problem(
+                Code.FAILED_PRECONDITION,
+                f"volume {name!r} is degraded: secondary {pair.secondary} is not current; it lacks "
+                f"{_lacks(pair, reports)}. `--force` promotes it anyway and loses those writes",
+            )
+        forced = f"the secondary was not current; lost: {_lacks(pair, reports)}"
+    why = "operator request"
+    if lost is not None:
+        why += f"; primary {pair.primary} has no data ({lost.data_problem or 'empty store'})"
+    return _promote(pair, reports, why, forced=forced, now=now, policy=policy)
+
+
+def _auto_promotion(
+    pair: PairView,
+    liveness: Liveness,
+    reports: Mapping[tuple[str, str], Report],
+    now: float,
+    policy: Policy,
+    lease_granted_at: Mapping[str, float],
+) -> list[Command] | None:
+    """The promotions the tick makes by itself, or None:
+
+    * the primary is alive but has no data (its process serves nothing) and
+      the secondary has data of the pair: at once, in any state but split
+      brain (what may be lost is logged at ERROR);
+    * auto-failover: the pair is in sync, the primary silent past
+      ``node_timeout_s`` and its lease certainly expired."""
+    if not is_legal(pair.state, PairEvent.PROMOTED):
+        return None
+    if _secondary_unfit(pair, liveness, reports, now, policy):
+        return None
+    lost = _primary_has_no_data(pair, liveness, reports, now, policy)
+    if lost is not None:
+        why = (
+            f"primary {pair.primary} has no data of the pair ({lost.data_problem or 'empty store'}) and "
+            f"serves nothing; it will be rebuilt as the secondary by a full copy"
+        )
+        if pair.state is PairState.IN_SYNC:
+            return _promote(pair, reports, why, forced="", now=now, policy=policy)
+        loss = f"the pair was {pair.state.value}: {_lacks(pair, reports)}"
+        return [
+            Alert(
+                pair.name,
+                f"volume {pair.name!r}: promoting secondary {pair.secondary} because primary "
+                f"{pair.primary} lost its data, although {loss}; those writes are lost",
+            ),
+            *_promote(pair, reports, why, forced=loss, now=now, policy=policy),
+        ]
+    if not pair.auto_failover or pair.state is not PairState.IN_SYNC:
+        return None
+    silent = liveness.silent_for(pair.primary, now)
+    if silent <= policy.node_timeout_s:
+        return None
+    remaining = lease_remaining_s(pair.name, lease_granted_at, now, policy=policy, started_at=liveness.started_at)
+    if remaining > 0:
+        return None
+    why = (
+        f"auto-failover: primary {pair.primary} silent for {silent:.1f} s (node_timeout_s="
+        f"{policy.node_timeout_s}), its lease expired {-remaining:.1f} s ago; secondary "
+        f"{pair.secondary} in sync"
+    )
+    return _promote(pair, reports, why, forced="", now=now, policy=policy)
+
+
+# ---------------------------------------------------------------- the tick
+
+
+def _resync_source(primary: Report, secondary: Report, pair: PairView) -> tuple[bool, str | None]:
+    """(full copy?, None) if the primary's data may overwrite the secondary's,
+    else (False, why not). Decided by the identities (``relate``)."""
+    if primary.identity is None or secondary.identity is None:
+        return False, "waiting for both replicas to report their data identity"
+    rel = relate(primary.identity, secondary.identity)
+    p, s = primary.identity.short(), secondary.identity.short()
+    if rel.relation in (Relation.SAME, Relation.LOCAL_NEWER):
+        return False, None
+    if rel.relation is Relation.PEER_EMPTY:
+        return True, None
+    if rel.relation is Relation.SPLIT_BRAIN:
+        return False, _split_brain_text(pair, primary.identity, secondary.identity, rel.common)
+    if rel.relation is Relation.LOCAL_EMPTY:
+        return False, f"primary {pair.primary} holds no data of the pair; it is never a resync source"
+    if rel.relation is Relation.PEER_NEWER:
+        return False, (
+            f"secondary {pair.secondary} (generation {s}) is newer than primary {pair.primary} ({p}); "
+            "a resync would overwrite its writes; resolve it with `syncrep resolve`"
+        )
+    return False, (
+        f"primary {pair.primary} ({p}) and secondary {pair.secondary} ({s}) share no generation; "
+        "a resync could overwrite data of another lineage; resolve it with `syncrep resolve`"
+    )
+
+
+def _split_brain_text(pair: PairView, primary: Identity, secondary: Identity, common: int) -> str:
+    return (
+        f"split brain: primary {pair.primary} at generation {primary.short()} and secondary "
+        f"{pair.secondary} at generation {secondary.short()} both moved on from their common "
+        f"generation {common:016x}; nothing is resynced automatically: pick the surviving replica "
+        "with `syncrep resolve`"
+    )
 
 
 def resync_blocker(
@@ -670,9 +1074,83 @@ def resync_blocker(
         return "primary reports no fault-recovery snapshot yet"
     if report.epoch > pair.epoch:
         return f"primary reports epoch {report.epoch} > the pair's {pair.epoch}"
+    sec = reports.get((pair.secondary, pair.name))
+    if sec is None:
+        return f"no heartbeat report for the volume from secondary {pair.secondary} yet"
+    if sec.data_missing:
+        return (
+            f"secondary {pair.secondary} has no data of the pair ({sec.data_problem or 'no store'}); "
+            "waiting for it to be rebuilt as an empty store"
+        )
+    if sec.role == "primary":
+        return f"secondary {pair.secondary} still reports itself primary; waiting for it to take its assignment"
+    _, why = _resync_source(report, sec, pair)
+    if why:
+        return why
     if now < backoff.not_before:
         return f"backing off for {backoff.not_before - now:.1f} s more"
     return None
+
+
+def _secondary_changes(
+    pair: PairView,
+    liveness: Liveness,
+    reports: Mapping[tuple[str, str], Report],
+    now: float,
+    *,
+    policy: Policy,
+    book: Backoff,
+    jitter: float,
+) -> list[Command]:
+    """What the secondary's report changes in a pair that is not resyncing:
+    it has no data (rebuild, full copy), its divergent extents (merged into the
+    failed extents), split brain."""
+    if not liveness.alive(pair.secondary, now, policy.node_timeout_s):
+        return []
+    sec = reports.get((pair.secondary, pair.name))
+    if sec is None:
+        return []
+    kw: dict[str, object] = dict(book=book, now=now, policy=policy, jitter=jitter)
+    if sec.data_missing and (pair.state is PairState.IN_SYNC or not pair.full_copy_pending):
+        if pair.state not in (PairState.IN_SYNC, PairState.DEGRADED):
+            return []
+        reason = (
+            f"secondary {pair.secondary} has no data of the pair ({sec.data_problem or 'no store'}): "
+            "rebuilding it by a full copy"
+        )
+        return _change(
+            pair, PairEvent.SECONDARY_FAILED, reason, last_error=reason, full_copy_pending=True, **kw  # type: ignore[arg-type]
+        )
+    if pair.state is not PairState.DEGRADED:
+        return []
+    if sec.divergent_extents and sec.role != "primary":
+        try:
+            divergent = [to_extent(e) for e in sec.divergent_extents]
+        except ValueError:
+            divergent = []
+        if divergent and all(e.end <= pair.size_bytes for e in divergent):
+            merged = tuple(derive_failed_extents((), (), [*pair.failed_extents, *divergent]))
+            if merged != pair.failed_extents:
+                total = sum(e.length for e in divergent)
+                reason = (
+                    f"secondary {pair.secondary} reports {len(divergent)} divergent extents ({total} bytes) "
+                    "from when it was primary: added to the failed extents (resynced from the primary)"
+                )
+                return _change(pair, PairEvent.SECONDARY_FAILED, reason, failed_extents=merged, **kw)  # type: ignore[arg-type]
+    prim = reports.get((pair.primary, pair.name))
+    if (
+        prim is not None
+        and liveness.alive(pair.primary, now, policy.node_timeout_s)
+        and prim.has_data
+        and sec.has_data
+        and prim.identity is not None
+        and sec.identity is not None
+    ):
+        rel = relate(prim.identity, sec.identity)
+        if rel.relation is Relation.SPLIT_BRAIN:
+            text = _split_brain_text(pair, prim.identity, sec.identity, rel.common)
+            return _change(pair, PairEvent.SPLIT_BRAIN_DETECTED, text, last_error=text, **kw)  # type: ignore[arg-type]
+    return []
 
 
 def decide(
@@ -686,6 +1164,7 @@ def decide(
     in_flight: Collection[str] = (),
     healthy: Mapping[str, bool] | None = None,
     jitter: float = 0.0,
+    lease_granted_at: Mapping[str, float] | None = None,
 ) -> list[Command]:
     """What the coordinator must do now, given
 
@@ -698,10 +1177,18 @@ def decide(
     * ``healthy``: the answers to this round's ``ProbeHealth`` commands, by
       address (a pair ready for a resync whose secondary has no answer here
       gets a ``ProbeHealth``; one that answered False waits);
-    * ``jitter``: a random number in [0, 1) for the backoff's jitter.
+    * ``jitter``: a random number in [0, 1) for the backoff's jitter;
+    * ``lease_granted_at``: when the current primary's lease was last granted,
+      by volume (the coordinator's clock).
+
+    Per pair, the first that applies: a promotion (the primary lost its data;
+    auto-failover); a resyncing pair whose secondary went silent goes
+    degraded; the secondary's report (no data: rebuild; divergent extents;
+    split brain); a resync.
     """
     backoff = backoff or {}
     healthy = healthy or {}
+    granted = lease_granted_at or {}
     timeout = policy.node_timeout_s
     cmds: list[Command] = []
     for address in sorted(liveness.nodes):
@@ -712,6 +1199,10 @@ def decide(
             cmds.append(NodeSilent(address, silent, heard_before=address in liveness.last_heard))
     for pair in sorted(pairs, key=lambda p: p.name):
         book = backoff.get(pair.name, Backoff())
+        promotion = _auto_promotion(pair, liveness, reports, now, policy, granted)
+        if promotion is not None:
+            cmds += promotion
+            continue
         if pair.state is PairState.RESYNCING:
             silent = liveness.silent_for(pair.secondary, now)
             if silent > timeout:
@@ -730,6 +1221,10 @@ def decide(
                     last_error=reason,
                 )
             continue
+        changes = _secondary_changes(pair, liveness, reports, now, policy=policy, book=book, jitter=jitter)
+        if changes:
+            cmds += changes
+            continue
         if not policy.auto_resync:
             continue
         if resync_blocker(pair, liveness, reports, now, policy=policy, backoff=book, in_flight=in_flight):
@@ -740,13 +1235,19 @@ def decide(
             continue
         if not answer:
             continue
-        snapshot = reports[(pair.primary, pair.name)].fault_snapshot_id
+        prim, sec = reports[(pair.primary, pair.name)], reports[(pair.secondary, pair.name)]
+        full_copy, _ = _resync_source(prim, sec, pair)
+        snapshot = prim.fault_snapshot_id
         new_epoch = pair.epoch + 1
         failed_bytes = sum(e.length for e in pair.failed_extents)
+        what = (
+            "a full copy (the secondary holds no data)"
+            if full_copy
+            else f"{len(pair.failed_extents)} failed extents, {failed_bytes} bytes"
+        )
         reason = (
             f"primary {pair.primary} and secondary {pair.secondary} alive, fault snapshot {snapshot} "
-            f"present; resync attempt {book.failures + 1} at epoch {new_epoch} "
-            f"({len(pair.failed_extents)} failed extents, {failed_bytes} bytes)"
+            f"present; resync attempt {book.failures + 1} at epoch {new_epoch} ({what})"
         )
         cmds += _change(
             pair,
@@ -759,7 +1260,7 @@ def decide(
             epoch=new_epoch,
             progress=Progress(),
         )
-        cmds.append(StartResync(pair.name, pair.primary, new_epoch))
+        cmds.append(StartResync(pair.name, pair.primary, new_epoch, pair.failed_extents, full_copy))
     return cmds
 
 
@@ -817,6 +1318,7 @@ def on_heartbeat(
         or pair.primary != reporter
         or report.state is not PairState.DEGRADED
         or report.epoch != pair.epoch
+        or not is_legal(pair.state, PairEvent.SECONDARY_FAILED)
     ):
         return []
     try:
@@ -949,6 +1451,7 @@ def on_report(
             fault_snapshot_id=0,
             last_error="",
             progress=report.progress,
+            full_copy_pending=False,
         )
     except IllegalTransition as e:
         return Problem(Code.FAILED_PRECONDITION, f"volume {pair.name!r}: {e}")
@@ -957,19 +1460,25 @@ def on_report(
 # ---------------------------------------------------------------- CreateVolume
 
 
-def plan_create_volume(args: CreateVolumeArgs, *, default_resync_mode: int) -> list[Command]:
-    """A validated CreateVolume: persist the pair, then push it to the
-    secondary first (so it accepts the primary's stream), then to the primary."""
+def plan_create_volume(
+    args: CreateVolumeArgs, *, default_resync_mode: int, volume_uuid: str = "", generation: int = 0
+) -> list[Command]:
+    """A validated CreateVolume: persist the pair with its identity (``volume_uuid``
+    and the initial ``generation``, minted by the shell), then push it, with
+    ``create``, to the secondary first (so it accepts the primary's stream),
+    then to the primary."""
     spec = volume_spec(args, default_resync_mode)
     mode_name = _RESYNC_MODE_NAMES.get(spec.resync_mode, str(spec.resync_mode))
     reason = (
         f"created: primary {spec.primary}, secondary {spec.secondary}, "
-        f"{spec.size_bytes} bytes, block size {spec.block_size}, resync mode {mode_name}"
+        f"{spec.size_bytes} bytes, block size {spec.block_size}, resync mode {mode_name}, "
+        f"volume uuid {volume_uuid or '(none)'}, generation {generation:016x}, "
+        f"auto-failover {'on' if spec.auto_failover else 'off'}"
     )
     return [
-        CreatePair(spec, reason),
-        PushAssignment(spec.name, spec.secondary),
-        PushAssignment(spec.name, spec.primary),
+        CreatePair(spec, reason, volume_uuid=volume_uuid, generation=generation),
+        PushAssignment(spec.name, spec.secondary, create=True),
+        PushAssignment(spec.name, spec.primary, create=True),
     ]
 
 
