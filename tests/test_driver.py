@@ -95,7 +95,8 @@ def hb(state: PairState | None = S_.DEGRADED, epoch: int = 1, snap: int = 11, **
 
 def sec(identity: Identity | None = SID, epoch: int = 1, **kw: Any) -> Report:
     """The secondary's heartbeat report."""
-    return Report(volume=VOL, epoch=epoch, state=None, identity=identity, role="secondary", **kw)
+    kw.setdefault("role", "secondary")
+    return Report(volume=VOL, epoch=epoch, state=None, identity=identity, **kw)
 
 
 def both(primary: Report, secondary: Report | None = None) -> dict[tuple[str, str], Report]:
@@ -879,3 +880,412 @@ def test_validate_register(address: str, role_hint: str, fragment: str | None) -
 def test_validate_config(hb_s: float, timeout_s: float, mode: int, fragment: str | None) -> None:
     problem = validate_config(hb_s, timeout_s, mode)
     assert problem is None if fragment is None else (problem is not None and fragment in problem)
+
+
+# ================================================================ failover (docs/FAILOVER.md)
+
+from syncrep.core.driver import (  # noqa: E402
+    Alert,
+    LeaseGrant,
+    SaveGenerations,
+    lease_remaining_s,
+    leases_for,
+    on_identity,
+    plan_promote,
+)
+from syncrep.core.pairstate import PairEvent  # noqa: E402
+
+LEASE_POLICY = replace(POLICY, lease_s=4.0, lease_drift_s=0.5)
+#: Both replicas in sync at G0.
+SYNC_REPORTS = both(hb(S_.IN_SYNC, snap=0, identity=SID), sec())
+
+
+def fo_decide(
+    p: PairRecord,
+    reports: dict[tuple[str, str], Report],
+    heard: dict[str, float] | None = None,
+    granted: dict[str, float] | None = None,
+    healthy: dict[str, bool] | None = None,
+    policy: Policy = LEASE_POLICY,
+) -> list[Command]:
+    return decide(
+        [p],
+        Liveness(dict(BOTH) if heard is None else heard, 0.0),
+        reports,
+        NOW,
+        policy=policy,
+        healthy=healthy,
+        lease_granted_at=granted or {},
+    )
+
+
+def kinds(cmds: list[Command]) -> list[str]:
+    out = []
+    for c in cmds:
+        if isinstance(c, ChangePair):
+            out.append(c.event.value)
+        elif isinstance(c, StartResync):
+            out.append("start_full" if c.full_copy else "start")
+        else:
+            out.append(type(c).__name__)
+    return out
+
+
+# ---------------------------------------------------------------- leases
+
+
+@pytest.mark.parametrize(
+    ("granted", "started_at", "now", "want"),
+    [
+        ({VOL: 10.0}, 0.0, 12.0, 2.5),  # 10 + 4 + 0.5 - 12
+        ({VOL: 10.0}, 0.0, 14.5, 0.0),  # certainly expired exactly now
+        ({}, 50.0, 51.0, 3.5),  # no grant since the start: assume one at the start
+        ({VOL: 10.0}, 50.0, 51.0, 3.5),  # a grant before the start counts from the start
+    ],
+)
+def test_lease_remaining_counts_from_the_grant_or_the_start(
+    granted: dict[str, float], started_at: float, now: float, want: float
+) -> None:
+    got = lease_remaining_s(VOL, granted, now, policy=LEASE_POLICY, started_at=started_at)
+    assert got == pytest.approx(want)
+
+
+def test_leases_granted_only_to_the_primary_with_data() -> None:
+    p = pair(S_.DEGRADED, 3)
+    assert leases_for(P, [p], {VOL: hb()}, policy=LEASE_POLICY) == [LeaseGrant(VOL, 3, 4.0, S_.DEGRADED, G1)]
+    assert leases_for(S, [p], {VOL: sec()}, policy=LEASE_POLICY) == []  # the secondary: never
+    assert leases_for(P, [p], {}, policy=LEASE_POLICY) == []  # does not report the volume
+    assert leases_for(P, [p], {VOL: hb(data_missing=True, identity=None)}, policy=LEASE_POLICY) == []
+    assert leases_for(P, [p], {VOL: hb(identity=Identity(UUID, 0))}, policy=LEASE_POLICY) == []
+    assert leases_for(P, [p], {VOL: hb(identity=None)}, policy=LEASE_POLICY) == []  # identity unknown
+
+
+def test_lease_carries_the_persisted_state() -> None:
+    (grant,) = leases_for(P, [pair(S_.IN_SYNC)], {VOL: hb(identity=SID)}, policy=LEASE_POLICY)
+    assert (grant.state, grant.generation) == (S_.IN_SYNC, G0)
+
+
+def test_validate_config_refuses_nonpositive_leases() -> None:
+    assert validate_config(0.5, 3.0, 2, lease_s=0.0) is not None
+    assert "lease_drift_s" in (validate_config(0.5, 3.0, 2, lease_drift_s=-1.0) or "")
+    assert validate_config(0.5, 3.0, 2, lease_s=1.0, lease_drift_s=0.1) is None
+
+
+# ---------------------------------------------------------------- identities reported
+
+
+@pytest.mark.parametrize(
+    ("reporter", "report", "want"),
+    [
+        (P, hb(identity=Identity(UUID, G2, (G0,))), [SaveGenerations(VOL, generation=G2)]),
+        (P, hb(), []),  # unchanged (the pair has G1)
+        (P, hb(identity=Identity(UUID, 0)), []),  # a primary without data: nothing to record
+        (S, sec(Identity(UUID, G1, (G0,))), [SaveGenerations(VOL, secondary_generation=G1)]),
+        (S, sec(None, data_missing=True), [SaveGenerations(VOL, secondary_generation=0)]),
+        (S, sec(Identity("other", G2)), []),  # another volume's store
+        (S, sec(None), []),  # identity unknown
+        ("10.0.0.9:7000", sec(Identity(UUID, G2)), []),  # not a node of the pair
+    ],
+)
+def test_on_identity_persists_changed_generations(reporter: str, report: Report, want: list[Command]) -> None:
+    assert on_identity(pair(), reporter, report) == want
+
+
+# ---------------------------------------------------------------- Promote
+
+
+def promote(
+    p: PairRecord,
+    reports: dict[tuple[str, str], Report] | None = None,
+    heard: dict[str, float] | None = None,
+    granted: dict[str, float] | None = None,
+    force: bool = False,
+) -> Problem | list[Command]:
+    return plan_promote(
+        p,
+        Liveness({S: 99.9} if heard is None else heard, 0.0),
+        SYNC_REPORTS if reports is None else reports,
+        NOW,
+        force=force,
+        policy=LEASE_POLICY,
+        lease_granted_at={VOL: 50.0} if granted is None else granted,
+    )
+
+
+PROMOTE_REFUSALS: dict[str, tuple[dict[str, Any], list[str]]] = {
+    "the primary's lease still runs": (
+        dict(granted={VOL: 97.0}),
+        [f"primary {P} may still be writing: its lease runs 1.5 s more; retry after that"],
+    ),
+    "no grant recorded since a start long ago: the lease has expired": (dict(granted={}), []),
+    "the secondary is not alive": (dict(heard={}), [f"secondary {S} is not alive", "start it first"]),
+    "the secondary has not reported the volume": (
+        dict(reports={(P, VOL): hb(S_.IN_SYNC)}),
+        [f"secondary {S} has not reported the volume yet"],
+    ),
+    "the secondary reports no data": (
+        dict(reports=both(hb(S_.IN_SYNC), sec(None, data_missing=True, data_problem="no store folder"))),
+        [f"secondary {S} has no data of the volume (no store folder)"],
+    ),
+    "the secondary's identity is unknown": (
+        dict(reports=both(hb(S_.IN_SYNC), sec(None))),
+        ["has not reported its data identity yet"],
+    ),
+    "the secondary holds an empty store": (
+        dict(reports=both(hb(S_.IN_SYNC), sec(Identity(UUID, 0)))),
+        ["holds no data of the pair yet", "full copy"],
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(PROMOTE_REFUSALS))
+def test_promote_refusals(name: str) -> None:
+    kw, fragments = PROMOTE_REFUSALS[name]
+    got = promote(pair(S_.IN_SYNC), **kw)
+    if not fragments:
+        assert isinstance(got, list)
+        return
+    assert isinstance(got, Problem) and got.code is Code.FAILED_PRECONDITION, got
+    for f in fragments:
+        assert f in got.message, got.message
+
+
+def test_promote_degraded_refused_without_force_says_what_is_lost() -> None:
+    reports = both(hb(out_of_sync_bytes=8192), sec())
+    got = promote(pair(S_.DEGRADED), reports)
+    assert isinstance(got, Problem) and got.code is Code.FAILED_PRECONDITION
+    assert f"secondary {S} is not current" in got.message
+    assert "1 failed extents (4196 bytes)" in got.message and "8192 bytes out of sync" in got.message
+    assert "`--force` promotes it anyway" in got.message
+
+
+def test_promote_mid_resync_refused_without_force_names_the_rollback_point() -> None:
+    got = promote(pair(S_.RESYNCING, 2))
+    assert (
+        isinstance(got, Problem) and "pre-resync rollback point" in got.message and "--force" in got.message
+    )
+
+
+def test_promote_split_brain_refused_even_forced() -> None:
+    got = promote(pair(S_.SPLIT_BRAIN, last_error="split brain: ..."), force=True)
+    assert isinstance(got, Problem) and "syncrep resolve" in got.message
+
+
+def test_promote_in_sync_swaps_roles_at_a_new_epoch_and_pushes_to_the_new_primary() -> None:
+    cmds = promote(pair(S_.IN_SYNC, 4))
+    assert isinstance(cmds, list)
+    change, clear, push = cmds
+    assert isinstance(change, ChangePair) and isinstance(clear, ClearBackoff)
+    assert change.event is PairEvent.PROMOTED
+    assert (change.from_state, change.to_state, change.epoch) == (S_.IN_SYNC, S_.DEGRADED, 5)
+    assert (change.primary, change.secondary) == (S, P)
+    assert (change.failed_extents, change.fault_snapshot_id) == ((), 0)
+    assert (change.generation, change.secondary_generation) == (G0, G0)
+    assert change.last_error == change.reason
+    assert change.reason.startswith(f"promoted {S} to primary at epoch 5 (old primary {P}): operator request")
+    assert "forced" not in change.reason
+    assert push == PushAssignment(VOL, S)
+
+
+def test_promote_forced_degraded_records_what_was_lost() -> None:
+    cmds = promote(pair(S_.DEGRADED), both(hb(), sec()), force=True)
+    assert isinstance(cmds, list)
+    change = cmds[0]
+    assert isinstance(change, ChangePair) and change.to_state is S_.DEGRADED
+    assert "(forced: the secondary was not current; lost: the writes in 1 failed extents (4196 bytes)" in (
+        change.last_error or ""
+    )
+
+
+def test_promote_forced_mid_resync() -> None:
+    cmds = promote(pair(S_.RESYNCING, 2), force=True)
+    assert isinstance(cmds, list)
+    change = cmds[0]
+    assert isinstance(change, ChangePair) and change.from_state is S_.RESYNCING and change.epoch == 3
+    assert "pre-resync rollback point" in change.reason
+
+
+def test_promote_does_not_wait_for_the_lease_of_a_primary_without_data() -> None:
+    reports = both(hb(S_.IN_SYNC, identity=None, data_missing=True, data_problem="empty data dir"), sec())
+    cmds = promote(pair(S_.IN_SYNC), reports, heard={P: 99.9, S: 99.9}, granted={VOL: 99.9})
+    assert isinstance(cmds, list) and kinds(cmds) == ["promoted", "ClearBackoff", "PushAssignment"]
+
+
+def test_promote_alive_primary_with_data_waits_for_its_lease() -> None:
+    got = promote(pair(S_.IN_SYNC), heard={P: 99.9, S: 99.9}, granted={VOL: 99.9})
+    assert isinstance(got, Problem) and "lease runs 4.4 s more" in got.message
+
+
+# ---------------------------------------------------------------- automatic promotion in the tick
+
+SILENT_P = {P: 95.0, S: 99.9}  # the primary silent for 5 s (node_timeout_s = 3)
+
+
+@pytest.mark.parametrize(
+    ("p", "heard", "granted", "want"),
+    [
+        (
+            pair(S_.IN_SYNC, auto_failover=True),
+            SILENT_P,
+            {VOL: 95.0},
+            ["promoted", "ClearBackoff", "PushAssignment"],
+        ),
+        (pair(S_.IN_SYNC, auto_failover=True), SILENT_P, {VOL: 96.0}, []),  # lease runs 0.5 s more
+        (pair(S_.IN_SYNC, auto_failover=False), SILENT_P, {VOL: 90.0}, []),  # not asked for
+        (pair(S_.IN_SYNC, auto_failover=True), {P: 98.0, S: 99.9}, {VOL: 90.0}, []),  # primary alive
+        (pair(S_.IN_SYNC, auto_failover=True), {P: 95.0, S: 90.0}, {VOL: 90.0}, []),  # secondary dead too
+        (pair(S_.DEGRADED, auto_failover=True), SILENT_P, {VOL: 90.0}, []),  # not in sync: never
+    ],
+)
+def test_auto_failover(
+    p: PairRecord, heard: dict[str, float], granted: dict[str, float], want: list[str]
+) -> None:
+    cmds = fo_decide(p, SYNC_REPORTS, heard=heard, granted=granted)
+    assert kinds(cmds) == want
+    if want:
+        change = cmds[0]
+        assert isinstance(change, ChangePair) and "auto-failover: primary" in change.reason
+        assert "its lease expired 0.5 s ago" in change.reason
+
+
+def test_primary_without_data_in_sync_promotes_the_secondary_at_once() -> None:
+    reports = both(hb(S_.IN_SYNC, identity=None, data_missing=True, data_problem="no store"), sec())
+    cmds = fo_decide(pair(S_.IN_SYNC), reports, granted={VOL: 99.9})
+    assert kinds(cmds) == ["promoted", "ClearBackoff", "PushAssignment"]
+    change = cmds[0]
+    assert isinstance(change, ChangePair) and (change.primary, change.secondary) == (S, P)
+    assert f"primary {P} has no data of the pair (no store)" in change.reason
+
+
+def test_primary_without_data_degraded_promotes_and_alerts_what_is_lost() -> None:
+    reports = both(hb(identity=Identity(UUID, 0)), sec())
+    cmds = fo_decide(pair(S_.DEGRADED), reports)
+    assert kinds(cmds) == ["Alert", "promoted", "ClearBackoff", "PushAssignment"]
+    alert = cmds[0]
+    assert isinstance(alert, Alert) and "those writes are lost" in alert.message
+    assert "4196 bytes" in alert.message
+
+
+def test_primary_without_data_and_secondary_without_data_waits() -> None:
+    reports = both(hb(identity=None, data_missing=True), sec(None, data_missing=True))
+    assert [k for k in kinds(fo_decide(pair(S_.DEGRADED, full_copy_pending=True), reports))] == []
+
+
+# ---------------------------------------------------------------- rebuilds, split brain, extra extents
+
+
+def test_secondary_without_data_in_sync_goes_degraded_for_a_full_copy() -> None:
+    reports = both(hb(S_.IN_SYNC, identity=SID), sec(None, data_missing=True, data_problem="empty data dir"))
+    cmds = fo_decide(pair(S_.IN_SYNC), reports)
+    assert kinds(cmds) == ["secondary_failed"]
+    change = cmds[0]
+    assert isinstance(change, ChangePair) and change.full_copy_pending is True
+    assert change.reason == (
+        f"secondary {S} has no data of the pair (empty data dir): rebuilding it by a full copy"
+    )
+
+
+def test_secondary_without_data_degraded_is_marked_for_a_full_copy_once() -> None:
+    reports = both(hb(), sec(None, data_missing=True))
+    first = fo_decide(pair(S_.DEGRADED), reports, healthy={S: True})
+    assert kinds(first) == ["secondary_failed"]
+    # Marked: it waits for the rebuild (no resync of a replica without a store).
+    assert fo_decide(pair(S_.DEGRADED, full_copy_pending=True), reports, healthy={S: True}) == []
+
+
+def test_rebuilt_secondary_gets_a_full_copy_with_the_failed_extents() -> None:
+    reports = both(hb(), sec(Identity(UUID, 0)))
+    cmds = fo_decide(pair(S_.DEGRADED, full_copy_pending=True), reports, healthy={S: True})
+    assert kinds(cmds) == ["resync_started", "start_full"]
+    start = cmds[1]
+    assert isinstance(start, StartResync) and start.extra_extents == FAILED
+    change = cmds[0]
+    assert isinstance(change, ChangePair) and "a full copy (the secondary holds no data)" in change.reason
+
+
+def test_resync_of_an_older_secondary_carries_the_failed_extents() -> None:
+    cmds = fo_decide(pair(S_.DEGRADED), DEGRADED_HB, healthy={S: True})
+    start = cmds[-1]
+    assert isinstance(start, StartResync) and not start.full_copy and start.extra_extents == FAILED
+
+
+@pytest.mark.parametrize(
+    ("secondary", "why"),
+    [
+        (sec(None), "waiting for both replicas to report their data identity"),
+        (sec(Identity(UUID, G2, (G0, G1))), "is newer than primary"),
+        (sec(Identity(UUID, 0x99)), "share no generation"),
+        (sec(SID, role="primary"), "still reports itself primary"),
+    ],
+)
+def test_resync_waits_for_an_identity_that_makes_the_primary_a_source(secondary: Report, why: str) -> None:
+    reports = both(hb(), secondary)
+    assert fo_decide(pair(S_.DEGRADED), reports, healthy={S: True}) == []
+    blocker = driver.resync_blocker(pair(S_.DEGRADED), Liveness(dict(BOTH), 0.0), reports, NOW, policy=POLICY)
+    assert blocker is not None and why in blocker
+
+
+def test_split_brain_detected_and_never_resynced() -> None:
+    # The primary went degraded (G1); the secondary was promoted by force meanwhile (G2): both from G0.
+    reports = both(hb(identity=Identity(UUID, G1, (G0,))), sec(Identity(UUID, G2, (G0,))))
+    cmds = fo_decide(pair(S_.DEGRADED), reports, healthy={S: True})
+    assert kinds(cmds) == ["split_brain_detected"]
+    change = cmds[0]
+    assert isinstance(change, ChangePair) and change.to_state is S_.SPLIT_BRAIN
+    assert change.last_error == change.reason
+    for f in (f"{G1:016x}", f"{G2:016x}", f"common generation {G0:016x}", "syncrep resolve"):
+        assert f in change.reason
+    # In split brain: nothing more, however often the tick runs.
+    assert fo_decide(pair(S_.SPLIT_BRAIN), reports, healthy={S: True}) == []
+
+
+def test_demoted_primary_divergent_extents_merge_into_the_failed_extents() -> None:
+    reports = both(hb(), sec(divergent_extents=((8192, 4096), (MiB, 4096))))
+    cmds = fo_decide(pair(S_.DEGRADED), reports, healthy={S: True})
+    assert kinds(cmds) == ["secondary_failed"]
+    change = cmds[0]
+    assert isinstance(change, ChangePair) and change.to_state is S_.DEGRADED
+    assert change.failed_extents == (Extent(4096, 8192), Extent(MiB, 4096))
+    # Once merged, the resync starts and carries them.
+    merged = pair(S_.DEGRADED, failed_extents=change.failed_extents)
+    start = fo_decide(merged, reports, healthy={S: True})[-1]
+    assert isinstance(start, StartResync) and start.extra_extents == change.failed_extents
+
+
+def test_divergent_extents_beyond_the_volume_are_ignored() -> None:
+    reports = both(hb(), sec(divergent_extents=((64 * MiB, 4096),)))
+    assert kinds(fo_decide(pair(S_.DEGRADED), reports, healthy={S: True})) == ["resync_started", "start"]
+
+
+def test_degraded_heartbeat_in_split_brain_changes_nothing() -> None:
+    p = pair(S_.SPLIT_BRAIN, state_changed_at=0.0)
+    assert on_heartbeat(p, P, hb(), wall_now=NOW, policy=POLICY, backoff=Backoff(), now=NOW) == []
+
+
+def test_resync_done_clears_the_full_copy_mark() -> None:
+    p = pair(S_.RESYNCING, 2, full_copy_pending=True)
+    cmds = on_report(
+        p,
+        rr(pb.PAIR_STATE_IN_SYNC, 2),
+        resync_started=True,
+        secondary_alive=True,
+        backoff=Backoff(),
+        now=NOW,
+        policy=POLICY,
+    )
+    assert isinstance(cmds, list)
+    change = cmds[0]
+    assert isinstance(change, ChangePair) and change.full_copy_pending is False
+
+
+def test_promote_right_after_a_coordinator_restart_waits_for_a_lease_granted_before_it() -> None:
+    got = plan_promote(
+        pair(S_.IN_SYNC),
+        Liveness({S: 99.9}, started_at=98.0),
+        SYNC_REPORTS,
+        NOW,
+        force=False,
+        policy=LEASE_POLICY,
+        lease_granted_at={},
+    )
+    assert isinstance(got, Problem) and "its lease runs 2.5 s more" in got.message
