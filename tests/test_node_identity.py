@@ -36,6 +36,7 @@ from syncrep.core.pairstate import PairState
 from syncrep.core.receiver import Header, divergent_extents, header_refusal
 from syncrep.core.vocab import META_NODE_DIVERGENT, META_NODE_PROMOTE_PENDING
 from syncrep.errors import FailedPrecondition, NotFound
+from syncrep.nbd.server import NodeExports
 from syncrep.node import Node
 from syncrep.pb import syncrep_pb2 as pb
 from syncrep.volumes import SET_ASIDE_DIR, DataMissing, VolumeRegistry
@@ -539,3 +540,13 @@ async def test_node_start_starts_no_primary_before_the_coordinator_answers(
 async def test_unknown_volume_is_not_found(node: Node) -> None:
     with pytest.raises(NotFound):
         node.primary("nope")
+
+
+async def test_nbd_does_not_export_an_empty_rebuilt_replica(registry: VolumeRegistry) -> None:
+    exports = NodeExports({}, registry, "os")
+    lv, _ = registry.assign(rebuild())
+    assert await exports.open(VOL) is None and VOL not in await exports.names()
+    lv.identity = Identity(UUID, NEWER)  # as a completed full copy leaves it
+    backend = await exports.open(VOL)
+    assert backend is not None and VOL in await exports.names()
+    backend.close()

@@ -350,14 +350,18 @@ class NodeExports:
             )
         if vol in self.primaries or lv.role == pb.ROLE_PRIMARY:
             return PrimaryBackend(name, lv, self.primaries, self.durability)
-        if lv.role == pb.ROLE_SECONDARY:
+        # An empty replica being rebuilt (identity current 0) holds no data of
+        # the pair yet: it is never served (docs/FAILOVER.md section 1).
+        if lv.role == pb.ROLE_SECONDARY and lv.identity.has_data:
             return LocalBackend(name, lv, None, f"syncrep volume {vol} (secondary copy, read-only)")
         return None
 
     async def names(self) -> list[str]:
         out: list[str] = []
         for vol, lv in sorted(self.registry.volumes.items()):
-            if vol in self.primaries or lv.role in (pb.ROLE_PRIMARY, pb.ROLE_SECONDARY):
+            if vol in self.primaries or lv.role == pb.ROLE_PRIMARY or (
+                lv.role == pb.ROLE_SECONDARY and lv.identity.has_data
+            ):
                 out.append(vol)
             with contextlib.suppress(Exception):
                 snaps = await asyncio.to_thread(lv.store.list_snapshots)
