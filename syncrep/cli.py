@@ -606,13 +606,6 @@ def _load_serve(module: str, what: str) -> Callable[..., Coroutine[Any, Any, Non
 def cmd_coordinator(args: argparse.Namespace) -> int:
     serve = _load_serve("coordinator.server", "the coordinator")
     args.data_dir.mkdir(parents=True, exist_ok=True)
-    # TODO(H4): pass lease_s/lease_drift_s unconditionally once the coordinator
-    # takes them (engineer H3); until then only a non-default value is passed,
-    # so the coordinator keeps starting with the defaults (the same values).
-    lease_opts = {
-        k: v for k, v, default in (("lease_s", args.lease_s, 4.0), ("lease_drift_s", args.lease_drift_s, 0.5))
-        if v != default
-    }
     asyncio.run(
         serve(
             args.listen,
@@ -621,7 +614,8 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
             node_timeout_s=args.node_timeout_s,
             auto_resync=args.auto_resync,
             default_resync_mode=RESYNC_MODES[args.resync_mode],
-            **lease_opts,
+            lease_s=args.lease_s,
+            lease_drift_s=args.lease_drift_s,
         )
     )
     return EXIT_OK
