@@ -46,6 +46,8 @@ COORDINATOR = ["--lease-s", str(LEASE_S), "--lease-drift-s", str(LEASE_DRIFT_S),
 #: Generous bounds: the box is a loaded 2-core machine.
 SYNC_TIMEOUT_S = 90.0
 ROLE_TIMEOUT_S = 60.0
+#: Heartbeats are 0.5 s apart; the status settles within a few of them.
+STATUS_SETTLE_S = 10.0
 
 
 async def make_cluster(cluster_factory: Any, *, auto_failover: bool = False,
@@ -82,10 +84,22 @@ async def finish(c: LocalCluster, *, model: dict[int, bytes] | None = None, w: W
         await check_model(c, VOL, model)
     if w is not None:
         await check_no_lost_writes(c, VOL, w)
-    doc = await c.status_json(VOL)  # and the command line agrees
-    assert doc["state"] == "in_sync" and doc["primary_alive"] and doc["secondary_alive"], doc
-    assert doc["generation"] != 0 and doc["generation"] == doc["secondary_generation"], doc
-    assert doc["out_of_sync_bytes"] == 0, doc
+    # And the command line agrees. The nodes' own figures (generations, out-of-sync
+    # bytes) reach the coordinator with their next heartbeats: allow a few.
+    docs: list[dict[str, Any]] = []
+
+    async def status_settled() -> bool:
+        doc = await c.status_json(VOL)
+        docs.append(doc)
+        assert doc["state"] == "in_sync" and doc["primary_alive"] and doc["secondary_alive"], doc
+        return bool(doc["generation"] != 0 and doc["generation"] == doc["secondary_generation"]
+                    and doc["out_of_sync_bytes"] == 0)
+
+    try:
+        await wait_until(status_settled, "status shows one generation and 0 out-of-sync bytes",
+                         timeout_s=STATUS_SETTLE_S, interval_s=0.2)
+    except AssertionError as e:
+        raise AssertionError(f"{e}; last `syncrep status --json`: {docs[-1] if docs else None}") from None
 
 
 async def read_on(addr: str, offset: int, length: int) -> bytes | grpc.StatusCode:
