@@ -262,6 +262,11 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
         # After a start nothing is recorded: driver.lease_remaining_s assumes a
         # grant at the start (one granted just before a restart may still run).
         self._lease_granted_at: dict[str, float] = {}
+        # Volumes whose CreateVolume pushes are in flight: left out of
+        # registration and heartbeat assignments until then, so that no node
+        # learns of the volume without ``create`` (it would report its data
+        # missing, and the coordinator would "rebuild" or promote).
+        self._creating: set[str] = set()
         # The resync driver's memory: per-pair failures since the pair was last
         # in sync, and the earliest (clock) time of the next attempt.
         self._backoff: dict[str, Backoff] = {}
@@ -424,7 +429,11 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
         )
 
     def assignments_for(self, address: str) -> list[pb.VolumeAssignment]:
-        return [self.assignment(p, address) for p in self.pairs() if address in (p.primary, p.secondary)]
+        return [
+            self.assignment(p, address)
+            for p in self.pairs()
+            if address in (p.primary, p.secondary) and p.name not in self._creating
+        ]
 
     def volume_status(self, pair: PairRecord) -> pb.VolumeStatus:
         summary = summarize_extents(pair.failed_extents, STATUS_MAX_EXTENTS)
@@ -748,6 +757,21 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
             except PairExists as e:
                 await _abort(context, grpc.StatusCode.ALREADY_EXISTS, str(e))
             pair = self._pairs[spec.name]
+            self._creating.add(pair.name)
+        try:
+            await self._push_create(pair, spec, cmds, context)
+        finally:
+            self._creating.discard(pair.name)
+        return self.volume_status(self._pairs.get(pair.name, pair))
+
+    async def _push_create(
+        self,
+        pair: PairRecord,
+        spec: driver.VolumeSpec,
+        cmds: list[Command],
+        context: aio.ServicerContext,
+    ) -> None:
+        """CreateVolume's pushes (with ``create``), secondary first; a failed one rolls the creation back."""
         log.info(
             "volume %s created: primary %s, secondary %s, %d bytes, block size %d, epoch %d, state %s",
             pair.name,
@@ -783,7 +807,6 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
                     error,
                 )
                 await _refuse(context, problem)
-        return self.volume_status(self._pairs.get(pair.name, pair))
 
     async def GetVolume(self, request: pb.GetVolumeRequest, context: aio.ServicerContext) -> pb.VolumeStatus:
         pair = self._pairs.get(request.name)

@@ -920,7 +920,9 @@ def plan_promote(
         )
     lost = _primary_has_no_data(pair, liveness, reports, now, policy)
     if lost is None:
-        remaining = lease_remaining_s(name, lease_granted_at, now, policy=policy, started_at=liveness.started_at)
+        remaining = lease_remaining_s(
+            name, lease_granted_at, now, policy=policy, started_at=liveness.started_at
+        )
         if remaining > 0:
             return Problem(
                 Code.FAILED_PRECONDITION,
@@ -995,7 +997,9 @@ def _auto_promotion(
     silent = liveness.silent_for(pair.primary, now)
     if silent <= policy.node_timeout_s:
         return None
-    remaining = lease_remaining_s(pair.name, lease_granted_at, now, policy=policy, started_at=liveness.started_at)
+    remaining = lease_remaining_s(
+        pair.name, lease_granted_at, now, policy=policy, started_at=liveness.started_at
+    )
     if remaining > 0:
         return None
     why = (
@@ -1083,7 +1087,9 @@ def resync_blocker(
             "waiting for it to be rebuilt as an empty store"
         )
     if sec.role == "primary":
-        return f"secondary {pair.secondary} still reports itself primary; waiting for it to take its assignment"
+        return (
+            f"secondary {pair.secondary} still reports itself primary; waiting for it to take its assignment"
+        )
     _, why = _resync_source(report, sec, pair)
     if why:
         return why
@@ -1110,7 +1116,6 @@ def _secondary_changes(
     sec = reports.get((pair.secondary, pair.name))
     if sec is None:
         return []
-    kw: dict[str, object] = dict(book=book, now=now, policy=policy, jitter=jitter)
     if sec.data_missing and (pair.state is PairState.IN_SYNC or not pair.full_copy_pending):
         if pair.state not in (PairState.IN_SYNC, PairState.DEGRADED):
             return []
@@ -1119,7 +1124,15 @@ def _secondary_changes(
             "rebuilding it by a full copy"
         )
         return _change(
-            pair, PairEvent.SECONDARY_FAILED, reason, last_error=reason, full_copy_pending=True, **kw  # type: ignore[arg-type]
+            pair,
+            PairEvent.SECONDARY_FAILED,
+            reason,
+            book=book,
+            now=now,
+            policy=policy,
+            jitter=jitter,
+            last_error=reason,
+            full_copy_pending=True,
         )
     if pair.state is not PairState.DEGRADED:
         return []
@@ -1136,7 +1149,16 @@ def _secondary_changes(
                     f"secondary {pair.secondary} reports {len(divergent)} divergent extents ({total} bytes) "
                     "from when it was primary: added to the failed extents (resynced from the primary)"
                 )
-                return _change(pair, PairEvent.SECONDARY_FAILED, reason, failed_extents=merged, **kw)  # type: ignore[arg-type]
+                return _change(
+                    pair,
+                    PairEvent.SECONDARY_FAILED,
+                    reason,
+                    book=book,
+                    now=now,
+                    policy=policy,
+                    jitter=jitter,
+                    failed_extents=merged,
+                )
     prim = reports.get((pair.primary, pair.name))
     if (
         prim is not None
@@ -1149,7 +1171,16 @@ def _secondary_changes(
         rel = relate(prim.identity, sec.identity)
         if rel.relation is Relation.SPLIT_BRAIN:
             text = _split_brain_text(pair, prim.identity, sec.identity, rel.common)
-            return _change(pair, PairEvent.SPLIT_BRAIN_DETECTED, text, last_error=text, **kw)  # type: ignore[arg-type]
+            return _change(
+                pair,
+                PairEvent.SPLIT_BRAIN_DETECTED,
+                text,
+                book=book,
+                now=now,
+                policy=policy,
+                jitter=jitter,
+                last_error=text,
+            )
     return []
 
 
