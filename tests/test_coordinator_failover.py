@@ -251,3 +251,28 @@ async def test_secondary_without_data_is_rebuilt_for_a_full_copy(env: Env) -> No
     await wait_until(started, what="StartResync")
     req = env.primary.resync_requests[0]
     assert req.full_copy and req.epoch == 2
+
+
+async def test_volume_being_created_is_left_out_of_heartbeat_assignments(env: Env) -> None:
+    await _pair(env)
+    env.servicer._creating.add("vol1")  # its create pushes in flight
+    reply = await env.stub.Heartbeat(pb.HeartbeatRequest(address=env.primary.address))
+    assert list(reply.assignments) == []
+    env.servicer._creating.discard("vol1")
+    reply = await env.stub.Heartbeat(pb.HeartbeatRequest(address=env.primary.address))
+    assert [a.spec.name for a in reply.assignments] == ["vol1"]
+
+
+async def test_reported_generations_are_persisted(env: Env) -> None:
+    await _pair(env)
+    env.primary_reports(
+        pb.PAIR_STATE_IN_SYNC, 1, identity=pb.Identity(volume_uuid=UUID, current=0x99, history=[INITIAL])
+    )
+
+    async def saved() -> bool:
+        assert env.coord.db is not None
+        rec = env.coord.db.get_pair("vol1")
+        return rec is not None and rec.generation == 0x99
+
+    await wait_until(saved, what="the primary's new generation persisted")
+    assert (await env.get()).generation == 0x99
