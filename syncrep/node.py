@@ -235,6 +235,10 @@ class Node:
         await self._apply_assignments(reply.assignments)
 
     async def _apply_assignments(self, assignments: Any) -> None:
+        """Apply the coordinator's assignments: every volume of this node (a
+        registration's or heartbeat's reply carries the full set)."""
+        # A volume no longer assigned here is no longer ours to report missing.
+        self.registry.forget_missing({a.spec.name for a in assignments})
         for a in assignments:
             lv = self.registry.volumes.get(a.spec.name)
             if (

@@ -333,6 +333,13 @@ class VolumeRegistry:
             return lv, True
         return self._update(lv, a, extra_meta or {})
 
+    def forget_missing(self, assigned: set[str]) -> None:
+        """Drop the missing volumes that are not among ``assigned`` (moved to
+        another node or deleted: nothing to report any more)."""
+        for name in [n for n in self.missing if n not in assigned]:
+            del self.missing[name]
+            log.info("volume %s is no longer assigned to this node: no longer reported missing", name)
+
     def _missing(self, a: pb.VolumeAssignment, problem: str) -> DataMissing:
         name = a.spec.name
         m = self.missing.get(name)

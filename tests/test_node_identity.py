@@ -441,7 +441,10 @@ async def test_node_reports_missing_volume_and_serves_nothing(node: Node) -> Non
         node.primary(VOL)
     # The heartbeat path swallows it (logged by the registry, reported above).
     await node._apply_assignments([assignment(pb.ROLE_PRIMARY, epoch=4)])
-    assert node.primaries == {}
+    assert node.primaries == {} and VOL in node.registry.missing
+    # No longer assigned here (moved, deleted): no longer reported.
+    await node._apply_assignments([])
+    assert node.reports() == []
 
 
 async def test_node_reports_secondary_identity_and_divergent_extents(node: Node) -> None:
