@@ -27,6 +27,7 @@ from e2e_helpers import (
     write_blocks,
 )
 
+from deploy import workload as wl
 from deploy.cluster import LocalCluster
 from syncrep import client as sc
 from syncrep import rpc
@@ -327,9 +328,21 @@ async def test_forced_promote_of_stale_secondary_loses_only_what_it_lacked(clust
     r = await c.run_cli("promote", VOL, "--force")
     assert r.returncode == 0, r.stderr
     assert f"primary is now {c.address('secondary')}" in r.stdout, r.stdout
-    # Writes continue on the promoted node.
+    # Writes continue on the promoted node: through a new client, and through the command line.
     cl = await c.connect(VOL)
     await write_blocks(cl, 1024, 128, 8, seed=seed + 3, model=model)
+    blob = wl.make_write(seed + 4, 0, 1, 2000 * BLOCK, 2, BLOCK)
+    src, dst = c.workdir / "cli-in.bin", c.workdir / "cli-out.bin"
+    src.write_bytes(blob)
+    r = await c.run_cli("write", VOL, "--offset", str(2000 * BLOCK), "--input", str(src))
+    assert r.returncode == 0, r.stderr
+    r = await c.run_cli("read", VOL, "--offset", str(2000 * BLOCK), "--length", str(len(blob)),
+                        "--output", str(dst))
+    assert r.returncode == 0, r.stderr
+    assert dst.read_bytes() == blob, "`syncrep read` after the promotion returned other bytes than written"
+    model[2000], model[2001] = blob[:BLOCK], blob[BLOCK:]
+    r = await c.run_cli("status")
+    assert r.returncode == 0 and f"primary {c.address('secondary')} (up)" in r.stdout, r.stdout
     # The old primary is gone for good: its disk is replaced, it comes back empty and is rebuilt.
     c.wipe_data("primary")
     await c.start_process("primary")
