@@ -140,6 +140,10 @@ class Node:
                     await pv.stop()
             elif cur is not None and a.epoch >= cur.epoch:  # a stale epoch: the registry refuses it
                 if cur.role == pb.ROLE_SECONDARY and a.role == pb.ROLE_PRIMARY:
+                    if not cur.identity.has_data:
+                        # Refused before anything is persisted: an empty
+                        # replica is never served (docs/FAILOVER.md section 1).
+                        raise FailedPrecondition(_no_data_to_serve(cur, a.epoch, "promoted to primary"))
                     extra = await self._prepare_promotion(cur, a)
                 elif cur.role == pb.ROLE_PRIMARY and a.role == pb.ROLE_SECONDARY:
                     pv = self.primaries.pop(name, None)
@@ -158,6 +162,11 @@ class Node:
                     "will be overwritten by the resync", lv.name, lv.epoch, lv.peer, len(demoted),
                     sum(e.length for e in demoted),
                 )
+            if lv.role == pb.ROLE_PRIMARY and not lv.identity.has_data:
+                pv = self.primaries.pop(lv.name, None)
+                if pv is not None:
+                    await pv.stop()
+                raise FailedPrecondition(_no_data_to_serve(lv, lv.epoch, "assigned primary"))
             if lv.role == pb.ROLE_PRIMARY:
                 pv = self.primaries.get(lv.name)
                 if pv is not None and role_changed:
@@ -189,7 +198,9 @@ class Node:
     def primary(self, volume: str) -> PrimaryVolume:
         pv = self.primaries.get(volume)
         if pv is None:
-            lv = self.registry.get(volume)  # NOT_FOUND if unknown
+            lv = self.registry.get(volume)  # NOT_FOUND if unknown; FAILED_PRECONDITION if its data is missing
+            if lv.role == pb.ROLE_PRIMARY and not lv.identity.has_data:
+                raise FailedPrecondition(_no_data_to_serve(lv, lv.epoch, "assigned primary"))
             raise FailedPrecondition(
                 f"this node ({self.address}) is {role_name(lv.role)} for volume {volume!r}, not its "
                 f"primary; writes go to the primary ({lv.peer})"
@@ -328,6 +339,14 @@ class Node:
             if pv is not None:
                 pv.on_lease(reply.lease, sent_at)
         return reply
+
+
+def _no_data_to_serve(lv: LocalVolume, epoch: int, what: str) -> str:
+    return (
+        f"volume {lv.name!r} is {what} at epoch {epoch} on this node, but this replica holds no data of the "
+        f"pair (volume UUID {lv.identity.volume_uuid or '(none)'}, generation {lv.identity.short()}: a rebuild "
+        "whose full copy has not completed); it is never served. Promote the replica that has the data"
+    )
 
 
 def _demotion_meta(lv: LocalVolume) -> tuple[dict[str, str | None], list[Extent]]:

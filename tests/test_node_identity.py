@@ -553,3 +553,22 @@ async def test_nbd_does_not_export_an_empty_rebuilt_replica(registry: VolumeRegi
     backend = await exports.open(VOL)
     assert backend is not None and VOL in await exports.names()
     backend.close()
+
+
+async def test_empty_rebuilt_replica_is_never_promoted(node: Node) -> None:
+    await node.assign(rebuild(pb.ROLE_SECONDARY, epoch=2))
+    with pytest.raises(FailedPrecondition, match="holds no data of the pair"):
+        await node.assign(assignment(pb.ROLE_PRIMARY, epoch=3))
+    lv = node.registry.get(VOL)
+    assert RecordingPrimary.started == [] and lv.role == pb.ROLE_SECONDARY and lv.epoch == 2
+    assert lv.store.meta_get(META_NODE_PROMOTE_PENDING) is None
+    with pytest.raises(FailedPrecondition, match="not its primary"):
+        node.primary(VOL)
+
+
+async def test_empty_store_assigned_primary_serves_nothing(node: Node) -> None:
+    with pytest.raises(FailedPrecondition, match="holds no data of the pair"):
+        await node.assign(rebuild(pb.ROLE_PRIMARY, epoch=2))
+    assert RecordingPrimary.started == [] and node.primaries == {}
+    with pytest.raises(FailedPrecondition, match="holds no data of the pair"):
+        node.primary(VOL)
