@@ -5,18 +5,26 @@ In the style of etcd raft's ``Ready``: the coordinator's shell
 records, when it last heard from each node, the nodes' latest reports, the
 time -- and asks this module what to do. The answer is a list of commands
 (frozen dataclasses). The shell carries them out in a fixed order: first
-persist and record (``CreatePair``, ``ChangePair``, ``SaveProgress``,
-``DeletePair``, and the in-memory ``SetBackoff`` / ``ClearBackoff`` /
-``NodeSilent``) in list order, then send (``StartResync``,
-``PushAssignment``, ``ProbeHealth``), then reply.
+persist and record (``CreatePair``, ``ChangePair``, ``SaveGenerations``,
+``SaveProgress``, ``DeletePair``, the in-memory ``SetBackoff`` /
+``ClearBackoff`` / ``NodeSilent``, and the ERROR log of an ``Alert``) in list
+order, then send (``StartResync``, ``PushAssignment``, ``ProbeHealth``), then
+reply (a lease in a reply is granted only after what the request changed is
+persisted).
 
 Entry points:
 
-* ``decide(pairs, liveness, reports, now, ...)``: the periodic tick. A
-  resyncing pair whose secondary went silent goes degraded; a degraded pair
-  whose primary and secondary are alive, whose primary shows its fault
-  snapshot, and whose backoff has expired gets its secondary probed
-  (``ProbeHealth``) and, once the probe answered, a resync at a new epoch.
+* ``decide(pairs, liveness, reports, now, ...)``: the periodic tick. A pair
+  whose primary lost its data, or (auto-failover) whose in-sync primary is
+  silent with its lease expired, gets its secondary promoted; a resyncing
+  pair whose secondary went silent goes degraded; a secondary without data is
+  rebuilt (degraded, full copy pending), a demoted primary's divergent
+  extents join the failed extents, two replicas that both moved on are split
+  brain; a degraded pair whose primary and secondary are alive, whose primary
+  shows its fault snapshot, whose identities make the primary a source, and
+  whose backoff has expired gets its secondary probed (``ProbeHealth``) and,
+  once the probe answered, a resync at a new epoch (a full copy when the
+  secondary is empty; the failed extents as ``extra_extents``).
 * ``on_report``: a ReplicationReport from a primary.
 * ``on_heartbeat``: the safety net of a primary's heartbeat that says degraded.
 * ``on_identity``: a node's reported generation, persisted when it changed.
