@@ -29,7 +29,8 @@ def test_the_record_round_trips_through_the_metadata_table(rec: PairRecord) -> N
 
 
 def test_a_new_volume_reads_as_in_sync_with_no_log_and_no_clean_flag() -> None:
-    rec = PairRecord.from_meta({}.get)
+    empty: dict[str, str | None] = {}
+    rec = PairRecord.from_meta(empty.get)
     assert rec == PairRecord()
     # Absent keys stay absent when written back (None deletes a key): a volume
     # without an activity log is still recognised as one after any write.
