@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
-from syncrep.blockstore import BlockStore, Extent
+from syncrep.blockstore import BlockStore, Extent, InvalidVolumeError, VolumeBusyError
 from syncrep.config import Durability
 from syncrep.core.identity import Identity
 from syncrep.core.receiver import decode_extents
@@ -237,7 +237,14 @@ class VolumeRegistry:
         for d in sorted(self.root.iterdir()):
             if d.name == SET_ASIDE_DIR or not d.is_dir() or not BlockStore.exists(d):
                 continue
-            lv = self._open(d)
+            try:
+                lv = self._open(d)
+            except VolumeBusyError:
+                raise  # another process holds this data dir: a configuration error, say so at start
+            except InvalidVolumeError as e:
+                # Reported as missing data when the coordinator assigns it.
+                log.error("volume %s: the store at %s cannot be opened (%s); it will not be served", d.name, d, e)
+                continue
             log.info(
                 "opened volume %s (%d bytes, %d-byte blocks, role %s, epoch %d, volume UUID %s, generation %s)",
                 lv.name,
@@ -309,8 +316,17 @@ class VolumeRegistry:
             )
         path = self.root / name
         lv = self.volumes.get(name)
+        unreadable = ""
         if lv is None and _folder_state(path) == "store":
-            lv = self._open(path)
+            try:
+                lv = self._open(path)
+            except VolumeBusyError as e:
+                raise FailedPrecondition(
+                    f"volume {name!r}: the store at {path} is in use by another process ({e}); is a second "
+                    "node running on this data dir?"
+                ) from e
+            except InvalidVolumeError as e:
+                unreadable = f"the store at {path} cannot be opened: {e}"
         created = False
         if a.create and a.identity.current == 0:
             lv, created = self._rebuild(a, lv, path)
@@ -320,7 +336,7 @@ class VolumeRegistry:
             state = _folder_state(path)
             what = "there is no folder" if not path.exists() else (
                 "the folder is empty" if state == "absent" else "the folder holds files that are no volume store")
-            raise self._missing(a, f"{path}: {what}")
+            raise self._missing(a, unreadable or f"{path}: {what}")
         elif lv.identity.volume_uuid != uuid:
             problem = (f"the store at {path} belongs to volume UUID {lv.identity.volume_uuid or '(none)'}, "
                        f"the pair is {uuid}")
@@ -405,10 +421,10 @@ class VolumeRegistry:
                     "or create the volume under another name"
                 )
             return lv, False
-        if _folder_state(path) == "foreign":
+        if _folder_state(path) != "absent":
             raise FailedPrecondition(
-                f"cannot create volume {a.spec.name!r}: {path} exists and holds files that are no volume "
-                "store; remove or move them, or create the volume under another name"
+                f"cannot create volume {a.spec.name!r}: {path} exists and holds files that are no usable "
+                "volume store; remove or move them, or create the volume under another name"
             )
         lv = self._new_store(a, path, Identity(uuid, a.identity.current))
         log.info("volume %s created: %d bytes, %d-byte blocks, role %s, epoch %d, volume UUID %s, generation %s",
@@ -432,8 +448,9 @@ class VolumeRegistry:
                    f"the pair is {uuid}")
             self._close(lv)
             self._set_aside(path, why)
-        elif path.exists() and _folder_state(path) == "foreign":
-            self._set_aside(path, "rebuilding: the folder holds files that are no volume store")
+        elif _folder_state(path) != "absent":
+            # Never created over: BlockStore.create would truncate what is there.
+            self._set_aside(path, "rebuilding: the folder holds files that are no usable volume store")
         lv = self._new_store(a, path, Identity(uuid, 0))
         log.warning("rebuilding volume %s: empty store created (volume UUID %s), it receives a full copy",
                     a.spec.name, uuid)

@@ -198,7 +198,7 @@ def test_new_volume_create_over_another_volumes_store_is_refused(registry: Volum
 def test_new_volume_create_over_a_foreign_folder_is_refused(registry: VolumeRegistry) -> None:
     (registry.root / VOL).mkdir()
     (registry.root / VOL / "notes.txt").write_text("not a store")
-    with pytest.raises(FailedPrecondition, match="holds files that are no volume store"):
+    with pytest.raises(FailedPrecondition, match="holds files that are no usable volume store"):
         registry.assign(new_volume())
     assert (registry.root / VOL / "notes.txt").read_text() == "not a store"
 
@@ -572,3 +572,25 @@ async def test_empty_store_assigned_primary_serves_nothing(node: Node) -> None:
     assert RecordingPrimary.started == [] and node.primaries == {}
     with pytest.raises(FailedPrecondition, match="holds no data of the pair"):
         node.primary(VOL)
+
+
+def _corrupt_store(path: Path) -> None:
+    """A store whose metadata database is garbage (a damaged disk)."""
+    BlockStore.create(path, SIZE, BLOCK, durability="os", name=VOL).close()
+    (path / "meta.sqlite3").write_bytes(b"not a database" * 100)
+
+
+def test_unopenable_store_is_missing_data_and_a_rebuild_sets_it_aside(tmp_path: Path) -> None:
+    reg = VolumeRegistry(tmp_path, "os")
+    try:
+        _corrupt_store(reg.root / VOL)
+        assert reg.open_existing() == []
+        with pytest.raises(DataMissing, match="cannot be opened"):
+            reg.assign(assignment())
+        with pytest.raises(FailedPrecondition, match="no usable volume store"):
+            reg.assign(new_volume())
+        lv, _ = reg.assign(rebuild())
+        assert lv.identity == Identity(UUID, 0)
+        assert len(list((reg.root / SET_ASIDE_DIR).iterdir())) == 1
+    finally:
+        reg.close()
