@@ -41,6 +41,8 @@ log = logging.getLogger(__name__)
 
 MAX_OUTSTANDING_PER_STREAM = 512
 REPORT_RETRY_MAX_S = 30.0
+# The same failed assignment is logged again at most this often.
+ASSIGN_ERROR_LOG_INTERVAL_S = 30.0
 
 
 class Node:
@@ -66,6 +68,7 @@ class Node:
         self._tasks: dict[asyncio.Task[Any], None] = {}  # ordered: see PrimaryVolume._tasks
         self._coord_channel: Any = None
         self._assign_lock = asyncio.Lock()
+        self._assign_errors: dict[str, tuple[str, float]] = {}  # volume -> (last failure, monotonic time)
         self.resync_receiver = ResyncReceiver(self.registry)
         self.replica = ReplicaServicer(self.registry, self.resync_receiver)
         self.nbd: NbdServer | None = None  # --nbd-listen: volumes as NBD exports
@@ -266,9 +269,21 @@ class Node:
             except DataMissing:
                 pass  # logged by the registry, rate limited; reported as data_missing
             except SyncrepError as e:
-                log.error("cannot apply assignment of volume %s: %s", a.spec.name, e.message)
+                self._assign_failed(a.spec.name, e.message)
             except Exception as e:  # a storage failure (disk full, ...): retried at the next heartbeat
-                log.error("cannot apply assignment of volume %s: %s: %s", a.spec.name, type(e).__name__, e)
+                self._assign_failed(a.spec.name, f"{type(e).__name__}: {e}")
+            else:
+                self._assign_errors.pop(a.spec.name, None)
+
+    def _assign_failed(self, volume: str, why: str) -> None:
+        """Log a failed assignment; the same failure again (every heartbeat
+        retries it) at most every ASSIGN_ERROR_LOG_INTERVAL_S."""
+        now = time.monotonic()
+        last = self._assign_errors.get(volume)
+        if last is not None and last[0] == why and now - last[1] < ASSIGN_ERROR_LOG_INTERVAL_S:
+            return
+        self._assign_errors[volume] = (why, now)
+        log.error("cannot apply assignment of volume %s: %s (retried at every heartbeat)", volume, why)
 
     async def _coordinator_loop(self) -> None:
         """Register (retrying with backoff), then heartbeat; re-register when

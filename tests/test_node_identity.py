@@ -594,3 +594,14 @@ def test_unopenable_store_is_missing_data_and_a_rebuild_sets_it_aside(tmp_path: 
         assert len(list((reg.root / SET_ASIDE_DIR).iterdir())) == 1
     finally:
         reg.close()
+
+
+async def test_a_failing_assignment_is_logged_once_per_interval(
+    node: Node, caplog: pytest.LogCaptureFixture
+) -> None:
+    await node.assign(rebuild(pb.ROLE_SECONDARY, epoch=2))
+    caplog.set_level(logging.ERROR)
+    for _ in range(4):  # four heartbeats: the empty replica is never promoted
+        await node._apply_assignments([assignment(pb.ROLE_PRIMARY, epoch=3)])
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1 and "holds no data of the pair" in errors[0], errors
