@@ -66,7 +66,8 @@ CREATE TABLE IF NOT EXISTS {name} (
     generation             INTEGER NOT NULL DEFAULT 0,  -- the primary's current, as last reported (uint64)
     secondary_generation   INTEGER NOT NULL DEFAULT 0,  -- the secondary's current, as last reported (uint64)
     auto_failover          INTEGER NOT NULL DEFAULT 0,
-    full_copy_pending      INTEGER NOT NULL DEFAULT 0
+    full_copy_pending      INTEGER NOT NULL DEFAULT 0,
+    revert_generation      INTEGER NOT NULL DEFAULT 0   -- see PairRecord.revert_generation (uint64)
 )"""
 
 #: Version 1's columns of the pairs table, copied as they are by the migration.
@@ -167,6 +168,11 @@ class PairRecord:
     auto_failover: bool = False
     #: The secondary is being rebuilt: its next resync is a full copy.
     full_copy_pending: bool = False
+    #: After an unforced promotion: the new primary's generation at the
+    #: promotion point, which the old primary reverts to when it is demoted
+    #: (VolumeAssignment.revert_to_generation). 0 = none. Cleared when the
+    #: pair is back in sync.
+    revert_generation: int = 0
 
     @property
     def failed_bytes(self) -> int:
@@ -331,7 +337,8 @@ class CoordinatorDB:
                     "epoch, state, fault_snapshot_id, resync_mode, resync_bytes_done, resync_bytes_total, "
                     "resync_rate_bytes_per_s, resync_eta_s, resync_round, last_error, state_changed_at, "
                     "volume_uuid, generation, secondary_generation, auto_failover, full_copy_pending, "
-                    "created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "revert_generation, created_at) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (
                         pair.name,
                         pair.size_bytes,
@@ -364,7 +371,8 @@ class CoordinatorDB:
                 "resync_bytes_done = ?, resync_bytes_total = ?, resync_rate_bytes_per_s = ?, "
                 "resync_eta_s = ?, resync_round = ?, last_error = ?, state_changed_at = ?, "
                 "volume_uuid = ?, generation = ?, secondary_generation = ?, auto_failover = ?, "
-                "full_copy_pending = ?, primary_address = ?, secondary_address = ? WHERE name = ?",
+                "full_copy_pending = ?, revert_generation = ?, primary_address = ?, secondary_address = ? "
+                "WHERE name = ?",
                 (*self._mutable_values(pair), pair.primary, pair.secondary, pair.name),
             )
             if cur.rowcount != 1:
@@ -476,6 +484,7 @@ class CoordinatorDB:
             _u64_to_db(pair.secondary_generation),
             int(pair.auto_failover),
             int(pair.full_copy_pending),
+            _u64_to_db(pair.revert_generation),
         )
 
     @staticmethod
@@ -540,4 +549,5 @@ class CoordinatorDB:
             secondary_generation=_u64_from_db(r["secondary_generation"]),
             auto_failover=bool(r["auto_failover"]),
             full_copy_pending=bool(r["full_copy_pending"]),
+            revert_generation=_u64_from_db(r["revert_generation"]),
         )

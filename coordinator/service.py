@@ -426,6 +426,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
             resync_mode=pair.resync_mode,  # type: ignore[arg-type]
             identity=identity,
             create=create,
+            revert_to_generation=pair.revert_generation if address == pair.secondary else 0,
         )
 
     def assignments_for(self, address: str) -> list[pb.VolumeAssignment]:
@@ -561,6 +562,9 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
             full_copy_pending=pair.full_copy_pending
             if cmd.full_copy_pending is None
             else cmd.full_copy_pending,
+            revert_generation=pair.revert_generation
+            if cmd.revert_generation is None
+            else cmd.revert_generation,
         )
         self.db.save_pair(updated, StateChange(cmd.from_state, cmd.reason), at=now)
         self._pairs[cmd.volume] = updated

@@ -629,8 +629,17 @@ def _patched(sim_holder: list[Sim], loop: VirtualTimeLoop, seed: int) -> Iterato
 
     rng = random.Random(seed ^ 0xC0FFEE)
     _current_loop[:] = [loop]
-    saved = (time.monotonic, time.time, asyncio.to_thread, secrets.token_hex, rpc.transport,
-             volumes.io_executor_factory)
+    saved_time = (time.monotonic, time.time)
+    # Patched before the coordinator's module is first imported: its
+    # ``clock=time.monotonic`` default is bound at import, and must be the
+    # virtual clock (which reads the current schedule's loop, so binding it
+    # once serves every later schedule of this process too).
+    time.monotonic = _virtual_monotonic
+    time.time = _virtual_time
+    from coordinator import service
+
+    saved = (*saved_time, asyncio.to_thread, secrets.token_hex, rpc.transport,
+             volumes.io_executor_factory, volumes.new_generation, service.new_volume_uuid)
 
     async def to_thread(func: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
         sim_holder[0].check_alive(current_host.get())
@@ -640,17 +649,19 @@ def _patched(sim_holder: list[Sim], loop: VirtualTimeLoop, seed: int) -> Iterato
     # time.monotonic earlier (a default argument bound at import, during an
     # earlier schedule of this process) must still see the running schedule's time.
 
-    time.monotonic = _virtual_monotonic
-    time.time = _virtual_time
     asyncio.to_thread = to_thread  # type: ignore[assignment]
     secrets.token_hex = lambda n=16: "".join(f"{rng.randrange(256):02x}" for _ in range(n or 16))  # type: ignore[assignment]
     rpc.transport = sim_holder[0].net
     volumes.io_executor_factory = lambda name: _InlineExecutor(sim_holder[0])
+    # Generation ids and volume UUIDs appear in logs and decide nothing by
+    # their value, but the trace must be byte-identical on every run.
+    volumes.new_generation = lambda: rng.randrange(1, 2**63)
+    service.new_volume_uuid = lambda: f"{rng.getrandbits(128):032x}"
     try:
         yield
     finally:
         (time.monotonic, time.time, asyncio.to_thread, secrets.token_hex, rpc.transport,  # type: ignore[assignment]
-         volumes.io_executor_factory) = saved
+         volumes.io_executor_factory, volumes.new_generation, service.new_volume_uuid) = saved
         _current_loop.clear()
 
 

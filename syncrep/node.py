@@ -28,6 +28,7 @@ from secondary.resync import ResyncReceiver, ResyncState
 from syncrep import __version__, rpc
 from syncrep.blockstore import Extent
 from syncrep.config import NodeOptions
+from syncrep.core.identity import Identity
 from syncrep.core.pair import PairRecord
 from syncrep.core.receiver import decode_extents, divergent_extents, encode_extents
 from syncrep.core.vocab import MAX_WRITE_BYTES, META_NODE_DIVERGENT, META_NODE_PROMOTE_PENDING
@@ -134,6 +135,7 @@ class Node:
             name = a.spec.name
             extra: dict[str, str | None] | None = None
             demoted: list[Extent] | None = None
+            reverted: Identity | None = None
             cur = self.registry.volumes.get(name)
             if cur is not None and cur.identity.volume_uuid != a.identity.volume_uuid:
                 # This store is about to be reported unrelated (or set aside by
@@ -154,12 +156,20 @@ class Node:
                         # Stop serving writes first (removed from the map
                         # before the await, so no request reaches it).
                         await pv.stop()
-                    extra, demoted = await cur.run_io(_demotion_meta, cur)
+                    extra, demoted, reverted = await cur.run_io(_demotion_meta, cur, a.revert_to_generation)
             # DataMissing (no data of the pair here) propagates: logged by the
             # registry (rate limited), reported in every heartbeat, never served.
             lv, role_changed = await asyncio.to_thread(self.registry.assign, a, extra)
             if demoted is not None:
                 lv.divergent = demoted
+                if reverted is not None and reverted != lv.identity:
+                    log.warning(
+                        "volume %s: generations after %s were never confirmed by a lease from the coordinator "
+                        "(the pair was in sync when %s was promoted, so this node acknowledged no write alone "
+                        "under %s): reverted to %s; what it wrote since is in the divergent extents",
+                        lv.name, reverted.short(), lv.peer, lv.identity.short(), reverted.short(),
+                    )
+                    lv.identity = reverted
                 log.warning(
                     "volume %s demoted to secondary at epoch %d (new primary %s): %d divergent extents (%d bytes) "
                     "will be overwritten by the resync", lv.name, lv.epoch, lv.peer, len(demoted),
@@ -364,7 +374,9 @@ def _no_data_to_serve(lv: LocalVolume, epoch: int, what: str) -> str:
     )
 
 
-def _demotion_meta(lv: LocalVolume) -> tuple[dict[str, str | None], list[Extent]]:
+def _demotion_meta(
+    lv: LocalVolume, revert_to: int = 0
+) -> tuple[dict[str, str | None], list[Extent], Identity | None]:
     """On the I/O thread, the write path stopped: what a demoted primary
     persists with its role change (docs/FAILOVER.md section 4): its divergent
     extents (activity log regions, failed extents, what it wrote alone since
@@ -376,7 +388,17 @@ def _demotion_meta(lv: LocalVolume) -> tuple[dict[str, str | None], list[Extent]
     if rec.fault_snapshot_id and any(s.id == rec.fault_snapshot_id for s in store.list_snapshots()):
         written_alone = store.diff(rec.fault_snapshot_id)
     div = divergent_extents(rec, store.size_bytes, written_alone, decode_extents(store.meta_get(META_NODE_DIVERGENT)))
-    return {**PairRecord().to_meta(), META_NODE_DIVERGENT: encode_extents(div)}, div
+    meta: dict[str, str | None] = {**PairRecord().to_meta(), META_NODE_DIVERGENT: encode_extents(div)}
+    # After an unforced promotion the coordinator names the generation this
+    # node shared with the new primary; anything newer it minted acknowledged
+    # nothing (no lease let it write alone), so it goes back to that one and
+    # the resync overwrites the divergent extents (docs/FAILOVER.md section 4).
+    # Without this, an isolated primary that went degraded on its own would
+    # look split-brained on its return although it lost nobody's write.
+    reverted = lv.identity.reverted_to(revert_to) if revert_to else None
+    if reverted is not None:
+        meta.update(reverted.to_meta())
+    return meta, div, reverted
 
 
 async def _abort(context: grpc.aio.ServicerContext, e: SyncrepError) -> None:

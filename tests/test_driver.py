@@ -1085,6 +1085,24 @@ def test_promote_in_sync_swaps_roles_at_a_new_epoch_and_pushes_to_the_new_primar
     assert change.reason.startswith(f"promoted {S} to primary at epoch 5 (old primary {P}): operator request")
     assert "forced" not in change.reason
     assert push == PushAssignment(VOL, S)
+    # In sync the old primary was never let write alone: it reverts to the
+    # new primary's generation when demoted (no false split brain).
+    assert change.revert_generation == G0
+
+
+def test_promote_forced_degraded_names_no_generation_to_revert_to() -> None:
+    """Forced promote of a stale secondary: the old primary may hold writes it
+    acknowledged alone under its own generation; it must not be reverted."""
+    cmds = promote(pair(S_.DEGRADED), both(hb(), sec()), force=True)
+    assert isinstance(cmds, list) and isinstance(cmds[0], ChangePair)
+    assert cmds[0].revert_generation == 0
+
+
+def test_split_brain_not_detected_from_a_returning_old_primary_before_its_demotion() -> None:
+    """Its first heartbeat still says primary at the old epoch, with the
+    generation it minted alone (which its demotion may revert)."""
+    reports = both(hb(identity=Identity(UUID, G1, (G0,))), sec(Identity(UUID, G2, (G0,)), role="primary"))
+    assert "split_brain_detected" not in kinds(fo_decide(pair(S_.DEGRADED), reports, healthy={S: True}))
 
 
 def test_promote_forced_degraded_records_what_was_lost() -> None:

@@ -274,3 +274,10 @@ def test_relate_mirrors_for_random_histories(pair: tuple[Identity, Identity]) ->
         assert resync_refusal(a, b, "v", full_copy=False) is not None
         assert resync_refusal(b, a, "v", full_copy=False) is not None
     assert len(a.history) <= HISTORY_MAX and len(b.history) <= HISTORY_MAX
+
+
+def test_reverted_to_drops_the_later_generations() -> None:
+    i = Identity("u", 4, (1, 2, 3))
+    assert i.reverted_to(2) == Identity("u", 2, (1,))
+    assert i.reverted_to(4) == i
+    assert i.reverted_to(9) is None and i.reverted_to(0) is None

@@ -508,6 +508,35 @@ async def test_demotion_includes_writes_since_the_fault_snapshot(node: Node) -> 
     assert lv.divergent == [Extent(3 * AL_REGION_BYTES, BLOCK)]
 
 
+async def test_demotion_after_unforced_promotion_reverts_an_unconfirmed_generation(node: Node) -> None:
+    """An isolated primary went degraded on its own (new generation NEWER) but
+    no lease let it acknowledge anything alone; the coordinator promoted the
+    in-sync secondary at GEN. Demoted, it goes back to GEN (its writes since
+    are divergent extents), so the pair is not reported split-brained."""
+    lv, _ = node.registry.assign(new_volume(pb.ROLE_PRIMARY, epoch=1))
+    snap = lv.store.create_snapshot("fault-isolated").id
+    lv.store.write(3 * AL_REGION_BYTES, b"\x07" * BLOCK)  # applied locally, never acknowledged
+    newer = Identity(UUID, NEWER, (GEN,))
+    lv.store.meta_set({**PairRecord(state=PairState.DEGRADED, fault_snapshot_id=snap, al_regions=()).to_meta(),
+                       **newer.to_meta()})
+    lv.identity = newer
+    a = assignment(pb.ROLE_SECONDARY, epoch=2)
+    a.revert_to_generation = GEN
+    await node.assign(a)
+    assert lv.identity == Identity(UUID, GEN, ())
+    assert Identity.from_meta(lv.store.meta_get) == Identity(UUID, GEN, ()), "not persisted with the demotion"
+    assert lv.divergent == [Extent(3 * AL_REGION_BYTES, BLOCK)]
+
+
+async def test_demotion_without_revert_keeps_its_generation(node: Node) -> None:
+    lv, _ = node.registry.assign(new_volume(pb.ROLE_PRIMARY, epoch=1))
+    newer = Identity(UUID, NEWER, (GEN,))
+    lv.store.meta_set(newer.to_meta())
+    lv.identity = newer
+    await node.assign(assignment(pb.ROLE_SECONDARY, epoch=2))
+    assert lv.identity == newer and Identity.from_meta(lv.store.meta_get) == newer
+
+
 async def test_leases_go_to_the_primary_with_the_send_time(node: Node) -> None:
     await node.assign(new_volume(pb.ROLE_PRIMARY, epoch=1))
     node._on_leases([pb.Lease(volume=VOL, lease_s=5.0), pb.Lease(volume="other", lease_s=5.0)], 12.5)

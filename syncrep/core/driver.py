@@ -196,6 +196,8 @@ class PairView(Protocol):
     def auto_failover(self) -> bool: ...
     @property
     def full_copy_pending(self) -> bool: ...
+    @property
+    def revert_generation(self) -> int: ...
 
 
 @dataclass(frozen=True)
@@ -376,6 +378,7 @@ class ChangePair:
     generation: int | None = None
     secondary_generation: int | None = None
     full_copy_pending: bool | None = None
+    revert_generation: int | None = None
 
 
 @dataclass(frozen=True)
@@ -709,6 +712,7 @@ def _change(
     generation: int | None = None,
     secondary_generation: int | None = None,
     full_copy_pending: bool | None = None,
+    revert_generation: int | None = None,
 ) -> list[Command]:
     """``event`` on ``pair`` (IllegalTransition if the table has no entry), with
     what follows from it: a resync that fell back to degraded backs off, a pair
@@ -732,6 +736,7 @@ def _change(
             generation=generation,
             secondary_generation=secondary_generation,
             full_copy_pending=full_copy_pending,
+            revert_generation=revert_generation,
         )
     ]
     if event is PairEvent.PROMOTED:
@@ -903,6 +908,13 @@ def _promote(
         generation=sec.current if sec is not None else pair.secondary_generation,
         secondary_generation=pair.generation,
         full_copy_pending=False,
+        # In sync, the coordinator granted the old primary no lease that let it
+        # write alone, so any generation it minted after this one (it went
+        # degraded on its own, isolated) acknowledged nothing: it reverts to
+        # this one when demoted, instead of looking split-brained. Not after a
+        # forced promote of a stale secondary: then the old primary may hold
+        # acknowledged writes the new one lacks.
+        revert_generation=sec.current if sec is not None and pair.state is PairState.IN_SYNC else 0,
     )
     cmds.append(PushAssignment(pair.name, new))
     return cmds
@@ -1171,6 +1183,13 @@ def _secondary_changes(
     if (
         prim is not None
         and liveness.alive(pair.primary, now, policy.node_timeout_s)
+        # Only reports of the current assignment: a returning old primary's
+        # first heartbeat still shows its own generation, before its demotion
+        # (which may revert it) has been applied.
+        and prim.role != "secondary"
+        and sec.role != "primary"
+        and prim.epoch == pair.epoch
+        and sec.epoch == pair.epoch
         and prim.has_data
         and sec.has_data
         and prim.identity is not None
@@ -1491,6 +1510,7 @@ def on_report(
             last_error="",
             progress=report.progress,
             full_copy_pending=False,
+            revert_generation=0,
         )
     except IllegalTransition as e:
         return Problem(Code.FAILED_PRECONDITION, f"volume {pair.name!r}: {e}")

@@ -78,6 +78,18 @@ class Identity:
         history = (*self.history, self.current)[-HISTORY_MAX:]
         return replace(self, current=gen, history=history)
 
+    def reverted_to(self, generation: int) -> Identity | None:
+        """This identity as it was when ``generation`` was current (its later
+        generations dropped), or None if ``generation`` is not in the history.
+        Used only for generations the coordinator proves unconfirmed: no write
+        was acknowledged under them (``VolumeAssignment.revert_to_generation``)."""
+        if generation == self.current:
+            return self
+        if generation == 0 or generation not in self.history:
+            return None
+        i = self.history.index(generation)
+        return replace(self, current=generation, history=self.history[:i])
+
     def short(self) -> str:
         """For logs and status: the current generation in hex."""
         return f"{self.current:016x}" if self.current else "none (no data)"

@@ -982,6 +982,7 @@ class VolumeAssignment(_message.Message):
     RESYNC_MODE_FIELD_NUMBER: _builtins.int
     IDENTITY_FIELD_NUMBER: _builtins.int
     CREATE_FIELD_NUMBER: _builtins.int
+    REVERT_TO_GENERATION_FIELD_NUMBER: _builtins.int
     role: Global___Role.ValueType
     epoch: _builtins.int
     peer_address: _builtins.str
@@ -992,6 +993,14 @@ class VolumeAssignment(_message.Message):
     data (identity.current = 0; an unrelated store is set aside, never
     deleted). Without create, a node never creates a store: a missing one is
     reported (VolumeReport.data_missing).
+    """
+    revert_to_generation: _builtins.int
+    """To the secondary after an unforced promotion: the new primary's
+    generation at the promotion point. The pair was in sync, so the
+    coordinator never let the old primary write alone since then: any newer
+    generation it minted (going degraded on its own, isolated) acknowledged
+    nothing. When it is demoted it reverts to this generation, its writes since
+    kept as divergent extents for the resync (docs/FAILOVER.md section 4).
     """
     @_builtins.property
     def spec(self) -> Global___VolumeSpec: ...
@@ -1009,10 +1018,11 @@ class VolumeAssignment(_message.Message):
         resync_mode: Global___ResyncMode.ValueType = ...,
         identity: Global___Identity | None = ...,
         create: _builtins.bool = ...,
+        revert_to_generation: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["identity", b"identity", "spec", b"spec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create", b"create", "epoch", b"epoch", "identity", b"identity", "peer_address", b"peer_address", "resync_mode", b"resync_mode", "role", b"role", "spec", b"spec"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create", b"create", "epoch", b"epoch", "identity", b"identity", "peer_address", b"peer_address", "resync_mode", b"resync_mode", "revert_to_generation", b"revert_to_generation", "role", b"role", "spec", b"spec"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
