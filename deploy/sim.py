@@ -21,11 +21,23 @@ modelled as the host cut off both ways (its timers still run, which a real
 SIGSTOP would not); symmetric and one-way partitions between primary and
 secondary; the secondary's disk full (ENOSPC from its store) and freed;
 resync chunks corrupted in transit (the secondary must refuse them).
+Failover (docs/FAILOVER.md): the primary lost for good, then promoted away
+from by the coordinator (auto-failover) or by its Promote RPC (retried while
+the lease runs), the old primary returning with its data or an empty data
+dir; the primary isolated from coordinator and secondary while the client
+still reaches it (auto-failover); a replaced disk (restart with an empty data
+dir) on the primary or the secondary, only when the other replica holds every
+acknowledged write (else the fault is a plain crash: a lost disk of the only
+copy loses writes by definition). Never a forced promote (see below).
+The client writes through the coordinator-following ``VolumeClient``.
 
 Checked while it runs (every ``CHECK_EVERY_S``):
   * epochs only grow (coordinator record and each node's persisted epoch);
-  * at most one node acknowledges writes for the volume (the one the
-    coordinator records as primary);
+  * the coordinator names one of the two nodes primary, the other secondary;
+    the primary moves only by a promotion, at a newer epoch;
+  * at most one node acknowledges writes for the volume: a write sent to a
+    node after the coordinator named the other one primary is never
+    acknowledged by it (an isolated or lost old primary holds no lease);
   * the replicas are identical whenever the pair is in sync and quiet
     (checked at every pause of the workload);
   * every rollback point (``pre-resync-*`` on the secondary) holds only
@@ -33,6 +45,10 @@ Checked while it runs (every ``CHECK_EVERY_S``):
 And at the end, after every fault healed and the pair is back in sync: the
 replicas are identical block for block and no acknowledged write is lost
 (each block holds the latest acknowledged version or a later indeterminate one).
+
+Not simulated: ``Promote --force``. It promotes a stale secondary, loses
+what it lacked, and leaves the pair split brain until ``syncrep resolve``:
+the checker would have to accept exactly the loss the promotion reports.
 
 Exit status 0 only when every schedule passed; a failure prints the seed and
 the path of its trace.
@@ -75,7 +91,15 @@ HOSTS = ("coord", "node-a", "node-b")
 ADDR = {"coord": "coord:7000", "node-a": "node-a:7001", "node-b": "node-b:7002"}
 #: Product log records at this level and up go into the trace (SIM_TRACE_LOG=INFO for more).
 TRACE_LOG_LEVEL = getattr(logging, os.environ.get("SIM_TRACE_LOG", "WARNING").upper(), logging.WARNING)
-FAULT_KINDS = ("crash", "hang", "partition", "partition_oneway", "link_down", "disk_full", "corrupt")
+FAULT_KINDS = ("crash", "hang", "partition", "partition_oneway", "link_down", "disk_full", "corrupt",
+               "lose_primary", "isolate_primary", "replace_disk")
+#: Relative odds of each kind in a schedule. The failover kinds cost the most
+#: (a lease must expire, then a fail-back resync runs): drawn half as often.
+FAULT_WEIGHTS = (1, 1, 1, 1, 1, 1, 1, 0.5, 0.5, 1)
+#: Failover faults last long enough for the lease to expire and the secondary
+#: to be promoted (node_timeout_s 3 + lease_s 4 + lease_drift_s 0.5 on the coordinator).
+FAILOVER_S = (9.0, 14.0)
+ROLE_WAIT_S = 30.0  # bounded wait for a promotion the fault expects
 #: When a fault starts: at its time, or (like the nemesis's second faults) the
 #: first moment after its time that a resync is running / the final round is on.
 TRIGGERS = ("time", "time", "resync", "final_round")
@@ -188,19 +212,26 @@ def make_schedule(seed: int, length_s: float) -> list[Fault]:
         t += rng.uniform(0.2, length_s / 2)
         if t >= length_s:
             break
-        kind = rng.choice(FAULT_KINDS)
+        kind = rng.choices(FAULT_KINDS, FAULT_WEIGHTS)[0]
         target = {
             "crash": rng.choice(["node-a", "node-b", "coord"]),
             "hang": rng.choice(["node-a", "node-b", "coord"]),
             "partition": "node-a|node-b",
             "partition_oneway": rng.choice(["node-a>node-b", "node-b>node-a"]),
             "link_down": rng.choice(["node-a", "node-b", "coord"]),
-            "disk_full": "node-b",
-            "corrupt": "node-a>node-b",
+            "disk_full": "secondary",
+            "corrupt": "primary>secondary",
+            # The primary dies for good (until the end of the schedule): the
+            # coordinator promotes the secondary by itself (a volume created
+            # --auto-failover) or on a Promote RPC, retried until allowed.
+            "lose_primary": rng.choice(["auto", "promote"]),
+            "isolate_primary": "primary",  # cut from coordinator and secondary; the client still reaches it
+            "replace_disk": rng.choice(["primary", "secondary"]),  # restarted with an empty data dir
         }[kind]
         # Only a later fault can meet a resync (an earlier fault starts it).
         trigger = rng.choice(TRIGGERS) if faults else "time"
-        faults.append(Fault(round(t, 3), kind, target, round(rng.uniform(0.1, 4.0), 3), trigger))
+        duration = rng.uniform(*FAILOVER_S) if kind in ("lose_primary", "isolate_primary") else rng.uniform(0.1, 4.0)
+        faults.append(Fault(round(t, 3), kind, target, round(duration, 3), trigger))
     return faults
 
 
@@ -242,6 +273,13 @@ class Sim:
         self.corrupting = 0  # corrupt faults active now
         self.chunks_corrupted = 0
         self.net.tamper = self._tamper
+        # The host the coordinator last named primary (its record while it is
+        # up; the last one seen while it is down). Roles move on promotion.
+        self.primary_host = "node-a"
+        self.promotions = 0
+        self.disks_replaced = 0
+        self.auto_failover = False
+        self.write_sent: dict[int, tuple[str, str, int]] = {}
 
     # -- trace
     def log(self, text: str) -> None:
@@ -251,6 +289,14 @@ class Sim:
     def check_alive(self, host: str) -> None:
         if host in self.crashed:
             raise OSError(errno.EIO, f"sim: host {host} crashed")
+
+    def role_host(self, role: str) -> str:
+        """The host playing ``role`` ("primary"/"secondary") now, or a host name as is."""
+        if role == "primary":
+            return self.primary_host
+        if role == "secondary":
+            return "node-b" if self.primary_host == "node-a" else "node-a"
+        return role
 
     def task_factory(self, loop: asyncio.AbstractEventLoop, coro: Any, context: Any = None) -> asyncio.Task[Any]:
         host = context[current_host] if context is not None and current_host in context else current_host.get()
@@ -310,16 +356,89 @@ class Sim:
         self.log(f"crash {host}")
 
     # -- faults
-    async def crash_for(self, host: str, duration_s: float) -> None:
-        """Crash ``host`` and restart it after ``duration_s``. Overlapping
-        crashes of one host: it stays down until the last one ends."""
+    async def crash_for(self, host: str, duration_s: float, wipe: bool = False,
+                        meanwhile: Callable[[], Any] | None = None) -> None:
+        """Crash ``host`` and restart it after ``duration_s`` (``meanwhile``
+        first, if given), with an empty data dir if ``wipe`` (a replaced
+        disk). Overlapping crashes of one host: it stays down until the last
+        one ends."""
         self.down_count[host] = self.down_count.get(host, 0) + 1
         if self.down_count[host] == 1:
             self.crash_host(host)
+        if meanwhile is not None:
+            await meanwhile()
         await asyncio.sleep(duration_s)
         self.down_count[host] -= 1
         if self.down_count[host] == 0:
+            if wipe:
+                shutil.rmtree(self.root / host, ignore_errors=True)
+                (self.root / host).mkdir()
+                self.node_epochs.pop(host, None)  # a new store starts its own epoch record
+                self.disks_replaced += 1
+                self.log(f"disk of {host} replaced (empty data dir)")
             await self.start_host(host)
+
+    def may_lose_data_of(self, host: str) -> bool:
+        """True when the other replica certainly holds every acknowledged
+        write, so that ``host``'s disk may be destroyed without losing one:
+        the pair is in sync (on the primary's own view: it acknowledges a
+        write only once the secondary has it), or ``host`` is the secondary
+        of a primary that serves (it acknowledged every write itself)."""
+        from syncrep.core.pairstate import PairState
+
+        pv = self.primary_volume()
+        if pv is None or self.primary_host in self.crashed:
+            return False
+        if host != self.primary_host:
+            return True
+        return bool(pv.state is PairState.IN_SYNC)
+
+    async def lose_primary(self, f: Fault) -> None:
+        """The primary is lost for good (for ``duration_s``, i.e. past the
+        schedule's faults): a promotion must happen, automatically or through
+        the coordinator's Promote RPC (retried while refused: the old
+        primary's lease runs). It returns afterwards, with its data, or with
+        a replaced disk when the other replica held every acknowledged write."""
+        host = self.role_host("primary")
+        other = self.role_host("secondary")
+        wipe = self.may_lose_data_of(host) and self.rng.random() < 0.5
+        self.log(f"lose_primary({host}): {'promote by RPC' if f.target == 'promote' else 'auto-failover'}, "
+                 f"returns {'with an empty data dir' if wipe else 'with its data'}")
+
+        async def promote() -> None:
+            from syncrep.core.pairstate import PairState
+
+            loop = asyncio.get_running_loop()
+            give_up = loop.time() + ROLE_WAIT_S
+            while loop.time() < give_up:
+                self.check_invariants()  # follows the coordinator's record
+                pair = self.coordinator_pair()
+                if self.primary_host == other or (pair is not None and pair.state is not PairState.IN_SYNC):
+                    break  # promoted; or not in sync, and nothing promotes without --force
+                if f.target == "promote":
+                    msg = await self.promote_rpc()
+                    if msg:
+                        self.log(f"promote: {msg}")
+                await asyncio.sleep(0.5)
+            self.log(f"lose_primary({host}): primary is {self.primary_host}")
+
+        await self.crash_for(host, f.duration_s, wipe=wipe, meanwhile=promote)
+
+    async def promote_rpc(self) -> str:
+        """One Promote(volume) call (never forced), from the client host. Returns what it said."""
+        from syncrep import rpc
+        from syncrep.pb import syncrep_pb2 as pb
+        from syncrep.pb import syncrep_pb2_grpc as pbg
+
+        try:
+            async with rpc.channel(ADDR["coord"]) as ch:
+                r = await pbg.CoordinatorServiceStub(ch).Promote(pb.PromoteRequest(volume=VOLUME), timeout=2.0)
+        except Exception as e:
+            code = getattr(e, "code", None)
+            details = getattr(e, "details", None)
+            return f"refused: {code() if callable(code) else type(e).__name__}: " \
+                   f"{details() if callable(details) else e}"
+        return f"promoted: {r.message or 'ok'}"
 
     def triggered(self, trigger: str) -> bool:
         from syncrep.core.pairstate import PairState
@@ -367,16 +486,43 @@ class Sim:
             # and never apply it; the primary re-sends. A brief crash of the
             # secondary first, so that there is a resync to corrupt.
             self.corrupting += 1
-            await self.crash_for("node-b", 0.3)
+            await self.crash_for(self.role_host("secondary"), 0.3)
             await asyncio.sleep(f.duration_s)
             self.corrupting -= 1
         elif f.kind == "disk_full":
-            self.disk_full(f.target, True)
+            self.disk_full(self.role_host(f.target), True)
             await asyncio.sleep(f.duration_s)
-            self.disk_full(f.target, False)
+            self.disk_full(self.role_host(f.target), False)
+        elif f.kind == "lose_primary":
+            await self.lose_primary(f)
+        elif f.kind == "isolate_primary":
+            # The primary is cut from the coordinator and its secondary, but
+            # the client still reaches it: it must acknowledge nothing alone
+            # (no lease lets it), and the coordinator promotes the secondary
+            # once the lease certainly expired (the volume is --auto-failover).
+            host = self.role_host("primary")
+            others = [h for h in HOSTS if h != host]
+            for o in others:
+                self.net.cut(host, o)
+                self.net.cut(o, host)
+            await asyncio.sleep(f.duration_s)
+            for o in others:
+                self.net.heal(host, o)
+                self.net.heal(o, host)
+        elif f.kind == "replace_disk":
+            host = self.role_host(f.target)
+            wipe = self.may_lose_data_of(host)
+            self.log(f"replace_disk({host}): {'the disk is replaced' if wipe else 'only a crash'} "
+                     f"({'the other replica holds every acknowledged write' if wipe else 'it may hold the only copy'})")
+            await self.crash_for(host, f.duration_s, wipe=wipe)
         self.log(f"fault over {f.kind}({f.target})")
 
     def _tamper(self, src: str, dst: str, method: str, message: Any) -> Any:
+        if src == "client" and method.endswith("/Write"):
+            # Which node each writer's write went to last, and whom the
+            # coordinator named primary then (see check_ack).
+            w = min(message.offset // (BLOCKS * BLOCK // WRITERS), WRITERS - 1)
+            self.write_sent[w] = (dst.split(":")[0], self.primary_host, self.coord_epoch)
         if not (self.corrupting and method.endswith("/Resync") and message.HasField("chunk")
                 and message.chunk.data and self.rng.random() < 0.5):
             return message
@@ -428,6 +574,7 @@ class Sim:
                 self.inflight += 1
                 try:
                     await wl.write_one(w)
+                    self.check_ack(w)
                 except sc.ClientError:
                     pass  # recorded as failed (indeterminate) by the workload
                 finally:
@@ -440,6 +587,22 @@ class Sim:
             if wl.client is not None:
                 await wl.client.close()
 
+    def check_ack(self, w: int) -> None:
+        """Two nodes never acknowledge writes for the volume at once: a write
+        sent to a node after the coordinator had named the other one primary
+        must not be acknowledged by it (its lease ended before the promotion,
+        and it cannot replicate to the promoted node, which fences its epoch).
+        The end check cannot see such an ack once a later write overwrote it.
+        (Conservative: the sim learns of a promotion a little after it
+        happens, and a node promoted back meanwhile may ack.)"""
+        self.check_invariants()
+        node, primary_then, epoch_then = self.write_sent[w]
+        if node != primary_then and node != self.primary_host:
+            # Kept: the run fails at its next check (this raises in a writer task).
+            self.failure = (f"{node} acknowledged a write of writer {w} sent to it after the coordinator "
+                             f"had named {primary_then} primary (epoch {epoch_then})")
+            raise SimFailure(self.failure)
+
     @property
     def history(self) -> History:
         assert self.workload is not None
@@ -447,8 +610,9 @@ class Sim:
 
     # -- checks
     def primary_volume(self) -> Any:
-        node = self.procs.get("node-a")
-        return None if node is None else node.primaries.get(VOLUME)
+        """The write path of the node the coordinator names primary (None while it is down)."""
+        node = self.procs.get(self.primary_host)
+        return None if node is None or self.primary_host in self.crashed else node.primaries.get(VOLUME)
 
     def stores(self) -> dict[str, Any]:
         out = {}
@@ -468,21 +632,34 @@ class Sim:
         return c.db.get_pair(VOLUME)
 
     def check_invariants(self) -> None:
+        if self.failure is not None:
+            raise SimFailure(self.failure)
         pair = self.coordinator_pair()
         if pair is not None:
             if pair.epoch < self.coord_epoch:
                 raise SimFailure(f"the coordinator's epoch went back from {self.coord_epoch} to {pair.epoch}")
+            host_of = {ADDR[h]: h for h in ("node-a", "node-b")}
+            if pair.primary not in host_of or pair.secondary not in host_of or pair.primary == pair.secondary:
+                raise SimFailure(f"the coordinator records primary {pair.primary}, secondary {pair.secondary}")
+            if host_of[pair.primary] != self.primary_host:
+                # A role change is a promotion: always at a newer epoch.
+                if pair.epoch <= self.coord_epoch:
+                    raise SimFailure(f"the primary moved to {pair.primary} without a new epoch ({pair.epoch})")
+                self.primary_host = host_of[pair.primary]
+                self.promotions += 1
+                self.log(f"promotion: the coordinator names {self.primary_host} primary at epoch {pair.epoch} "
+                         f"(state {pair.state.value})")
             self.coord_epoch = pair.epoch
-            if pair.primary != ADDR["node-a"]:
-                raise SimFailure(f"the coordinator records {pair.primary} as primary; only node-a may ack")
         for host, store in self.stores().items():
             lv = self.procs[host].registry.get(VOLUME)
             if lv.epoch < self.node_epochs.get(host, 0):
                 raise SimFailure(f"{host}'s epoch went back from {self.node_epochs[host]} to {lv.epoch}")
             self.node_epochs[host] = lv.epoch
-            if host == "node-b":
-                if self.procs[host].primaries:
-                    raise SimFailure("node-b serves writes (has a primary write path); only node-a may ack")
+            if host != self.primary_host:
+                # (A node that is not the coordinator's primary may still
+                # have a write path: an isolated primary not yet told. It
+                # acknowledges nothing alone without a lease; the proof is
+                # the end check: every acknowledged write is in the volume.)
                 for snap in store.list_snapshots():
                     if snap.name.startswith("pre-resync-") and snap.name not in self.rollback_checked:
                         self.check_rollback_point(store, snap)
@@ -500,10 +677,13 @@ class Sim:
         self.rollback_checked.add(snap.name)
 
     def in_sync_and_quiet(self) -> bool:
+        self.check_invariants()  # also follows a promotion (primary_host)
         pv = self.primary_volume()
         pair = self.coordinator_pair()
         if pv is None or pair is None or self.inflight or len(self.stores()) < 2:
             return False
+        if self.procs[self.role_host("secondary")].primaries.get(VOLUME) is not None:
+            return False  # the old primary has not taken its demotion yet
         from syncrep.core.pairstate import PairState
 
         link = pv.link
@@ -512,11 +692,12 @@ class Sim:
 
     def compare_replicas(self, where: str) -> None:
         s = self.stores()
-        a, b = read_all_blocks(s["node-a"]), read_all_blocks(s["node-b"])
+        a, b = read_all_blocks(s[self.role_host("primary")]), read_all_blocks(s[self.role_host("secondary")])
         differ = [blk for blk in range(BLOCKS) if a[blk] != b[blk]]
         if differ:
             d = differ[0]
-            raise SimFailure(f"{where}: replicas differ in {len(differ)} blocks, first {d}: primary holds "
+            raise SimFailure(f"{where}: replicas differ in {len(differ)} blocks, first {d}: primary "
+                             f"{self.primary_host} holds "
                              f"{describe_block(a[d], d * BLOCK, BLOCK)}, secondary "
                              f"{describe_block(b[d], d * BLOCK, BLOCK)}")
         if self.workload is not None:
@@ -552,7 +733,8 @@ class Sim:
                     await pbg.CoordinatorServiceStub(ch).CreateVolume(pb.CreateVolumeRequest(
                         name=VOLUME, size_bytes=BLOCKS * BLOCK, block_size=BLOCK,
                         primary=ADDR["node-a"], secondary=ADDR["node-b"],
-                        resync_mode=self.rng.choice([pb.RESYNC_MODE_DIRECT, pb.RESYNC_MODE_REWRITE])),
+                        resync_mode=self.rng.choice([pb.RESYNC_MODE_DIRECT, pb.RESYNC_MODE_REWRITE]),
+                        auto_failover=self.auto_failover),
                         timeout=5.0)
                     break
                 except Exception as e:
@@ -560,7 +742,7 @@ class Sim:
                     await asyncio.sleep(0.2)
             else:
                 raise SimFailure("could not create the volume")
-        self.log("volume created")
+        self.log(f"volume created (auto-failover {'on' if self.auto_failover else 'off'})")
         if not await self.wait_in_sync(10.0):
             raise SimFailure("the new pair did not become in sync")
         stop = asyncio.Event()
@@ -599,7 +781,8 @@ class Sim:
         self.compare_replicas("final")
         self.log(f"final: in sync, replicas identical; {self.history.acked} writes acknowledged, "
                  f"{self.history.indeterminate} indeterminate, {self.chunks_corrupted} resync chunks corrupted "
-                 "in transit")
+                 f"in transit, {self.promotions} promotions, {self.disks_replaced} disks replaced; "
+                 f"primary {self.primary_host}")
 
     async def shutdown(self) -> None:
         for host in list(self.procs):
@@ -690,6 +873,10 @@ def run_seed(seed: int, length_s: float = 8.0) -> tuple[bool, list[str], dict[st
     sim = Sim(seed, root, trace, length_s)
     holder = [sim]
     faults = make_schedule(seed, length_s)
+    # Auto-failover where a fault needs it, and in a quarter of the others
+    # (there, short faults must never trigger a promotion that loses a write).
+    sim.auto_failover = (any(f.kind == "isolate_primary" or (f.kind, f.target) == ("lose_primary", "auto")
+                             for f in faults) or random.Random(seed ^ 0xFA11).random() < 0.25)
     handler = _TraceHandler(sim)
     root_logger = logging.getLogger()
     old_level = root_logger.level
@@ -733,7 +920,8 @@ def run_seed(seed: int, length_s: float = 8.0) -> tuple[bool, list[str], dict[st
         shutil.rmtree(root, ignore_errors=True)
     hist = sim.workload.history if sim.workload is not None else None
     stats = {"seed": seed, "faults": [f.kind for f in faults], "acks": hist.acked if hist else 0,
-             "indeterminate": hist.indeterminate if hist else 0}
+             "indeterminate": hist.indeterminate if hist else 0, "promotions": sim.promotions,
+             "disks_replaced": sim.disks_replaced}
     return ok, trace, stats
 
 

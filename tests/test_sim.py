@@ -29,7 +29,8 @@ def _trace(seed: int) -> bytes:
     return p.stdout
 
 
-@pytest.mark.parametrize("seed", [7, 1029])
+# 1029: a replaced disk on the primary (promotion); 5: an isolated primary (auto-failover).
+@pytest.mark.parametrize("seed", [7, 1029, 5])
 def test_the_same_seed_prints_the_same_trace_byte_for_byte(seed: int) -> None:
     """Two processes (each re-executes itself with PYTHONHASHSEED=0), one seed:
     the traces are identical, and they tell a whole run with faults."""
@@ -47,17 +48,52 @@ def test_schedules_are_a_pure_function_of_the_seed() -> None:
     assert kinds == set(sim.FAULT_KINDS)
     triggers = {f.trigger for s in range(1, 300) for f in sim.make_schedule(s, 8.0)}
     assert triggers == {"time", "resync", "final_round"}
+    targets = {(f.kind, f.target) for s in range(1, 300) for f in sim.make_schedule(s, 8.0)}
+    assert {("lose_primary", "auto"), ("lose_primary", "promote"), ("isolate_primary", "primary"),
+            ("replace_disk", "primary"), ("replace_disk", "secondary")} <= targets
+
+
+# Seeds of the failover faults (schedules of make_schedule(seed, 8.0)), each
+# passing with the promotion / replaced disk it is about.
+FAILOVER_SEEDS = {
+    81: "lose_primary(auto): auto-failover; the old primary returns with an empty data dir",
+    94: "lose_primary(promote): Promote RPC retried until the lease expired; returns with an empty data dir",
+    82: "lose_primary(auto): the old primary returns with its data (fail-back, changes only)",
+    69: "isolate_primary: cut from coordinator and secondary, the client still reaches it",
+    62: "replace_disk(primary): the primary restarts empty and the secondary is promoted",
+    58: "replace_disk(secondary): the secondary restarts empty and gets a full copy",
+}
+
+
+@pytest.mark.parametrize("seed", sorted(FAILOVER_SEEDS))
+def test_failover_fault_schedules_pass(seed: int) -> None:
+    kinds = {f.kind for f in sim.make_schedule(seed, 8.0)}
+    assert FAILOVER_SEEDS[seed].split("(")[0].split(":")[0] in kinds, (seed, kinds)
+    ok, trace, stats = sim.run_seed(seed)
+    assert ok, "\n".join(trace[-30:])
+    assert stats["acks"] > 0
+    if "replace_disk(secondary)" in FAILOVER_SEEDS[seed]:
+        assert stats["disks_replaced"] == 1, stats
+    else:
+        assert stats["promotions"] >= 1, stats
+    if "empty data dir" in FAILOVER_SEEDS[seed]:
+        assert stats["disks_replaced"] >= 1, stats
+    assert any("final: in sync, replicas identical" in line for line in trace), trace[-5:]
 
 
 def test_a_planted_bug_forgetting_failed_extents_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Fault planted in the product: the primary forgets the failed extents
-    when it degrades. Resyncs then skip writes the secondary missed, and the
-    simulator must report replicas that differ, within a few seeds (about a
-    third of the schedules hit it)."""
+    """Fault planted in the product: the failed extents are forgotten when the
+    primary degrades, by the primary and by the coordinator (which merges the
+    primary's reported NACKs and unacked writes itself; forgetting them on one
+    side only is compensated by the other). Resyncs then skip writes the
+    secondary missed, and the simulator must report replicas that differ,
+    within a few seeds (about a quarter of the schedules hit it)."""
     import primary.volume
+    import syncrep.core.driver
     import syncrep.core.pair
 
     monkeypatch.setattr(syncrep.core.pair, "derive_failed_extents", lambda *a, **k: [])
+    monkeypatch.setattr(syncrep.core.driver, "derive_failed_extents", lambda *a, **k: [])
     assert primary.volume.decide_degrade is syncrep.core.pair.decide_degrade
     failures = []
     for seed in range(1, 16):
