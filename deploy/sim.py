@@ -520,9 +520,12 @@ class Sim:
     def _tamper(self, src: str, dst: str, method: str, message: Any) -> Any:
         if src == "client" and method.endswith("/Write"):
             # Which node each writer's write went to last, and whom the
-            # coordinator named primary then (see check_ack).
+            # coordinator's record (read now, not the checker's last look)
+            # named primary then; unknown while the coordinator is down (see check_ack).
             w = min(message.offset // (BLOCKS * BLOCK // WRITERS), WRITERS - 1)
-            self.write_sent[w] = (dst.split(":")[0], self.primary_host, self.coord_epoch)
+            pair = self.coordinator_pair()
+            named = (pair.primary.split(":")[0], pair.epoch) if pair is not None else ("", 0)
+            self.write_sent[w] = (dst.split(":")[0], *named)
         if not (self.corrupting and method.endswith("/Resync") and message.HasField("chunk")
                 and message.chunk.data and self.rng.random() < 0.5):
             return message
@@ -574,7 +577,8 @@ class Sim:
                 self.inflight += 1
                 try:
                     await wl.write_one(w)
-                    self.check_ack(w)
+                    if not self.check_ack(w):
+                        return
                 except sc.ClientError:
                     pass  # recorded as failed (indeterminate) by the workload
                 finally:
@@ -587,21 +591,29 @@ class Sim:
             if wl.client is not None:
                 await wl.client.close()
 
-    def check_ack(self, w: int) -> None:
+    def check_ack(self, w: int) -> bool:
         """Two nodes never acknowledge writes for the volume at once: a write
         sent to a node after the coordinator had named the other one primary
         must not be acknowledged by it (its lease ended before the promotion,
         and it cannot replicate to the promoted node, which fences its epoch).
         The end check cannot see such an ack once a later write overwrote it.
         (Conservative: the sim learns of a promotion a little after it
-        happens, and a node promoted back meanwhile may ack.)"""
-        self.check_invariants()
+        happens, and a node promoted back meanwhile may ack.) False: the
+        run failed (the main task raises it at its next check; a writer
+        task that raised would leave its exception unretrieved)."""
+        if self.failure is not None:
+            return False
+        try:
+            self.check_invariants()  # self.primary_host: the coordinator's record now
+        except SimFailure as e:
+            self.failure = str(e)
+            return False
         node, primary_then, epoch_then = self.write_sent[w]
-        if node != primary_then and node != self.primary_host:
-            # Kept: the run fails at its next check (this raises in a writer task).
+        if primary_then and node != primary_then and node != self.primary_host:
             self.failure = (f"{node} acknowledged a write of writer {w} sent to it after the coordinator "
                              f"had named {primary_then} primary (epoch {epoch_then})")
-            raise SimFailure(self.failure)
+            return False
+        return True
 
     @property
     def history(self) -> History:
@@ -707,7 +719,12 @@ class Sim:
 
     async def checker(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
-            self.check_invariants()
+            try:
+                self.check_invariants()
+            except SimFailure as e:
+                # The main task raises it at its next check (it awaits this one only at the end).
+                self.failure = self.failure or str(e)
+                return
             await asyncio.sleep(CHECK_EVERY_S)
 
     async def wait_in_sync(self, bound_s: float) -> bool:

@@ -108,3 +108,23 @@ def test_a_clean_seed_passes_in_process() -> None:
     ok, trace, stats = sim.run_seed(3)
     assert ok, "\n".join(trace[-20:])
     assert stats["acks"] > 0
+
+
+def test_a_planted_bug_acking_without_a_lease_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fault planted in the product: a primary believes any lease lets it write
+    alone. An isolated primary (cut from coordinator and secondary, still
+    reached by the client) then acknowledges writes while the coordinator
+    promotes the secondary: two nodes acknowledge writes for the volume, and
+    the simulator must say so (the end check alone may miss it: a later write
+    by the same writer overwrites the lost one)."""
+    import syncrep.core.lease
+
+    monkeypatch.setattr(syncrep.core.lease.LeaseState, "may_write_alone", lambda self, now, generation: True)
+    failures = []
+    for seed in (5, 69, 78):  # isolate_primary schedules
+        assert "isolate_primary" in {f.kind for f in sim.make_schedule(seed, 8.0)}
+        ok, trace, _ = sim.run_seed(seed)
+        if not ok:
+            failures.append(trace[-1])
+    assert failures, "an isolated primary acknowledged writes alone and the simulator never noticed"
+    assert all("acknowledged a write" in f and "after the coordinator had named" in f for f in failures), failures
