@@ -24,6 +24,9 @@ commands, and the shell carries them out in a fixed order -- persist first
   ReportReplicationReply) grants the pair's primary a lease, after what the
   request changed is persisted; the grant time is recorded per volume.
 * Promote (and the tick's automatic promotions): ``driver.plan_promote``.
+* Switchover: ``driver.switchover_refusal``, then ``NodeService.PrepareHandover``
+  on the primary (its gate closes, it drains), then ``driver.plan_switchover``
+  persisted, then the assignments (old primary first), with ``switchover``.
 
 Time: every read goes through the injected clocks -- ``clock`` (monotonic:
 liveness, backoff) and ``wall_clock`` (the persisted timestamps).
@@ -76,7 +79,7 @@ from syncrep.core.driver import (
 )
 from syncrep.core.extents import summarize_extents
 from syncrep.core.identity import Identity
-from syncrep.core.pairstate import PairState, status_proto
+from syncrep.core.pairstate import PairEvent, PairState, status_proto
 from syncrep.core.vocab import validate_dial_address
 from syncrep.pb import syncrep_pb2 as pb
 from syncrep.pb import syncrep_pb2_grpc as pb_grpc
@@ -99,6 +102,10 @@ __all__ = [
 STATUS_MAX_EXTENTS = 64
 # The health check of a secondary before a resync is started.
 HEALTH_CHECK_TIMEOUT_S = 1.0
+# How long a switchover may hold the old primary's writes at its gate by
+# default, and at most (the node refuses longer ones too).
+DEFAULT_HANDOVER_TIMEOUT_S = 5.0
+MAX_HANDOVER_TIMEOUT_S = 60.0
 
 # StartResync errors worth retrying within one attempt; anything else (the
 # primary refused: stale epoch, no fault snapshot, ...) fails the attempt at once.
@@ -271,6 +278,16 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
         # in sync, and the earliest (clock) time of the next attempt.
         self._backoff: dict[str, Backoff] = {}
         self._resync_tasks: dict[str, asyncio.Task[None]] = {}
+        # Switchovers: the volumes with one running, and the epoch each last
+        # swapped the roles at (in memory: its assignments carry
+        # ``switchover``; after a restart they do not, and the nodes take
+        # the ordinary, conservative promotion and demotion).
+        self._switching: set[str] = set()
+        self._switched_at: dict[str, int] = {}
+        # A switchover's new primary does not get its primary assignment by
+        # heartbeat before the old primary's demotion was pushed (it would
+        # open its stream to a node still primary): volume -> new primary.
+        self._switch_hold: dict[str, str] = {}
         self._channels: dict[str, aio.Channel] = {}
         self._wake: asyncio.Event | None = None
         self._loop_task: asyncio.Task[None] | None = None
@@ -427,13 +444,16 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
             identity=identity,
             create=create,
             revert_to_generation=pair.revert_generation if address == pair.secondary else 0,
+            switchover=self._switched_at.get(pair.name) == pair.epoch,
         )
 
     def assignments_for(self, address: str) -> list[pb.VolumeAssignment]:
         return [
             self.assignment(p, address)
             for p in self.pairs()
-            if address in (p.primary, p.secondary) and p.name not in self._creating
+            if address in (p.primary, p.secondary)
+            and p.name not in self._creating
+            and self._switch_hold.get(p.name) != address
         ]
 
     def volume_status(self, pair: PairRecord) -> pb.VolumeStatus:
@@ -502,6 +522,8 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
         for cmd in cmds:
             if isinstance(cmd, ChangePair):
                 self._change_pair(cmd)
+                if cmd.event is PairEvent.SWITCHED_OVER:
+                    self._switched_at[cmd.volume] = cmd.epoch
             elif isinstance(cmd, SaveProgress):
                 progress = cmd.progress
                 self.db.update_progress(cmd.volume, progress)
@@ -903,6 +925,131 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
                 f"; the assignment did not reach {', '.join(failed)} yet: it gets it with its next heartbeat"
             )
         return pb.PromoteReply(status=self.volume_status(pair), message=message)
+
+    async def Switchover(self, request: pb.SwitchoverRequest, context: aio.ServicerContext) -> pb.SwitchoverReply:
+        """A planned role swap with no data loss (docs/FAILOVER.md section 5)."""
+        name = request.volume
+        timeout_s = request.handover_timeout_s or DEFAULT_HANDOVER_TIMEOUT_S
+        if not 0 < timeout_s <= MAX_HANDOVER_TIMEOUT_S:
+            await _abort(
+                context,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"handover timeout {timeout_s} s is not in (0, {MAX_HANDOVER_TIMEOUT_S:.0f}] s",
+            )
+        async with self._lock:
+            pair = self._pairs.get(name)
+            if pair is None:
+                await _refuse(context, driver.not_found(name, self._pairs))
+            if name in self._switching:
+                await _abort(
+                    context,
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"volume {name!r}: a switchover is already running; wait for its answer",
+                )
+            problem = driver.switchover_refusal(
+                pair, self.liveness(), self.report_views(), self._clock(), policy=self.policy()
+            )
+            if problem is not None:
+                log.warning("volume %s: switchover refused: %s", name, problem.message)
+                await _refuse(context, problem)
+            self._switching.add(name)
+        try:
+            return await self._switch_over(pair, timeout_s, context)
+        finally:
+            self._switching.discard(name)
+            self._switch_hold.pop(name, None)
+
+    async def _switch_over(
+        self, pair: PairRecord, timeout_s: float, context: aio.ServicerContext
+    ) -> pb.SwitchoverReply:
+        name, old, epoch = pair.name, pair.primary, pair.epoch
+        t0 = time.monotonic()
+        try:
+            # Half the timeout: the other half is for persisting and demoting
+            # before the old primary reopens its gate by itself.
+            reply = await self._stub(old).PrepareHandover(
+                pb.PrepareHandoverRequest(volume=name, epoch=epoch, timeout_s=timeout_s),
+                timeout=timeout_s / 2,
+            )
+        except (aio.AioRpcError, OSError) as e:
+            await self._release_handover(old, name, epoch)
+            code = e.code() if isinstance(e, aio.AioRpcError) else grpc.StatusCode.UNAVAILABLE
+            if code not in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.INVALID_ARGUMENT):
+                code = grpc.StatusCode.UNAVAILABLE
+            text = (
+                f"volume {name!r}: primary {old} did not hand over: {_rpc_error_text(e)}; nothing was swapped, "
+                "the pair stays as it was (writes resume on the primary); retry"
+            )
+            log.warning("%s", text)
+            await _abort(context, code, text)
+        handover = driver.Handover(
+            address=old,
+            epoch=reply.epoch,
+            acked_seq=reply.acked_seq,
+            identity=Identity.from_proto(reply.identity) if reply.HasField("identity") else None,
+            drain_s=reply.drain_s,
+        )
+        async with self._lock:
+            current = self._pairs.get(name)
+            outcome: Problem | list[Command]
+            if current is None:
+                outcome = driver.not_found(name, self._pairs)
+            elif time.monotonic() - t0 >= timeout_s / 2:
+                outcome = Problem(
+                    driver.Code.UNAVAILABLE,
+                    f"volume {name!r}: primary {old} took {time.monotonic() - t0:.1f} s to hand over, past half "
+                    f"the handover timeout ({timeout_s:.1f} s); nothing was swapped, retry",
+                )
+            else:
+                outcome = driver.plan_switchover(
+                    current, self.liveness(), self.report_views(), self._clock(), handover, policy=self.policy()
+                )
+            if isinstance(outcome, Problem):
+                log.warning("volume %s: switchover abandoned: %s", name, outcome.message)
+            else:
+                self._switch_hold[name] = pair.secondary
+                self._carry_out(outcome)
+        if isinstance(outcome, Problem):
+            await self._release_handover(old, name, epoch)
+            await _refuse(context, outcome)
+        swapped = self._pairs[name]
+        # The old primary first: it refuses the writes waiting at its gate
+        # ("not its primary") and becomes the secondary at the new epoch, so
+        # it accepts the new primary's stream; then the new primary.
+        failed = await self._push_assignments([PushAssignment(name, old)])
+        self._switch_hold.pop(name, None)
+        failed += await self._push_assignments([PushAssignment(name, swapped.primary)])
+        stall_s = time.monotonic() - t0
+        message = (
+            f"volume {name!r} switched over: primary {swapped.primary}, secondary {swapped.secondary}, epoch "
+            f"{swapped.epoch}, in sync; write stall {stall_s:.3f} s (from PrepareHandover sent to the new "
+            f"primary's write path open), of which the old primary's drain {handover.drain_s:.3f} s"
+        )
+        if failed:
+            message += (
+                f"; the assignment did not reach {', '.join(failed)} yet: it gets it with its next heartbeat "
+                "(the stall lasts until then)"
+            )
+        log.info("%s", message)
+        return pb.SwitchoverReply(
+            status=self.volume_status(swapped),
+            message=message,
+            stall_s=stall_s,
+            drain_s=handover.drain_s,
+            acked_seq=handover.acked_seq,
+        )
+
+    async def _release_handover(self, address: str, volume: str, epoch: int) -> None:
+        """Best effort: reopen the old primary's gate now (else it reopens by itself at its timeout)."""
+        try:
+            await self._stub(address).PrepareHandover(
+                pb.PrepareHandoverRequest(volume=volume, epoch=epoch, release=True), timeout=self.rpc_timeout_s
+            )
+        except (aio.AioRpcError, OSError) as e:
+            log.warning(
+                "volume %s: could not reopen the gate of %s (%s); it reopens by itself at its handover timeout",
+                volume, address, _rpc_error_text(e),
+            )
 
     async def _push_assignments(self, cmds: Iterable[Command]) -> list[str]:
         """Push the assignments among ``cmds`` (after they were carried out). A

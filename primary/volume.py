@@ -47,6 +47,7 @@ from syncrep.core.pair import (
     decide_promotion,
     decide_start_resync,
     decide_startup,
+    handover_refusal,
     is_full_copy,
     must_degrade_before_writing,
     repair_refusal,
@@ -109,6 +110,17 @@ class _Write:
     offset: int
     data: bytes
     fut: asyncio.Future[None]
+
+
+@dataclass
+class _Handover:
+    """A switchover in progress on this primary (docs/FAILOVER.md section 5):
+    the gate is held for it from ``t0`` (time.monotonic) at ``epoch``."""
+
+    epoch: int
+    t0: float
+    drained: bool = False
+    expiry: asyncio.Task[None] | None = None
 
 
 class PrimaryVolume:
@@ -176,6 +188,11 @@ class PrimaryVolume:
         self._out_of_sync_task: asyncio.Task[None] | None = None
         # Why this write path cannot serve (start() failed), for the writes refused.
         self._unusable = ""
+        # A switchover: the gate held for the handover, and once handed over
+        # the refusal every write gets from then on (FAILED_PRECONDITION "not
+        # its primary": the client re-sends it to the new primary).
+        self._handover: _Handover | None = None
+        self._handed_over = ""
 
     # ------------------------------------------------------------ the pair record
     @property
@@ -308,6 +325,9 @@ class PrimaryVolume:
     async def stop(self) -> None:
         """Graceful: stop taking writes, let queued ones finish, close the stream."""
         self._closed = True
+        if self._handover is not None:
+            # Not handed over: the writes at the gate are sequenced and finish.
+            self._end_handover(self._handover, "the write path stops")
         # Writes waiting for a lease fail now (they are local and tracked), and
         # so does every write sequenced from here on that has no lease.
         self._wake_lease_waiters()
@@ -479,6 +499,8 @@ class PrimaryVolume:
         self.validate(offset, data)
         if self._unusable:
             raise Unavailable(self._unusable)
+        if self._handed_over:
+            raise FailedPrecondition(self._handed_over)
         refusal = write_refusal(self.state, self._closed, self.options.on_secondary_failure == "block",
                                 self.lv.name)
         if refusal:
@@ -514,8 +536,12 @@ class PrimaryVolume:
             batch = await self._next_batch()
             nbytes = sum(len(w.data) for w in batch)
             regions = self.al.regions_for((w.offset, len(w.data)) for w in batch)
+            refused = False
             while True:
                 await self._gate.wait()
+                if self._handed_over:
+                    refused = True
+                    break
                 link = self.link
                 if link is None or link.failed:
                     link = None
@@ -530,8 +556,17 @@ class PrimaryVolume:
                     # either node; then look at the gate and the link again.
                     await self._log_regions(regions)
                     continue
-                if await link.wait_room(len(batch), nbytes) and self._gate.is_set():
+                if await link.wait_room(len(batch), nbytes) and self._gate.is_set() and not self._handed_over:
                     break
+            if refused:
+                # Handed over: these writes never got a seq, they are on
+                # neither node; the client re-sends them to the new primary.
+                err = FailedPrecondition(self._handed_over)
+                for w in batch:
+                    if not w.fut.done():
+                        w.fut.set_exception(err)
+                    self._queue.task_done()
+                continue
             # From here to the end of the loop body nothing awaits: the seq
             # assignment, the local submission and the send are one step, so
             # a failure cannot slip between them.
@@ -629,6 +664,108 @@ class PrimaryVolume:
             else:
                 w.fut.set_result(None)
         return False
+
+    # ------------------------------------------------------------ switchover (docs/FAILOVER.md section 5)
+    async def prepare_handover(self, epoch: int, timeout_s: float) -> tuple[int, float]:
+        """Close the gate (new writes wait there; they do not fail), drain
+        (every write sequenced is durable here and acknowledged by the
+        secondary), check the pair is in sync, and keep the gate closed for
+        the demotion (``hand_over``). Returns (the last acknowledged seq, the
+        drain's seconds). Refused (gate reopened) if anything is not in
+        order; the gate also reopens by itself after ``timeout_s`` if no
+        demotion came (the coordinator did not persist the swap)."""
+        if self._handover is not None or self._handed_over:
+            raise FailedPrecondition(f"volume {self.lv.name!r}: a handover is already in progress on this node")
+        t0 = time.monotonic()
+        handover = self._handover = _Handover(epoch, t0)
+        self._hold_gate()
+        try:
+            # After _hold_gate no new batch is sequenced (the sequencer looks at
+            # the gate after every await before it sends), so the "complete"
+            # tasks now running are all the writes in flight.
+            # Half the timeout for the drain: the other half is the coordinator's,
+            # to persist the swap and demote this node.
+            deadline = t0 + timeout_s / 2
+            while pending := [t for t in self._tasks if t.get_name() in ("complete", "degrade")]:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise Unavailable(
+                        f"volume {self.lv.name!r}: {len(pending)} write batches still in flight after "
+                        f"{timeout_s / 2:.1f} s; the handover is abandoned, retry"
+                    )
+                await asyncio.wait(pending, timeout=remaining)
+            link = self.link
+            refusal = handover_refusal(
+                self.state,
+                closing=self._closed,
+                degrading=self._degrading,
+                replicating=link is not None and not link.failed,
+                resyncing=self._resync_task is not None and not self._resync_task.done(),
+                acked_seq=self.acked_seq,
+                next_seq=self.next_seq,
+                volume=self.lv.name,
+            )
+            if refusal:
+                raise FailedPrecondition(refusal)
+        except BaseException:
+            self._end_handover(handover, "")
+            raise
+        drain_s = time.monotonic() - t0
+        handover.drained = True
+        handover.expiry = self._spawn(self._handover_expiry(handover, timeout_s), "handover-expiry")
+        log.warning(
+            "volume %s: handing over at epoch %d: gate closed, drained up to seq %d in %.3f s; writes wait "
+            "for the switchover (at most %.1f s)", self.lv.name, epoch, self.acked_seq, drain_s, timeout_s,
+        )
+        return self.acked_seq, drain_s
+
+    async def _handover_expiry(self, handover: _Handover, timeout_s: float) -> None:
+        await asyncio.sleep(max(0.0, handover.t0 + timeout_s - time.monotonic()))
+        self._end_handover(handover, f"no switchover within {timeout_s:.1f} s")
+
+    def _end_handover(self, handover: _Handover, why: str) -> None:
+        """Abandon ``handover`` (if it is still the current one): reopen the gate."""
+        if self._handover is not handover:
+            return
+        self._handover = None
+        if handover.expiry is not None and handover.expiry is not asyncio.current_task():
+            handover.expiry.cancel()
+        self._release_gate()
+        if why:
+            log.warning("volume %s: handover abandoned (%s); the gate is open again, writes resume",
+                        self.lv.name, why)
+
+    def release_handover(self, epoch: int) -> bool:
+        """The coordinator gave up the switchover: reopen the gate now."""
+        handover = self._handover
+        if handover is None or handover.epoch != epoch:
+            return False
+        self._end_handover(handover, "the coordinator did not swap the roles")
+        return True
+
+    def hand_over(self, new_primary: str, new_epoch: int) -> bool:
+        """The demotion of a switchover: True if this primary drained and
+        still holds its gate (then nothing was written since, and no write
+        is on this node alone), and from now on every write, those waiting
+        at the gate included, is refused as "not its primary". False: no
+        valid handover (it expired, or never happened): the caller demotes
+        the ordinary way (divergent extents)."""
+        handover = self._handover
+        if handover is None or not handover.drained or new_epoch <= handover.epoch:
+            return False
+        self._handed_over = (
+            f"this node ({self.address}) is not its primary any more: volume {self.lv.name!r} was switched over "
+            f"to {new_primary} at epoch {new_epoch}; writes go to the primary ({new_primary})"
+        )
+        log.warning("volume %s: handed over to %s at epoch %d after %.3f s with the gate closed",
+                    self.lv.name, new_primary, new_epoch, time.monotonic() - handover.t0)
+        # Opening the gate now lets the sequencer refuse the waiting writes.
+        self._end_handover(handover, "")
+        return True
+
+    @property
+    def handed_over(self) -> bool:
+        return bool(self._handed_over)
 
     # ------------------------------------------------------------ the lease (docs/FAILOVER.md section 2)
     def on_lease(self, lease: pb.Lease, sent_at: float) -> None:

@@ -13,6 +13,7 @@ Clients::
     syncrep read NAME --offset 0 --length 1MiB --coordinator C [--output FILE]
     syncrep status --coordinator C [--json]
     syncrep promote NAME --coordinator C [--force]
+    syncrep switchover NAME --coordinator C [--handover-timeout-s S]
     syncrep verify NAME --coordinator C [--repair] [--chunk-bytes SIZE] [--json]
     syncrep demo [--workdir DIR] [--keep]
 
@@ -44,6 +45,7 @@ from syncrep.client import (
     create_volume,
     list_volumes,
     promote,
+    switchover,
     volume_status_dict,
 )
 from syncrep.config import NodeOptions
@@ -506,6 +508,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the volume's new status as JSON")
     p.set_defaults(func=cmd_promote, role="client")
 
+    # -- switchover
+    p = add(
+        "switchover",
+        "swap a volume's primary and secondary with no data loss (planned)",
+        "Ask the coordinator to swap the roles of volume NAME's replicas, at a new epoch, losing\n"
+        "no write: the primary closes its quiesce gate (new writes wait, they do not fail),\n"
+        "drains (everything is on both nodes), and hands over; the secondary becomes the primary,\n"
+        "in sync, and the old primary its secondary. Writes that waited at the gate are refused\n"
+        "as 'not its primary' and re-sent by the client to the new primary.\n\n"
+        "The coordinator refuses, and the message says why, unless the pair is in_sync with both\n"
+        "nodes alive and at the same generation (wait for a resync, or use 'syncrep promote').\n"
+        "Prints the write stall: from the handover request to the new primary's write path open.\n\n"
+        "Exit status: 0 = switched over; 1 = refused or failed (the reason is on stderr; the pair\n"
+        "stays as it was).",
+    )
+    p.add_argument("name", metavar="NAME", help="volume name")
+    p.add_argument("--coordinator", required=True, type=_dial_address, metavar="HOST:PORT",
+                   help="the coordinator's address")
+    p.add_argument("--handover-timeout-s", type=float, default=0.0, metavar="S",
+                   help="how long the old primary holds writes at its gate waiting for the swap "
+                        "(default: the coordinator's, 5 s)")
+    p.add_argument("--json", action="store_true", help="print the reply and the volume's new status as JSON")
+    p.set_defaults(func=cmd_switchover, role="client")
+
     # -- verify
     p = add(
         "verify",
@@ -718,6 +744,24 @@ def cmd_promote(args: argparse.Namespace) -> int:
         f"{v['name']}: primary is now {v['primary'] or '-'}, secondary {v['secondary'] or '-'} "
         f"(epoch {v['epoch']}, {v['state']}, generation {_generation_text(v['generation'])})"
     )
+    return EXIT_OK
+
+
+def cmd_switchover(args: argparse.Namespace) -> int:
+    # A refusal is a ClientError: main() prints the coordinator's message on
+    # stderr and exits 1.
+    reply = asyncio.run(switchover(args.coordinator, args.name, handover_timeout_s=args.handover_timeout_s))
+    v = volume_status_dict(reply.status)
+    if args.json:
+        print(json.dumps({"message": reply.message, "stall_s": reply.stall_s, "drain_s": reply.drain_s,
+                          "acked_seq": reply.acked_seq, "volume": v}, indent=2))
+        return EXIT_OK
+    print(
+        f"{v['name']}: switched over: primary is now {v['primary'] or '-'}, secondary {v['secondary'] or '-'} "
+        f"(epoch {v['epoch']}, {v['state']}, generation {_generation_text(v['generation'])})"
+    )
+    print(f"write stall {reply.stall_s * 1000:.1f} ms (handover request to the new primary's write path open; "
+          f"the old primary's drain {reply.drain_s * 1000:.1f} ms, up to seq {reply.acked_seq})")
     return EXIT_OK
 
 

@@ -370,9 +370,16 @@ class VolumeClient:
                     return True  # a concurrent caller already followed it
                 if await self._relookup_primary():
                     return True
+                # The coordinator names the very node that refused: it has not
+                # applied its primary assignment yet (a switchover or promotion
+                # names the new primary a moment before it serves). Its
+                # refusal applied nothing, so the write is re-sent to it.
+                named_refuser = self.status is not None and self.status.primary == refused_by
             if time.monotonic() + FAILOVER_POLL_S >= deadline:
                 return False
             await asyncio.sleep(FAILOVER_POLL_S)
+            if named_refuser:
+                return True
 
     async def _get_stream(self) -> _WriteStream:
         if self._closed:
@@ -831,6 +838,24 @@ async def promote(
         return await _coord_call(
             coordinator, f"Promote {volume!r}{' --force' if force else ''}",
             pb_grpc.CoordinatorServiceStub(ch).Promote(req, timeout=timeout_s),
+        )
+
+
+async def switchover(
+    coordinator: str, volume: str, *, handover_timeout_s: float = 0.0, timeout_s: float = PROMOTE_TIMEOUT_S
+) -> pb.SwitchoverReply:
+    """``CoordinatorService.Switchover``: swap the roles of ``volume``'s
+    replicas with no data loss (docs/FAILOVER.md section 5). The coordinator
+    refuses (:class:`ClientError`, its message says why and what to do) unless
+    the pair is in sync with both nodes alive at the same generation. The
+    reply carries the write stall (``stall_s``). ``handover_timeout_s``: how
+    long the old primary holds writes at its gate (0: the coordinator's
+    default)."""
+    req = pb.SwitchoverRequest(volume=volume, handover_timeout_s=handover_timeout_s)
+    async with rpc.channel(coordinator) as ch:
+        return await _coord_call(
+            coordinator, f"Switchover {volume!r}",
+            pb_grpc.CoordinatorServiceStub(ch).Switchover(req, timeout=timeout_s),
         )
 
 

@@ -44,6 +44,8 @@ MAX_OUTSTANDING_PER_STREAM = 512
 REPORT_RETRY_MAX_S = 30.0
 # The same failed assignment is logged again at most this often.
 ASSIGN_ERROR_LOG_INTERVAL_S = 30.0
+# The longest a switchover may hold a primary's writes at its gate.
+MAX_HANDOVER_TIMEOUT_S = 60.0
 
 
 class Node:
@@ -149,14 +151,29 @@ class Node:
                         # Refused before anything is persisted: an empty
                         # replica is never served (docs/FAILOVER.md section 1).
                         raise FailedPrecondition(_no_data_to_serve(cur, a.epoch, "promoted to primary"))
-                    extra = await self._prepare_promotion(cur, a)
+                    if a.switchover:
+                        extra = await self._prepare_switchover(cur, a)
+                    else:
+                        extra = await self._prepare_promotion(cur, a)
                 elif cur.role == pb.ROLE_PRIMARY and a.role == pb.ROLE_SECONDARY:
                     pv = self.primaries.pop(name, None)
+                    # A switchover's demotion: only a write path that drained
+                    # and still holds its gate has no write on this node alone.
+                    handed_over = pv is not None and a.switchover and pv.hand_over(a.peer_address, a.epoch)
                     if pv is not None:
                         # Stop serving writes first (removed from the map
                         # before the await, so no request reaches it).
                         await pv.stop()
-                    extra, demoted, reverted = await cur.run_io(_demotion_meta, cur, a.revert_to_generation)
+                    if handed_over:
+                        extra, demoted = _handover_meta(), []
+                    else:
+                        if a.switchover:
+                            log.warning(
+                                "volume %s: demoted by a switchover at epoch %d, but this node did not hand over "
+                                "(restarted, or its handover expired): demoted the ordinary way, with divergent "
+                                "extents", name, a.epoch,
+                            )
+                        extra, demoted, reverted = await cur.run_io(_demotion_meta, cur, a.revert_to_generation)
             # DataMissing (no data of the pair here) propagates: logged by the
             # registry (rate limited), reported in every heartbeat, never served.
             lv, role_changed = await asyncio.to_thread(self.registry.assign, a, extra)
@@ -207,6 +224,51 @@ class Node:
         log.warning("volume %s: promoted to primary at epoch %d (old primary %s), generation %s",
                     lv.name, a.epoch, lv.peer or "(none)", lv.identity.short())
         return {META_NODE_PROMOTE_PENDING: "1"}
+
+    async def _prepare_switchover(self, lv: LocalVolume, a: pb.VolumeAssignment) -> dict[str, str | None]:
+        """This secondary becomes the primary by a switchover (docs/FAILOVER.md
+        section 5): the old primary drained and handed over, this replica has
+        every write at the same generation, so it starts in sync (no promotion
+        point, no new generation) and replicates to the old primary. A fresh
+        primary record is persisted with the role change (whatever an earlier
+        life as primary left is history). With a resync half applied here
+        the coordinator was wrong: promoted the ordinary way (safe)."""
+        st = ResyncState.load(lv)
+        if st.in_progress:
+            log.error("volume %s: assigned primary by a switchover at epoch %d, but a resync (%s) is half applied "
+                      "here; taking the promotion path instead (rolled back, degraded)", lv.name, a.epoch,
+                      st.resync_id)
+            return await self._prepare_promotion(lv, a)
+        log.warning("volume %s: primary by switchover at epoch %d (old primary %s), in sync at generation %s",
+                    lv.name, a.epoch, lv.peer or "(none)", lv.identity.short())
+        return {**PairRecord().to_meta(), META_NODE_PROMOTE_PENDING: None}
+
+    async def prepare_handover(self, request: pb.PrepareHandoverRequest) -> pb.PrepareHandoverReply:
+        """PrepareHandover (serialised with assignments, like StartResync)."""
+        async with self._assign_lock:
+            pv = self.primary(request.volume)
+            lv = pv.lv
+            if request.epoch != lv.epoch:
+                raise FailedPrecondition(
+                    f"volume {lv.name!r} is at epoch {lv.epoch} on this node, the handover asks for epoch "
+                    f"{request.epoch}; retry once the assignments agree"
+                )
+            if request.release:
+                released = pv.release_handover(request.epoch)
+                return pb.PrepareHandoverReply(
+                    epoch=lv.epoch, message="gate reopened" if released else "no handover in progress"
+                )
+            if not 0 < request.timeout_s <= MAX_HANDOVER_TIMEOUT_S:
+                raise InvalidArgument(
+                    f"handover timeout {request.timeout_s} s is not in (0, {MAX_HANDOVER_TIMEOUT_S:.0f}] s"
+                )
+        # Outside the lock: the drain waits for writes, and the demotion
+        # (an assignment) must be able to come in while the gate is held.
+        acked, drain_s = await pv.prepare_handover(lv.epoch, request.timeout_s)
+        return pb.PrepareHandoverReply(
+            epoch=lv.epoch, acked_seq=acked, identity=pb.Identity(**lv.identity.proto_fields()),  # type: ignore[arg-type]
+            drain_s=drain_s, message=f"drained up to seq {acked} in {drain_s:.3f} s; writes wait at the gate",
+        )
 
     def primary(self, volume: str) -> PrimaryVolume:
         pv = self.primaries.get(volume)
@@ -401,6 +463,13 @@ def _demotion_meta(
     return meta, div, reverted
 
 
+def _handover_meta() -> dict[str, str | None]:
+    """What a primary that handed over (drained, gate held, docs/FAILOVER.md
+    section 5) persists with its demotion: its primary record reset and no
+    divergent extents (every write it has is on the new primary too)."""
+    return {**PairRecord().to_meta(), META_NODE_DIVERGENT: encode_extents([])}
+
+
 async def _abort(context: grpc.aio.ServicerContext, e: SyncrepError) -> None:
     await context.abort(e.code, e.message)
 
@@ -493,6 +562,12 @@ class NodeServicer(pbg.NodeServiceServicer):
         except SyncrepError as e:
             await _abort(context, e)
         return pb.AssignVolumeReply(message=msg)
+
+    async def PrepareHandover(self, request: pb.PrepareHandoverRequest, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return await self.node.prepare_handover(request)
+        except SyncrepError as e:
+            await _abort(context, e)
 
     async def StartResync(self, request: pb.StartResyncRequest, context: grpc.aio.ServicerContext) -> Any:
         try:

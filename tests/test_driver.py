@@ -1307,3 +1307,106 @@ def test_promote_right_after_a_coordinator_restart_waits_for_a_lease_granted_bef
         lease_granted_at={},
     )
     assert isinstance(got, Problem) and "its lease runs 2.5 s more" in got.message
+
+
+# ---------------------------------------------------------------- Switchover (docs/FAILOVER.md section 5)
+
+#: Both nodes report the pair in sync at the same generation (G0), at epoch 1.
+SWITCH_REPORTS = both(hb(S_.IN_SYNC, snap=0, identity=SID, role="primary"), sec(SID))
+HANDOVER = driver.Handover(address=P, epoch=1, acked_seq=333, identity=SID, drain_s=0.002)
+
+
+def switch_refusal(
+    p: PairRecord, reports: dict[tuple[str, str], Report] | None = None, heard: dict[str, float] | None = None
+) -> Problem | None:
+    return driver.switchover_refusal(
+        p, Liveness(BOTH if heard is None else heard, 0.0), SWITCH_REPORTS if reports is None else reports,
+        NOW, policy=POLICY,
+    )
+
+
+SWITCHOVER_REFUSALS: dict[str, tuple[PairRecord, dict[str, Any], list[str]]] = {
+    "degraded: the secondary lacks writes": (
+        pair(S_.DEGRADED), {}, ["is degraded at epoch 1, not in sync", "wait for the resync", "promote --force"],
+    ),
+    "resyncing": (pair(S_.RESYNCING, 2), {}, ["is resyncing at epoch 2", "wait for the resync to complete"]),
+    "split brain": (pair(S_.SPLIT_BRAIN), {}, ["split_brain", "syncrep resolve"]),
+    "the primary is silent": (
+        pair(S_.IN_SYNC), dict(heard={S: 99.9}), [f"primary {P} is not alive", "`syncrep promote`"],
+    ),
+    "the secondary is silent": (
+        pair(S_.IN_SYNC), dict(heard={P: 99.9}), [f"secondary {S} is not alive", "start it, then retry"],
+    ),
+    "the secondary has not reported the volume": (
+        pair(S_.IN_SYNC), dict(reports={(P, VOL): SWITCH_REPORTS[(P, VOL)]}),
+        [f"secondary {S} has not reported the volume yet"],
+    ),
+    "the secondary still applies an older assignment": (
+        pair(S_.IN_SYNC, 2), dict(reports=both(hb(S_.IN_SYNC, 2, 0, identity=SID, role="primary"), sec(SID, 1))),
+        [f"secondary {S} reports epoch 1", "pair is at epoch 2", "retry in a moment"],
+    ),
+    "the secondary has no data": (
+        pair(S_.IN_SYNC), dict(reports=both(SWITCH_REPORTS[(P, VOL)], sec(None, data_missing=True,
+                                                                          data_problem="no store folder"))),
+        [f"secondary {S} reports no data of the pair (no store folder)"],
+    ),
+    "the primary reports degraded before the coordinator recorded it": (
+        pair(S_.IN_SYNC), dict(reports=both(hb(S_.DEGRADED, identity=PID, role="primary", last_error="EIO"),
+                                            sec(SID))),
+        [f"primary {P} reports the pair degraded: EIO", "wait for the resync"],
+    ),
+    "the replicas report different generations": (
+        pair(S_.IN_SYNC), dict(reports=both(hb(S_.IN_SYNC, snap=0, identity=PID, role="primary"), sec(SID))),
+        [f"primary {P} holds generation {PID.short()}", f"secondary {S} {SID.short()}", "not the same data"],
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(SWITCHOVER_REFUSALS))
+def test_switchover_refusals_say_why_and_what_to_do(name: str) -> None:
+    p, kw, fragments = SWITCHOVER_REFUSALS[name]
+    got = switch_refusal(p, **kw)
+    assert isinstance(got, Problem) and got.code is Code.FAILED_PRECONDITION, got
+    for f in fragments:
+        assert f in got.message, got.message
+    # The same refusal after the handover: nothing is swapped.
+    again = driver.plan_switchover(
+        p, Liveness(kw.get("heard", BOTH), 0.0), kw.get("reports", SWITCH_REPORTS), NOW, HANDOVER, policy=POLICY
+    )
+    assert again == got
+
+
+def test_switchover_allowed_in_sync_with_both_alive_at_one_generation() -> None:
+    assert switch_refusal(pair(S_.IN_SYNC)) is None
+
+
+def test_switchover_swaps_roles_at_a_new_epoch_in_sync_and_demotes_the_old_primary_first() -> None:
+    cmds = driver.plan_switchover(pair(S_.IN_SYNC, 4), Liveness(BOTH, 0.0),
+                                  both(hb(S_.IN_SYNC, 4, 0, identity=SID, role="primary"), sec(SID, 4)), NOW,
+                                  replace(HANDOVER, epoch=4), policy=POLICY)
+    assert isinstance(cmds, list)
+    assert shorts(cmds) == [("change", "in_sync->in_sync", 5), ("clear",), ("push", P), ("push", S)]
+    change = cmds[0]
+    assert isinstance(change, ChangePair) and change.event is PairEvent.SWITCHED_OVER
+    assert (change.primary, change.secondary) == (S, P)
+    # No new generation, nothing to revert, nothing failed: both have every write.
+    assert (change.generation, change.secondary_generation, change.revert_generation) == (G0, G0, 0)
+    assert (change.failed_extents, change.fault_snapshot_id, change.last_error) == ((), 0, "")
+    assert f"switched over: {S} is primary at epoch 5, {P} secondary" in change.reason
+    assert "drained up to seq 333" in change.reason
+
+
+@pytest.mark.parametrize(
+    ("handover", "fragment"),
+    [
+        (replace(HANDOVER, epoch=0), "moved on during the handover"),
+        (replace(HANDOVER, address=S), "moved on during the handover"),
+        (replace(HANDOVER, identity=PID), f"handed over at generation {PID.short()}"),
+        (replace(HANDOVER, identity=None), "handed over at generation none"),
+    ],
+)
+def test_switchover_abandoned_when_the_handover_does_not_match(handover: driver.Handover, fragment: str) -> None:
+    got = driver.plan_switchover(pair(S_.IN_SYNC), Liveness(BOTH, 0.0), SWITCH_REPORTS, NOW, handover,
+                                 policy=POLICY)
+    assert isinstance(got, Problem) and got.code is Code.FAILED_PRECONDITION, got
+    assert fragment in got.message and "nothing was swapped" in got.message, got.message

@@ -28,6 +28,8 @@ Entry points:
 * ``on_report``: a ReplicationReport from a primary.
 * ``on_heartbeat``: the safety net of a primary's heartbeat that says degraded.
 * ``on_identity``: a node's reported generation, persisted when it changed.
+* ``switchover_refusal`` / ``plan_switchover``: the Switchover RPC, before
+  and after the old primary's PrepareHandover answer (``Handover``).
 * ``plan_promote``: the Promote RPC (``decide`` promotes by itself on
   auto-failover and when the primary has lost its data).
 * ``leases_for`` / ``lease_remaining_s``: the primaries' leases
@@ -77,6 +79,7 @@ __all__ = [
     "CreatePair",
     "CreateVolumeArgs",
     "DeletePair",
+    "Handover",
     "LeaseGrant",
     "Liveness",
     "Nack",
@@ -105,8 +108,10 @@ __all__ = [
     "on_start_resync_failed",
     "plan_create_volume",
     "plan_promote",
+    "plan_switchover",
     "resync_backoff_s",
     "resync_blocker",
+    "switchover_refusal",
     "validate_config",
     "validate_create_volume",
     "validate_register",
@@ -974,6 +979,168 @@ def plan_promote(
     if lost is not None:
         why += f"; primary {pair.primary} has no data ({lost.data_problem or 'empty store'})"
     return _promote(pair, reports, why, forced=forced, now=now, policy=policy)
+
+
+# ---------------------------------------------------------------- switchover (docs/FAILOVER.md section 5)
+
+
+@dataclass(frozen=True)
+class Handover:
+    """The old primary's PrepareHandover answer: its gate is closed, every
+    write up to ``acked_seq`` is on both replicas, at ``epoch`` and ``identity``."""
+
+    address: str
+    epoch: int
+    acked_seq: int
+    identity: Identity | None
+    drain_s: float = 0.0
+
+
+_NOT_IN_SYNC_ADVICE: Final = {
+    PairState.DEGRADED: (
+        "wait for the resync that brings the secondary up to date (`syncrep status` shows it), then retry; "
+        "to make the secondary primary now, losing what it lacks, use `syncrep promote --force`"
+    ),
+    PairState.RESYNCING: "wait for the resync to complete (`syncrep status` shows its progress), then retry",
+    PairState.SPLIT_BRAIN: "resolve the split brain first (`syncrep resolve`)",
+}
+
+
+def switchover_refusal(
+    pair: PairView,
+    liveness: Liveness,
+    reports: Mapping[tuple[str, str], Report],
+    now: float,
+    *,
+    policy: Policy,
+) -> Problem | None:
+    """Why ``pair`` cannot switch over now (None: it can). A switchover loses
+    no write only when the secondary holds all of them: the pair is in sync,
+    both nodes are alive, apply the current assignment and report the same
+    generation of the pair's data."""
+    name = pair.name
+    if pair.state is not PairState.IN_SYNC:
+        return Problem(
+            Code.FAILED_PRECONDITION,
+            f"volume {name!r} is {pair.state.value} at epoch {pair.epoch}, not in sync: a switchover swaps the "
+            f"roles only when the secondary has every write; {_NOT_IN_SYNC_ADVICE[pair.state]}",
+        )
+    timeout = policy.node_timeout_s
+    idents: list[Identity] = []
+    for role, address in (("primary", pair.primary), ("secondary", pair.secondary)):
+        if not liveness.alive(address, now, timeout):
+            what = (
+                "start it, then retry; if it is down for good, `syncrep promote` makes the secondary primary"
+                if role == "primary"
+                else "start it, then retry"
+            )
+            return Problem(
+                Code.FAILED_PRECONDITION,
+                f"volume {name!r}: {role} {address} is not alive (silent for "
+                f"{liveness.silent_for(address, now):.1f} s, node_timeout_s={timeout}); a switchover needs both "
+                f"nodes; {what}",
+            )
+        r = reports.get((address, name))
+        if r is None:
+            return Problem(
+                Code.FAILED_PRECONDITION,
+                f"volume {name!r}: {role} {address} has not reported the volume yet; retry after its next "
+                "heartbeat",
+            )
+        if r.epoch != pair.epoch or (r.role and r.role != role):
+            return Problem(
+                Code.FAILED_PRECONDITION,
+                f"volume {name!r}: {role} {address} reports epoch {r.epoch} as {r.role or 'unknown role'}, the "
+                f"pair is at epoch {pair.epoch}: it has not applied its assignment yet; retry in a moment",
+            )
+        if not r.has_data or r.identity is None:
+            return Problem(
+                Code.FAILED_PRECONDITION,
+                f"volume {name!r}: {role} {address} reports no data of the pair "
+                f"({r.data_problem or 'no data identity reported'})",
+            )
+        if role == "primary" and r.state is not PairState.IN_SYNC:
+            return Problem(
+                Code.FAILED_PRECONDITION,
+                f"volume {name!r}: primary {address} reports the pair "
+                f"{r.state.value if r.state else 'in an unknown state'}"
+                f"{': ' + r.last_error if r.last_error else ''}; the coordinator has not recorded it yet. "
+                f"{_NOT_IN_SYNC_ADVICE[PairState.DEGRADED]}",
+            )
+        idents.append(r.identity)
+    prim, sec = idents
+    if prim.volume_uuid != sec.volume_uuid or prim.current != sec.current:
+        return Problem(
+            Code.FAILED_PRECONDITION,
+            f"volume {name!r}: primary {pair.primary} holds generation {prim.short()}, secondary "
+            f"{pair.secondary} {sec.short()}: not the same data, so a switchover could lose writes; wait for "
+            "the resync, then retry",
+        )
+    return None
+
+
+def plan_switchover(
+    pair: PairView,
+    liveness: Liveness,
+    reports: Mapping[tuple[str, str], Report],
+    now: float,
+    handover: Handover,
+    *,
+    policy: Policy,
+) -> Problem | list[Command]:
+    """The swap, once the old primary answered PrepareHandover (its gate is
+    closed, drained): checked again on the pair as it is now; then a new
+    epoch, the roles swapped, still in sync at the same generation (no
+    revert, no resync), and the assignments: the old primary first (it stops
+    its write path and becomes the secondary at the new epoch, so it accepts
+    the new primary's stream), then the new primary (it starts in sync)."""
+    problem = switchover_refusal(pair, liveness, reports, now, policy=policy)
+    if problem is not None:
+        return problem
+    name = pair.name
+    if handover.address != pair.primary or handover.epoch != pair.epoch:
+        return Problem(
+            Code.FAILED_PRECONDITION,
+            f"volume {name!r} moved on during the handover (primary {pair.primary} at epoch {pair.epoch}; the "
+            f"handover was {handover.address} at epoch {handover.epoch}); nothing was swapped, retry",
+        )
+    sec = reports[(pair.secondary, name)].identity
+    if handover.identity is None or sec is None or handover.identity.current != sec.current:
+        got = handover.identity.short() if handover.identity is not None else "none"
+        return Problem(
+            Code.FAILED_PRECONDITION,
+            f"volume {name!r}: primary {pair.primary} handed over at generation {got}, secondary "
+            f"{pair.secondary} reports {sec.short() if sec is not None else 'none'}; nothing was swapped (the "
+            "primary reopens its gate), retry",
+        )
+    old, new = pair.primary, pair.secondary
+    epoch = pair.epoch + 1
+    reason = (
+        f"switched over: {new} is primary at epoch {epoch}, {old} secondary (operator request; {old} drained "
+        f"up to seq {handover.acked_seq} in {handover.drain_s:.3f} s; both at generation "
+        f"{handover.identity.short()}, no write lost, no resync)"
+    )
+    cmds = _change(
+        pair,
+        PairEvent.SWITCHED_OVER,
+        reason,
+        book=Backoff(),
+        now=now,
+        policy=policy,
+        jitter=0.0,
+        epoch=epoch,
+        primary=new,
+        secondary=old,
+        failed_extents=(),
+        fault_snapshot_id=0,
+        last_error="",
+        generation=handover.identity.current,
+        secondary_generation=handover.identity.current,
+        full_copy_pending=False,
+        revert_generation=0,
+    )
+    cmds += [PushAssignment(name, old), PushAssignment(name, new)]
+    return cmds
 
 
 def _auto_promotion(

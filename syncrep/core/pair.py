@@ -45,6 +45,7 @@ __all__ = [
     "decide_promotion",
     "decide_start_resync",
     "decide_startup",
+    "handover_refusal",
     "is_full_copy",
     "must_degrade_before_writing",
     "repair_refusal",
@@ -332,4 +333,34 @@ def repair_refusal(state: PairState, replicating: bool, volume: str) -> str:
     """verify --repair re-sends extents over a live stream, in sync only."""
     if state is not PairState.IN_SYNC or not replicating:
         return f"volume {volume!r} is {state.value}; repair runs only in sync (a resync already covers the differences)"
+    return ""
+
+
+def handover_refusal(
+    state: PairState,
+    *,
+    closing: bool,
+    degrading: bool,
+    replicating: bool,
+    resyncing: bool,
+    acked_seq: int,
+    next_seq: int,
+    volume: str,
+) -> str:
+    """Why this primary cannot hand over to its secondary ("" = it can): the
+    gate is closed and the drain done, so every write sequenced (up to
+    ``next_seq - 1``) must be acknowledged by the secondary (``acked_seq``)
+    over a live stream, in sync (docs/FAILOVER.md section 5)."""
+    if closing:
+        return f"volume {volume!r} is shutting down on this node"
+    if degrading or state is not PairState.IN_SYNC:
+        return (f"volume {volume!r} is {'going degraded' if degrading else state.value} on the primary: the "
+                "secondary may lack writes; wait for the resync, then retry")
+    if resyncing:
+        return f"volume {volume!r} has a resync running on the primary; wait for it to complete, then retry"
+    if not replicating:
+        return f"volume {volume!r} has no live replication stream to its secondary; retry once it is replicating"
+    if acked_seq != next_seq - 1:
+        return (f"volume {volume!r}: the secondary acknowledged writes up to seq {acked_seq}, the primary "
+                f"sequenced up to {next_seq - 1}; the drain is incomplete, retry")
     return ""

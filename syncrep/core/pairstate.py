@@ -15,6 +15,7 @@ primary node imports this same module for its own view of the pair.
     resyncing --RESYNC_DONE-------> in_sync
     degraded  --RESYNC_DONE-------> in_sync    (see below)
     in_sync   --PROMOTED----------> degraded   (the new primary writes alone)
+    in_sync   --SWITCHED_OVER-----> in_sync    (a planned swap: both have every write)
     degraded  --PROMOTED----------> degraded   (forced: the secondary was not current)
     resyncing --PROMOTED----------> degraded   (forced: its pre-resync rollback point)
     degraded  --SPLIT_BRAIN_DETECTED--> split_brain
@@ -102,6 +103,10 @@ class PairEvent(StrEnum):
     # The secondary was promoted (roles swapped, new epoch): the new primary
     # writes alone until its peer is resynced.
     PROMOTED = "promoted"
+    # A planned role swap (switchover): the old primary drained and handed
+    # over; both replicas hold every write at the same generation, so the
+    # pair stays in sync at the new epoch with the roles swapped.
+    SWITCHED_OVER = "switched_over"
     # Both replicas moved on from a common generation: no automatic resync.
     SPLIT_BRAIN_DETECTED = "split_brain_detected"
 
@@ -129,6 +134,7 @@ TRANSITIONS: Final[dict[tuple[PairState, PairEvent], PairState]] = {
     (PairState.RESYNCING, PairEvent.RESYNC_DONE): PairState.IN_SYNC,
     (PairState.DEGRADED, PairEvent.RESYNC_DONE): PairState.IN_SYNC,
     (PairState.IN_SYNC, PairEvent.PROMOTED): PairState.DEGRADED,
+    (PairState.IN_SYNC, PairEvent.SWITCHED_OVER): PairState.IN_SYNC,
     (PairState.DEGRADED, PairEvent.PROMOTED): PairState.DEGRADED,
     (PairState.RESYNCING, PairEvent.PROMOTED): PairState.DEGRADED,
     (PairState.DEGRADED, PairEvent.SPLIT_BRAIN_DETECTED): PairState.SPLIT_BRAIN,

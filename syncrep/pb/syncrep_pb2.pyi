@@ -844,6 +844,73 @@ class ResyncReply(_message.Message):
 Global___ResyncReply: _TypeAlias = ResyncReply  # noqa: Y015
 
 @_typing.final
+class PrepareHandoverRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VOLUME_FIELD_NUMBER: _builtins.int
+    EPOCH_FIELD_NUMBER: _builtins.int
+    TIMEOUT_S_FIELD_NUMBER: _builtins.int
+    RELEASE_FIELD_NUMBER: _builtins.int
+    volume: _builtins.str
+    epoch: _builtins.int
+    """The pair's current epoch (refused if this node is at another one)."""
+    timeout_s: _builtins.float
+    """How long the gate stays closed waiting for the demotion."""
+    release: _builtins.bool
+    """The coordinator gave the switchover up (nothing swapped): reopen the
+    gate of the handover prepared at epoch now.
+    """
+    def __init__(
+        self,
+        *,
+        volume: _builtins.str = ...,
+        epoch: _builtins.int = ...,
+        timeout_s: _builtins.float = ...,
+        release: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "release", b"release", "timeout_s", b"timeout_s", "volume", b"volume"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PrepareHandoverRequest: _TypeAlias = PrepareHandoverRequest  # noqa: Y015
+
+@_typing.final
+class PrepareHandoverReply(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EPOCH_FIELD_NUMBER: _builtins.int
+    ACKED_SEQ_FIELD_NUMBER: _builtins.int
+    IDENTITY_FIELD_NUMBER: _builtins.int
+    DRAIN_S_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    epoch: _builtins.int
+    acked_seq: _builtins.int
+    """Every write up to this seq is on both replicas."""
+    drain_s: _builtins.float
+    """Seconds the drain took (the gate was closed that long before this reply)."""
+    message: _builtins.str
+    @_builtins.property
+    def identity(self) -> Global___Identity: ...
+    def __init__(
+        self,
+        *,
+        epoch: _builtins.int = ...,
+        acked_seq: _builtins.int = ...,
+        identity: Global___Identity | None = ...,
+        drain_s: _builtins.float = ...,
+        message: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["identity", b"identity"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["acked_seq", b"acked_seq", "drain_s", b"drain_s", "epoch", b"epoch", "identity", b"identity", "message", b"message"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PrepareHandoverReply: _TypeAlias = PrepareHandoverReply  # noqa: Y015
+
+@_typing.final
 class ListSnapshotsRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -983,6 +1050,7 @@ class VolumeAssignment(_message.Message):
     IDENTITY_FIELD_NUMBER: _builtins.int
     CREATE_FIELD_NUMBER: _builtins.int
     REVERT_TO_GENERATION_FIELD_NUMBER: _builtins.int
+    SWITCHOVER_FIELD_NUMBER: _builtins.int
     role: Global___Role.ValueType
     epoch: _builtins.int
     peer_address: _builtins.str
@@ -1002,6 +1070,13 @@ class VolumeAssignment(_message.Message):
     nothing. When it is demoted it reverts to this generation, its writes since
     kept as divergent extents for the resync (docs/FAILOVER.md section 4).
     """
+    switchover: _builtins.bool
+    """A switchover (docs/FAILOVER.md section 5), not a promotion: the old
+    primary drained and handed over, both replicas hold the same writes and
+    the same generation. The new primary starts in sync (no new generation,
+    no fault snapshot) and replicates to the old one at this epoch; the old
+    primary, demoted, has no divergent extents (if it did hand over).
+    """
     @_builtins.property
     def spec(self) -> Global___VolumeSpec: ...
     @_builtins.property
@@ -1019,10 +1094,11 @@ class VolumeAssignment(_message.Message):
         identity: Global___Identity | None = ...,
         create: _builtins.bool = ...,
         revert_to_generation: _builtins.int = ...,
+        switchover: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["identity", b"identity", "spec", b"spec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create", b"create", "epoch", b"epoch", "identity", b"identity", "peer_address", b"peer_address", "resync_mode", b"resync_mode", "revert_to_generation", b"revert_to_generation", "role", b"role", "spec", b"spec"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create", b"create", "epoch", b"epoch", "identity", b"identity", "peer_address", b"peer_address", "resync_mode", b"resync_mode", "revert_to_generation", b"revert_to_generation", "role", b"role", "spec", b"spec", "switchover", b"switchover"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1247,6 +1323,68 @@ class InjectFaultReply(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___InjectFaultReply: _TypeAlias = InjectFaultReply  # noqa: Y015
+
+@_typing.final
+class SwitchoverRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VOLUME_FIELD_NUMBER: _builtins.int
+    HANDOVER_TIMEOUT_S_FIELD_NUMBER: _builtins.int
+    volume: _builtins.str
+    handover_timeout_s: _builtins.float
+    """How long the old primary holds writes at its gate waiting for the swap
+    (0: the coordinator's default, 5 s).
+    """
+    def __init__(
+        self,
+        *,
+        volume: _builtins.str = ...,
+        handover_timeout_s: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["handover_timeout_s", b"handover_timeout_s", "volume", b"volume"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SwitchoverRequest: _TypeAlias = SwitchoverRequest  # noqa: Y015
+
+@_typing.final
+class SwitchoverReply(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STATUS_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    STALL_S_FIELD_NUMBER: _builtins.int
+    DRAIN_S_FIELD_NUMBER: _builtins.int
+    ACKED_SEQ_FIELD_NUMBER: _builtins.int
+    message: _builtins.str
+    stall_s: _builtins.float
+    """The write stall, as the coordinator measures it: from sending
+    PrepareHandover (the old primary closes its gate on receipt) to the new
+    primary's AssignVolume answer (its write path open and replicating).
+    """
+    drain_s: _builtins.float
+    """Of which: the old primary's drain (its gate closed until it answered)."""
+    acked_seq: _builtins.int
+    @_builtins.property
+    def status(self) -> Global___VolumeStatus: ...
+    def __init__(
+        self,
+        *,
+        status: Global___VolumeStatus | None = ...,
+        message: _builtins.str = ...,
+        stall_s: _builtins.float = ...,
+        drain_s: _builtins.float = ...,
+        acked_seq: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["status", b"status"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["acked_seq", b"acked_seq", "drain_s", b"drain_s", "message", b"message", "stall_s", b"stall_s", "status", b"status"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SwitchoverReply: _TypeAlias = SwitchoverReply  # noqa: Y015
 
 @_typing.final
 class PromoteRequest(_message.Message):

@@ -381,6 +381,11 @@ class NodeServiceStub:
                 request_serializer=syncrep_dot_pb_dot_syncrep__pb2.AbortResyncRequest.SerializeToString,
                 response_deserializer=syncrep_dot_pb_dot_syncrep__pb2.AbortResyncReply.FromString,
                 _registered_method=True)
+        self.PrepareHandover = channel.unary_unary(
+                '/syncrep.v1.NodeService/PrepareHandover',
+                request_serializer=syncrep_dot_pb_dot_syncrep__pb2.PrepareHandoverRequest.SerializeToString,
+                response_deserializer=syncrep_dot_pb_dot_syncrep__pb2.PrepareHandoverReply.FromString,
+                _registered_method=True)
 
 
 class NodeServiceServicer:
@@ -451,6 +456,18 @@ class NodeServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PrepareHandover(self, request, context):
+        """On the primary, for a switchover (docs/FAILOVER.md section 5): close the
+        quiesce gate (new writes wait, they do not fail), drain (every write
+        sequenced is durable here and acknowledged by the secondary), check the
+        pair is in sync, and answer with the last acknowledged seq and the
+        identity, the gate kept closed. The gate opens again by itself after
+        timeout_s unless an assignment with switchover demotes this node first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_NodeServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -498,6 +515,11 @@ def add_NodeServiceServicer_to_server(servicer, server):
                     servicer.AbortResync,
                     request_deserializer=syncrep_dot_pb_dot_syncrep__pb2.AbortResyncRequest.FromString,
                     response_serializer=syncrep_dot_pb_dot_syncrep__pb2.AbortResyncReply.SerializeToString,
+            ),
+            'PrepareHandover': grpc.unary_unary_rpc_method_handler(
+                    servicer.PrepareHandover,
+                    request_deserializer=syncrep_dot_pb_dot_syncrep__pb2.PrepareHandoverRequest.FromString,
+                    response_serializer=syncrep_dot_pb_dot_syncrep__pb2.PrepareHandoverReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -757,6 +779,33 @@ class NodeService:
             metadata,
             _registered_method=True)
 
+    @staticmethod
+    def PrepareHandover(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/syncrep.v1.NodeService/PrepareHandover',
+            syncrep_dot_pb_dot_syncrep__pb2.PrepareHandoverRequest.SerializeToString,
+            syncrep_dot_pb_dot_syncrep__pb2.PrepareHandoverReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
 
 class CoordinatorServiceStub:
     """---------------------------------------------------------------- coordinator
@@ -803,6 +852,11 @@ class CoordinatorServiceStub:
                 '/syncrep.v1.CoordinatorService/Promote',
                 request_serializer=syncrep_dot_pb_dot_syncrep__pb2.PromoteRequest.SerializeToString,
                 response_deserializer=syncrep_dot_pb_dot_syncrep__pb2.PromoteReply.FromString,
+                _registered_method=True)
+        self.Switchover = channel.unary_unary(
+                '/syncrep.v1.CoordinatorService/Switchover',
+                request_serializer=syncrep_dot_pb_dot_syncrep__pb2.SwitchoverRequest.SerializeToString,
+                response_deserializer=syncrep_dot_pb_dot_syncrep__pb2.SwitchoverReply.FromString,
                 _registered_method=True)
 
 
@@ -856,6 +910,14 @@ class CoordinatorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Switchover(self, request, context):
+        """A planned role swap with no data loss (docs/FAILOVER.md section 5): the
+        pair must be in sync with both nodes alive at the same generation.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -893,6 +955,11 @@ def add_CoordinatorServiceServicer_to_server(servicer, server):
                     servicer.Promote,
                     request_deserializer=syncrep_dot_pb_dot_syncrep__pb2.PromoteRequest.FromString,
                     response_serializer=syncrep_dot_pb_dot_syncrep__pb2.PromoteReply.SerializeToString,
+            ),
+            'Switchover': grpc.unary_unary_rpc_method_handler(
+                    servicer.Switchover,
+                    request_deserializer=syncrep_dot_pb_dot_syncrep__pb2.SwitchoverRequest.FromString,
+                    response_serializer=syncrep_dot_pb_dot_syncrep__pb2.SwitchoverReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1086,6 +1153,33 @@ class CoordinatorService:
             '/syncrep.v1.CoordinatorService/Promote',
             syncrep_dot_pb_dot_syncrep__pb2.PromoteRequest.SerializeToString,
             syncrep_dot_pb_dot_syncrep__pb2.PromoteReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Switchover(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/syncrep.v1.CoordinatorService/Switchover',
+            syncrep_dot_pb_dot_syncrep__pb2.SwitchoverRequest.SerializeToString,
+            syncrep_dot_pb_dot_syncrep__pb2.SwitchoverReply.FromString,
             options,
             channel_credentials,
             insecure,
