@@ -17,9 +17,10 @@ promoted:
    50 ms from the kill on (a fresh stream per attempt, 1 s timeout); it is
    refused while that node is a secondary. "promote ok" is when the coordinator
    names it the primary (auto: GetVolume polled every 50 ms; manual: the
-   Promote call that succeeded). "client resumed" is the first write of the
-   VolumeClient workload acknowledged after the kill (adds the client's own
-   re-resolution polling). Goal: failover <= lease_s + 2 s.
+   Promote call that succeeded). "client new/any": the VolumeClient workload's
+   view (adds the client's own re-resolution polling) -- the first ack of a
+   write issued after the kill / of any write (the re-sent in-flight ones
+   included) by the new primary. Goal: failover <= lease_s + 2 s.
 3. Stop the writers, write ``--known`` bytes (1 MiB writes, QD8) into an area
    of the volume the writers never touch, restart the old primary with its
    original command line, wait until the coordinator says in_sync.
@@ -111,7 +112,9 @@ class Cycle:
     promoted: str = ""
     failover_s: float = float("nan")  # kill -> first write acked by the new primary (probe)
     promote_s: float = float("nan")  # kill -> the coordinator names the new primary
-    client_resumed_s: float = float("nan")  # kill -> first VolumeClient workload ack
+    client_resumed_s: float = float("nan")  # kill -> first VolumeClient ack of a write issued after the kill
+    client_first_ack_s: float = float("nan")  # kill -> first VolumeClient ack by the new primary (any write)
+    client_errors: list[str] = field(default_factory=list)  # distinct failures of the workload after the kill
     promote_refusals: int = 0
     first_refusal: str = ""
     failback_s: float = float("nan")  # restart of the old primary -> in_sync
@@ -271,6 +274,12 @@ async def one_cycle(c: LocalCluster, mode: str, run: int, args: argparse.Namespa
 
         new_blocks: set[int] = {probe_block}
         new_blocks.update(range(known_start // BLOCK, (known_start + args.known) // BLOCK))
+        after_cut = [o.t_done for o in w.history.ops[ops0:] if o.status == wl.OK and o.t_done > fail_cut_rel]
+        cy.client_first_ack_s = min(after_cut) - kill_rel if after_cut else float("nan")
+        for o in w.history.ops[ops0:]:
+            msg = re.sub(r"\d+(\.\d+)?", "N", o.error)[:160]
+            if o.status == wl.FAIL and o.t_done > kill_rel and msg not in cy.client_errors and len(cy.client_errors) < 4:
+                cy.client_errors.append(msg)
         # A workload write of this cycle is a new-primary change when it was acknowledged after
         # the kill (re-sent by the client to the new primary; the few acked by the old primary
         # just after the kill are counted too, which can only lower the ratio), failed after the
@@ -291,12 +300,16 @@ async def one_cycle(c: LocalCluster, mode: str, run: int, args: argparse.Namespa
         t_restart = time.monotonic()
         await c.start_process(old)
         seen: list[tuple[int, int]] = []
+        pair_failed: list[tuple[int, int]] = []  # the coordinator's failed extents: the divergent ones merged in
         deadline = t_restart + SYNC_TIMEOUT_S
         while True:
             ext = await divergent_of(old_addr)
             if sum(n for _, n in ext) > sum(n for _, n in seen):
                 seen = ext
             st = await c.get_volume(VOL)
+            fe = [(int(e.offset), int(e.length)) for e in st.failed_extents]
+            if sum(n for _, n in fe) > sum(n for _, n in pair_failed):
+                pair_failed = fe
             if sc.volume_status_dict(st)["state"] == "in_sync" and st.primary == new_addr:
                 break
             if time.monotonic() > deadline:
@@ -307,11 +320,15 @@ async def one_cycle(c: LocalCluster, mode: str, run: int, args: argparse.Namespa
         cy.sent = await resync_sent(new_addr) - sent0
 
         div_blocks: set[int] = set()
-        if seen:
-            for off, n in seen:
+        # The resync can clear the old primary's report between two polls (a fast fail-back):
+        # then the coordinator's failed extents (into which it merged them) stand in for them.
+        src = seen or pair_failed
+        if src:
+            for off, n in src:
                 div_blocks.update(range(off // BLOCK, (off + n + BLOCK - 1) // BLOCK))
             cy.divergent_bytes = len(div_blocks) * BLOCK
-            cy.divergent_source = f"NodeStatus: {len(seen)} extents"
+            cy.divergent_source = (f"NodeStatus: {len(seen)} extents" if seen
+                                   else f"coordinator failed extents: {len(pair_failed)}")
         else:
             lines = h.log_lines_since(c.log_path(old), wall_restart, _DIVERGENT_LOG.pattern)
             m = _DIVERGENT_LOG.search(lines[-1][1]) if lines else None
@@ -361,9 +378,12 @@ async def run_mode(mode: str, args: argparse.Namespace, workdir: Path) -> ModeRe
                 break  # the cluster's state is unknown: no further cycle on it
             print(
                 f"  {mode} run {run}: killed {cy.killed}; failover {cy.failover_s:.2f} s (promote "
-                f"{cy.promote_s:.2f} s, client resumed {_f(cy.client_resumed_s)} s); fail-back "
+                f"{cy.promote_s:.2f} s, client resumed {_f(cy.client_resumed_s)} s, first client ack "
+                f"{_f(cy.client_first_ack_s)} s); fail-back "
                 f"{cy.failback_s:.2f} s sent {h.fmt_size(cy.sent)} for changes {h.fmt_size(cy.new_bytes)} + "
-                f"divergent {h.fmt_size(cy.divergent_bytes)} (union {h.fmt_size(cy.union_bytes)}); rounds: {cy.rounds or '?'}; {cy.verify}",
+                f"divergent {h.fmt_size(cy.divergent_bytes)} [{cy.divergent_source}] (union {h.fmt_size(cy.union_bytes)}); "
+                f"rounds: {cy.rounds or '?'}; {cy.verify}"
+                + (f"; client errors after the kill: {cy.client_errors}" if cy.client_errors else ""),
                 flush=True,
             )
     except Exception as e:
@@ -407,7 +427,7 @@ async def main_async(args: argparse.Namespace) -> int:
                 continue
             rows.append([
                 c.run, c.killed, f"{c.failover_s:.2f}", f"{c.failover_s / goal_s:.2f}", f"{c.promote_s:.2f}",
-                _f(c.client_resumed_s), c.promote_refusals if r.mode == "manual" else "-",
+                f"{_f(c.client_resumed_s)}/{_f(c.client_first_ack_s)}", c.promote_refusals if r.mode == "manual" else "-",
                 f"{c.failback_s:.2f}", h.fmt_size(c.sent),
                 f"{h.fmt_size(c.new_bytes)} + {h.fmt_size(c.divergent_bytes)}", h.fmt_size(c.union_bytes),
                 f"{c.new_failed_ops}/{c.excluded_ops}",
@@ -432,7 +452,7 @@ async def main_async(args: argparse.Namespace) -> int:
         h.print_table(
             f"{r.mode}: failover (kill -9 -> new primary acks a write) and fail-back; goal failover <= "
             f"lease {args.lease_s:g} s + {FAILOVER_SLACK_S:g} s = {goal_s:g} s, fail-back <= {FAILBACK_TARGET}",
-            ["run", "killed", "failover s", "/goal", "promote s", "client s", "refused", "fail-back s", "sent",
+            ["run", "killed", "failover s", "/goal", "promote s", "client new/any s", "refused", "fail-back s", "sent",
              "changes + divergent", "union", "failed/excl", "sent/sum", "sent/union", "sent/changes"],
             rows,
             note=(
