@@ -64,6 +64,10 @@ DEFAULT_WRITE_TIMEOUT_S = 60.0
 DEFAULT_FAILOVER_WAIT_S = 30.0
 #: Pause between two look-ups of the primary while it moves.
 FAILOVER_POLL_S = 0.2
+# A node the coordinator names primary refused a write as "not its primary":
+# it applies its assignment within milliseconds (a switchover), so it is
+# asked again soon.
+NAMED_PRIMARY_RETRY_S = 0.05
 #: Promote waits for the coordinator to persist the new epoch and assign it.
 PROMOTE_TIMEOUT_S = 20.0
 #: Substring of the node's refusal when it is not the volume's primary
@@ -375,9 +379,10 @@ class VolumeClient:
                 # names the new primary a moment before it serves). Its
                 # refusal applied nothing, so the write is re-sent to it.
                 named_refuser = self.status is not None and self.status.primary == refused_by
-            if time.monotonic() + FAILOVER_POLL_S >= deadline:
+            pause = NAMED_PRIMARY_RETRY_S if named_refuser else FAILOVER_POLL_S
+            if time.monotonic() + pause >= deadline:
                 return False
-            await asyncio.sleep(FAILOVER_POLL_S)
+            await asyncio.sleep(pause)
             if named_refuser:
                 return True
 

@@ -29,6 +29,9 @@ from e2e_helpers import (
 
 from deploy.cluster import LocalCluster
 from syncrep import client as sc
+from syncrep import rpc
+from syncrep.pb import syncrep_pb2 as pb
+from syncrep.pb import syncrep_pb2_grpc as pbg
 
 pytestmark = pytest.mark.e2e
 
@@ -112,6 +115,7 @@ async def test_switchover_under_load_swaps_the_roles_and_back_without_losing_a_w
     sent0 = await resync_sent(c, "secondary") + await resync_sent(c, "primary")
 
     # The command line: swap to the process started as "secondary".
+    t_swap1 = time.monotonic() - w.t0
     r = await c.run_cli("switchover", VOL)
     assert r.returncode == 0, (r.returncode, r.stdout, r.stderr)
     m = STALL_LINE.search(r.stdout)
@@ -122,6 +126,7 @@ async def test_switchover_under_load_swaps_the_roles_and_back_without_losing_a_w
     await w.wait_acked(200)
 
     # And back, through the client API.
+    t_swap2 = time.monotonic() - w.t0
     reply = await sc.switchover(c.coordinator_addr, VOL)
     assert reply.stall_s > 0 and reply.stall_s >= reply.drain_s, reply
     assert reply.status.primary == c.address("primary"), reply
@@ -134,8 +139,14 @@ async def test_switchover_under_load_swaps_the_roles_and_back_without_losing_a_w
     assert w.failed == 0, f"{w.failed} writes failed across the switchovers: {w.errors[:3]}"
     # No resync was needed: both replicas had every write at every swap.
     assert await resync_sent(c, "secondary") + await resync_sent(c, "primary") == sent0
-    print(f"switchover write stall: {stall1_ms:.1f} ms (cli), {reply.stall_s * 1000:.1f} ms (api), "
-          f"drain {reply.drain_s * 1000:.1f} ms; {w.acked} writes acknowledged")
+    # The stall as a client sees it: the longest write that overlapped a swap
+    # (it includes the re-lookup of the primary and the re-send).
+    def longest(t: float) -> float:
+        return max((o.t_done - o.t_inv for o in w.history.ops if o.t_done >= t and o.t_inv <= t + 5.0), default=0.0)
+
+    print(f"switchover write stall (coordinator): {stall1_ms:.1f} ms (cli), {reply.stall_s * 1000:.1f} ms (api), "
+          f"drain {reply.drain_s * 1000:.1f} ms; longest client write around the swaps: "
+          f"{longest(t_swap1) * 1000:.1f} ms, {longest(t_swap2) * 1000:.1f} ms; {w.acked} writes acknowledged")
     await finish(c, w=w)
 
 
@@ -163,3 +174,50 @@ async def test_switchover_refused_when_secondary_killed_and_pair_degraded(cluste
     await c.start_process("secondary")
     await finish(c, model=model)
     await cl.close()
+
+
+async def test_handover_not_followed_by_a_swap_reopens_the_gate_and_loses_nothing(
+    cluster_factory: Any, seed: int
+) -> None:
+    """Fault: the primary hands over but no swap follows (the coordinator is
+    not the one asking, as if it died after PrepareHandover): the gate
+    reopens at the handover timeout, the held writes complete, the pair stays
+    as it was. Then a handover released at once (what the coordinator does
+    when it gives up)."""
+    c = await make_cluster(cluster_factory)
+    w = Workload(c, VOL, SIZE, writers=4, seed=seed)
+    await w.start()
+    await w.wait_acked(100)
+    st0 = sc.volume_status_dict(await c.get_volume(VOL))
+    async with rpc.channel(c.address("primary")) as ch:
+        stub = pbg.NodeServiceStub(ch)
+        t0 = time.monotonic()
+        reply = await stub.PrepareHandover(
+            pb.PrepareHandoverRequest(volume=VOL, epoch=st0["epoch"], timeout_s=2.0), timeout=10.0)
+        assert reply.identity.current == st0["generation"] and reply.acked_seq > 0, reply
+        # A second handover while this one holds the gate is refused.
+        with pytest.raises(grpc.aio.AioRpcError) as again:
+            await stub.PrepareHandover(
+                pb.PrepareHandoverRequest(volume=VOL, epoch=st0["epoch"], timeout_s=2.0), timeout=10.0)
+        assert again.value.code() == grpc.StatusCode.FAILED_PRECONDITION, again.value
+        assert "already in progress" in (again.value.details() or ""), again.value
+        # The writers are held at the gate, then resume by themselves.
+        acked = w.acked
+        await w.wait_acked(100, timeout_s=30.0)
+        held_s = time.monotonic() - t0
+        assert held_s >= 1.0, f"writes resumed {held_s:.2f} s after the handover, before its 2-s timeout"
+        assert w.acked > acked
+        # A handover released at once: the writes resume without waiting for the timeout.
+        await stub.PrepareHandover(
+            pb.PrepareHandoverRequest(volume=VOL, epoch=st0["epoch"], timeout_s=30.0), timeout=10.0)
+        t1 = time.monotonic()
+        released = await stub.PrepareHandover(
+            pb.PrepareHandoverRequest(volume=VOL, epoch=st0["epoch"], release=True), timeout=10.0)
+        assert released.message == "gate reopened", released
+        await w.wait_acked(100, timeout_s=30.0)
+        assert time.monotonic() - t1 < 20.0
+    await w.stop()
+    assert w.failed == 0, f"{w.failed} writes failed: {w.errors[:3]}"
+    st = sc.volume_status_dict(await c.get_volume(VOL))
+    assert (st["epoch"], st["state"], st["primary"]) == (st0["epoch"], "in_sync", c.address("primary")), st
+    await finish(c, w=w)
