@@ -137,6 +137,7 @@ class Node:
             name = a.spec.name
             extra: dict[str, str | None] | None = None
             demoted: list[Extent] | None = None
+            handed_over = False
             reverted: Identity | None = None
             cur = self.registry.volumes.get(name)
             if cur is not None and cur.identity.volume_uuid != a.identity.volume_uuid:
@@ -187,11 +188,15 @@ class Node:
                         lv.name, reverted.short(), lv.peer, lv.identity.short(), reverted.short(),
                     )
                     lv.identity = reverted
-                log.warning(
-                    "volume %s demoted to secondary at epoch %d (new primary %s): %d divergent extents (%d bytes) "
-                    "will be overwritten by the resync", lv.name, lv.epoch, lv.peer, len(demoted),
-                    sum(e.length for e in demoted),
-                )
+                if handed_over:
+                    log.warning("volume %s: secondary by switchover at epoch %d (new primary %s): handed over in "
+                                "sync, no divergent extents", lv.name, lv.epoch, lv.peer)
+                else:
+                    log.warning(
+                        "volume %s demoted to secondary at epoch %d (new primary %s): %d divergent extents "
+                        "(%d bytes) will be overwritten by the resync", lv.name, lv.epoch, lv.peer, len(demoted),
+                        sum(e.length for e in demoted),
+                    )
             if lv.role == pb.ROLE_PRIMARY and not lv.identity.has_data:
                 pv = self.primaries.pop(lv.name, None)
                 if pv is not None:

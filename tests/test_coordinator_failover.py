@@ -276,3 +276,61 @@ async def test_reported_generations_are_persisted(env: Env) -> None:
 
     await wait_until(saved, what="the primary's new generation persisted")
     assert (await env.get()).generation == 0x99
+
+
+# ---------------------------------------------------------------- Switchover (docs/FAILOVER.md section 5)
+
+
+async def _in_sync_reports(env: Env) -> None:
+    """Both fake nodes report the pair in sync at epoch 1, same generation."""
+    ident = pb.Identity(volume_uuid=UUID, current=INITIAL)
+    env.primary_reports(pb.PAIR_STATE_IN_SYNC, 1, identity=ident)
+    env.secondary.reports["vol1"] = pb.VolumeReport(name="vol1", role=pb.ROLE_SECONDARY, epoch=1, identity=ident)
+    await _reported(env, env.primary.address, lambda r: r.epoch == 1 and r.state == pb.PAIR_STATE_IN_SYNC)
+    await _reported(env, env.secondary.address, lambda r: r.epoch == 1)
+
+
+async def test_switchover_unknown_volume(env: Env) -> None:
+    await expect_error(grpc.StatusCode.NOT_FOUND, env.stub.Switchover(pb.SwitchoverRequest(volume="nope")))
+
+
+async def test_switchover_refused_when_degraded_says_wait_for_the_resync(env: Env) -> None:
+    await _pair(env)
+    await _in_sync_reports(env)
+    await env.report(pb.PAIR_STATE_DEGRADED, 1, reason="secondary unreachable")
+    await expect_error(
+        grpc.StatusCode.FAILED_PRECONDITION,
+        env.stub.Switchover(pb.SwitchoverRequest(volume="vol1")),
+        "is degraded at epoch 1, not in sync",
+        "wait for the resync",
+    )
+    rec = env.servicer.pair("vol1")
+    assert (rec.primary, rec.epoch) == (env.primary.address, 1)
+
+
+async def test_switchover_primary_fails_to_hand_over_nothing_swapped(env: Env) -> None:
+    """Fault: PrepareHandover fails on the primary (this fake does not serve
+    it): UNAVAILABLE, the pair stays as it was, no assignment is pushed."""
+    await _pair(env)
+    await _in_sync_reports(env)
+    pushed = len([c for c in env.calls if c[0] == "assign"])
+    await expect_error(
+        grpc.StatusCode.UNAVAILABLE,
+        env.stub.Switchover(pb.SwitchoverRequest(volume="vol1", handover_timeout_s=2.0)),
+        f"primary {env.primary.address} did not hand over",
+        "nothing was swapped",
+    )
+    rec = env.servicer.pair("vol1")
+    assert (rec.state, rec.primary, rec.secondary, rec.epoch) == (
+        PairState.IN_SYNC, env.primary.address, env.secondary.address, 1)
+    assert len([c for c in env.calls if c[0] == "assign"]) == pushed
+    assert not env.servicer.assignment(rec, env.secondary.address).switchover
+
+
+async def test_switchover_timeout_out_of_range(env: Env) -> None:
+    await _pair(env)
+    await expect_error(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        env.stub.Switchover(pb.SwitchoverRequest(volume="vol1", handover_timeout_s=600)),
+        "handover timeout 600",
+    )
