@@ -121,6 +121,8 @@ class _Handover:
     t0: float
     drained: bool = False
     expiry: asyncio.Task[None] | None = None
+    #: The data identity both replicas shared when the drain ended.
+    identity: Identity | None = None
 
 
 class PrimaryVolume:
@@ -712,6 +714,7 @@ class PrimaryVolume:
             raise
         drain_s = time.monotonic() - t0
         handover.drained = True
+        handover.identity = self.lv.identity
         handover.expiry = self._spawn(self._handover_expiry(handover, timeout_s), "handover-expiry")
         log.warning(
             "volume %s: handing over at epoch %d: gate closed, drained up to seq %d in %.3f s; writes wait "
@@ -743,16 +746,19 @@ class PrimaryVolume:
         self._end_handover(handover, "the coordinator did not swap the roles")
         return True
 
-    def hand_over(self, new_primary: str, new_epoch: int) -> bool:
-        """The demotion of a switchover: True if this primary drained and
-        still holds its gate (then nothing was written since, and no write
-        is on this node alone), and from now on every write, those waiting
-        at the gate included, is refused as "not its primary". False: no
-        valid handover (it expired, or never happened): the caller demotes
-        the ordinary way (divergent extents)."""
+    def hand_over(self, new_primary: str, new_epoch: int) -> Identity | None:
+        """The demotion of a switchover: if this primary drained and still
+        holds its gate (then nothing was written since, and no write is on
+        this node alone), from now on every write, those waiting at the gate
+        included, is refused as "not its primary", and the identity both
+        replicas shared at the handover is returned: the node keeps that one
+        (a degrade that began since, the link failing while the gate was
+        held, minted a generation under which nothing was written). None: no
+        valid handover (it expired, or never happened): the caller demotes the
+        ordinary way (divergent extents)."""
         handover = self._handover
-        if handover is None or not handover.drained or new_epoch <= handover.epoch:
-            return False
+        if handover is None or not handover.drained or handover.identity is None or new_epoch <= handover.epoch:
+            return None
         self._handed_over = (
             f"this node ({self.address}) is not its primary any more: volume {self.lv.name!r} was switched over "
             f"to {new_primary} at epoch {new_epoch}; writes go to the primary ({new_primary})"
@@ -761,7 +767,7 @@ class PrimaryVolume:
                     self.lv.name, new_primary, new_epoch, time.monotonic() - handover.t0)
         # Opening the gate now lets the sequencer refuse the waiting writes.
         self._end_handover(handover, "")
-        return True
+        return handover.identity
 
     @property
     def handed_over(self) -> bool:

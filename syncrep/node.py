@@ -137,7 +137,7 @@ class Node:
             name = a.spec.name
             extra: dict[str, str | None] | None = None
             demoted: list[Extent] | None = None
-            handed_over = False
+            handed_over: Identity | None = None
             reverted: Identity | None = None
             cur = self.registry.volumes.get(name)
             if cur is not None and cur.identity.volume_uuid != a.identity.volume_uuid:
@@ -160,13 +160,15 @@ class Node:
                     pv = self.primaries.pop(name, None)
                     # A switchover's demotion: only a write path that drained
                     # and still holds its gate has no write on this node alone.
-                    handed_over = pv is not None and a.switchover and pv.hand_over(a.peer_address, a.epoch)
+                    handed_over = pv.hand_over(a.peer_address, a.epoch) if pv is not None and a.switchover else None
                     if pv is not None:
                         # Stop serving writes first (removed from the map
                         # before the await, so no request reaches it).
                         await pv.stop()
-                    if handed_over:
-                        extra, demoted = _handover_meta(), []
+                    if handed_over is not None:
+                        extra, demoted = _handover_meta(handed_over), []
+                        if handed_over != cur.identity:
+                            reverted = handed_over
                     else:
                         if a.switchover:
                             log.warning(
@@ -188,7 +190,7 @@ class Node:
                         lv.name, reverted.short(), lv.peer, lv.identity.short(), reverted.short(),
                     )
                     lv.identity = reverted
-                if handed_over:
+                if handed_over is not None:
                     log.warning("volume %s: secondary by switchover at epoch %d (new primary %s): handed over in "
                                 "sync, no divergent extents", lv.name, lv.epoch, lv.peer)
                 else:
@@ -468,11 +470,12 @@ def _demotion_meta(
     return meta, div, reverted
 
 
-def _handover_meta() -> dict[str, str | None]:
+def _handover_meta(identity: Identity) -> dict[str, str | None]:
     """What a primary that handed over (drained, gate held, docs/FAILOVER.md
-    section 5) persists with its demotion: its primary record reset and no
-    divergent extents (every write it has is on the new primary too)."""
-    return {**PairRecord().to_meta(), META_NODE_DIVERGENT: encode_extents([])}
+    section 5) persists with its demotion: its primary record reset, no
+    divergent extents (every write it has is on the new primary too) and the
+    identity both replicas shared at the handover."""
+    return {**PairRecord().to_meta(), META_NODE_DIVERGENT: encode_extents([]), **identity.to_meta()}
 
 
 async def _abort(context: grpc.aio.ServicerContext, e: SyncrepError) -> None:
