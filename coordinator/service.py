@@ -963,6 +963,8 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
         self, pair: PairRecord, timeout_s: float, context: aio.ServicerContext
     ) -> pb.SwitchoverReply:
         name, old, epoch = pair.name, pair.primary, pair.epoch
+        # Real time, not the injected clock: the stall is a measurement, and
+        # the half-timeout check races the node's own (real) handover timer.
         t0 = time.monotonic()
         try:
             # Half the timeout: the other half is for persisting and demoting
