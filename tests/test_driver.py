@@ -1410,3 +1410,28 @@ def test_switchover_abandoned_when_the_handover_does_not_match(handover: driver.
                                  policy=POLICY)
     assert isinstance(got, Problem) and got.code is Code.FAILED_PRECONDITION, got
     assert fragment in got.message and "nothing was swapped" in got.message, got.message
+
+
+# The primary's side of the handover (syncrep/core/pair.py; here with the
+# coordinator's switchover tables).
+@pytest.mark.parametrize(
+    ("kw", "fragment"),
+    [
+        (dict(), ""),
+        (dict(closing=True), "shutting down"),
+        (dict(degrading=True), "going degraded on the primary"),
+        (dict(state=S_.DEGRADED), "is degraded on the primary"),
+        (dict(resyncing=True), "resync running"),
+        (dict(replicating=False), "no live replication stream"),
+        (dict(acked_seq=7), "acknowledged writes up to seq 7, the primary sequenced up to 9"),
+    ],
+)
+def test_handover_refusal(kw: dict[str, Any], fragment: str) -> None:
+    from syncrep.core.pair import handover_refusal
+
+    args: dict[str, Any] = dict(state=S_.IN_SYNC, closing=False, degrading=False, replicating=True,
+                                resyncing=False, acked_seq=9, next_seq=10, volume=VOL)
+    args.update(kw)
+    state = args.pop("state")
+    got = handover_refusal(state, **args)
+    assert (fragment in got) if fragment else got == "", got
