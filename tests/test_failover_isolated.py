@@ -21,8 +21,8 @@ Writers, both from the client host:
   small fixed-newstyle client (tests/test_nbd_e2e.py's ``NbdClient``, over
   syncrep.nbd.protocol) -- the path that stays up. The real tools (nbdcopy,
   qemu-io) are installed, but they start a process per run and report no
-  per-write acknowledgement time; the kernel nbd-client would need a /dev/nbd
-  device. Every write is recorded with the wall-clock time its reply arrived
+  per-write acknowledgement time; the kernel nbd-client needs a /dev/nbd
+  device, and this container has none. Every write is recorded with the wall-clock time its reply arrived
   (``time.time()``: all processes share the kernel's clock), which is never
   earlier than when the server acknowledged it, so "last ack < promotion" is
   checked conservatively.
@@ -37,9 +37,18 @@ write of the new primary can be older and the old primary's last ack must be.
 (``syncrep status --json`` has only the current state's time, and a log line
 is formatted to the millisecond; the row is exact and persisted.)
 
-Two tests: the coordinator promotes by itself (``--auto-failover``), and an
+Tests: the coordinator promotes by itself (``--auto-failover``); an
 operator's ``syncrep promote`` (refused while the old primary's lease may run,
-then allowed).
+then allowed) -- in both the gRPC writers connect after the promotion. A third
+test, ``xfail(strict=True)`` on a diagnosed product bug, has the gRPC
+``VolumeClient`` connected before the cut: it stays on the isolated old
+primary (which answers every write UNAVAILABLE for want of a lease) and never
+asks the coordinator where the primary went (syncrep/client.py).
+
+Run: ``.venv/bin/pytest -q tests/test_failover_isolated.py -s`` (root, for the
+namespaces; ``-s`` prints each scenario's figures as JSON). A failed scenario's
+whole output is in ``<tmp_path>/scenario.log``, the processes' logs in
+``<tmp_path>/cluster/*.log``.
 """
 
 from __future__ import annotations
@@ -370,6 +379,7 @@ async def scenario(net_json: dict[str, Any], workdir: Path, promotion: str, grpc
         net.partition("primary", "coordinator")
         net.partition("primary", "secondary")
         cut_wall = time.time()
+        cut_t = time.monotonic() - t0  # NBD writes issued after this cannot have reached the secondary
         acked_at_cut = nbd.acked
 
         refusals: list[str] = []
@@ -455,6 +465,23 @@ async def scenario(net_json: dict[str, Any], workdir: Path, promotion: str, grpc
             read = await wl.read_blocks(primary, VOL, h.touched_blocks(), BLOCK)
             rep = wl.check_blocks(h, read)
             assert rep.ok, f"LOST WRITE or garbage of the {name} writers (seed {h.seed}): {rep.summary()}"
+        # Stronger than "no acknowledged write lost": what the isolated primary wrote only to its
+        # own disk (NBD writes issued after the cut, all refused) is gone from BOTH replicas --
+        # the resync ran from the new primary over the old one's divergent extents, never back.
+        by_version = nbd.history.op_index()
+        for side in (c.primary_addr, c.secondary_addr):
+            read = await wl.read_blocks(side, VOL, nbd.history.touched_blocks(), BLOCK)
+            kept = []
+            for b, data in sorted(read.items()):
+                d = wl.decode_block(data, seed, b * BLOCK, BLOCK)
+                op = by_version.get((d.writer, d.version)) if d.kind == "block" else None
+                if op is not None and op.t_inv > cut_t:
+                    kept.append((b, op))
+            assert not kept, (
+                f"{side} holds {len(kept)} blocks of NBD writes issued to the isolated primary after the cut "
+                f"(first: block {kept[0][0]}, {wl.describe_op(kept[0][1])}, issued {kept[0][1].t_inv - cut_t:.3f} s "
+                f"after the cut)" if kept else "")
+        isolated_writes = sum(1 for o in nbd.history.ops if o.t_inv > cut_t)
         deadline = time.monotonic() + STATUS_SETTLE_S
         while True:
             doc = await c.status_json(VOL)
@@ -467,7 +494,7 @@ async def scenario(net_json: dict[str, Any], workdir: Path, promotion: str, grpc
 
         out.update(
             nbd_acked=nbd.acked, nbd_indeterminate=nbd.history.indeterminate,
-            nbd_acks_after_cut=nbd_acks_isolated,
+            nbd_acks_after_cut=nbd_acks_isolated, nbd_writes_issued_after_cut=isolated_writes,
             grpc_acked=grpc_w.acked, grpc_indeterminate=grpc_w.history.indeterminate,
             last_nbd_ack_after_cut_s=round(last_ack - cut_wall, 3),
             last_nbd_ack_before_promotion_s=round(prom_ts - last_ack, 3),
