@@ -32,6 +32,7 @@ LEGAL: dict[tuple[PairState, PairEvent], PairState] = {
     (S.IN_SYNC, E.PROMOTED): S.DEGRADED,
     (S.DEGRADED, E.PROMOTED): S.DEGRADED,
     (S.RESYNCING, E.PROMOTED): S.DEGRADED,
+    (S.IN_SYNC, E.SWITCHED_OVER): S.IN_SYNC,
     (S.DEGRADED, E.SPLIT_BRAIN_DETECTED): S.SPLIT_BRAIN,
     (S.RESYNCING, E.SPLIT_BRAIN_DETECTED): S.SPLIT_BRAIN,
 }
@@ -47,8 +48,8 @@ def test_state_values_are_exactly_the_strings() -> None:
 
 def test_table_is_exactly_the_expected_one() -> None:
     assert TRANSITIONS == LEGAL
-    assert len(ALL_PAIRS) == 24
-    assert len(ILLEGAL) == 12
+    assert len(ALL_PAIRS) == 28
+    assert len(ILLEGAL) == 15
 
 
 @pytest.mark.parametrize(("state", "event"), list(LEGAL), ids=lambda x: str(x))
