@@ -281,6 +281,7 @@ class VolumeClient:
         self._seq = itertools.count(1)
         self._closed = False
         self._last_fail_log = -1e9
+        self._last_unavailable_check = -1e9
         # Streams and channels to a node that stopped being the primary: they
         # drain (their writes get the node's refusal) and close in the background.
         self._retiring: set[asyncio.Task[None]] = set()
@@ -386,6 +387,22 @@ class VolumeClient:
             if named_refuser:
                 return True
 
+    async def _recheck_after_unavailable(self, e: WriteError) -> None:
+        """A write failed UNAVAILABLE: its outcome is unknown, so it is not
+        re-sent (the caller gets the error). But the primary may have moved:
+        an isolated old primary that lost its lease answers every write
+        UNAVAILABLE and never learns of its demotion while cut off. So the
+        coordinator is asked again (at most every FAILOVER_POLL_S), and the
+        next write goes to the primary it names."""
+        now = time.monotonic()
+        if now - self._last_unavailable_check < FAILOVER_POLL_S:
+            return
+        self._last_unavailable_check = now
+        async with self._open_lock:
+            if self._closed or (e.node is not None and e.node != self.primary):
+                return
+            await self._relookup_primary()
+
     async def _get_stream(self) -> _WriteStream:
         if self._closed:
             raise WriteError(grpc.StatusCode.CANCELLED, "the client is closed", what=f"volume {self.volume}")
@@ -427,6 +444,8 @@ class VolumeClient:
                 await self._write_once(offset, data, timeout_s)
                 return
             except WriteError as e:
+                if e.code == grpc.StatusCode.UNAVAILABLE and self.coordinator:
+                    await self._recheck_after_unavailable(e)
                 if not _not_primary(e) or not self.coordinator:
                     raise
                 refused_by = self.primary if e.node is None else e.node
