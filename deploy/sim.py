@@ -386,6 +386,11 @@ class Sim:
         of a primary that serves (it acknowledged every write itself)."""
         from syncrep.core.pairstate import PairState
 
+        # The coordinator's record now (the checker's last look may miss a
+        # promotion just made); while it is down, never (one may be under way).
+        if self.coordinator_pair() is None:
+            return False
+        self.check_invariants()
         pv = self.primary_volume()
         if pv is None or self.primary_host in self.crashed:
             return False
@@ -458,6 +463,7 @@ class Sim:
             give_up = loop.time() + 3.0
             while not self.triggered(f.trigger) and loop.time() < give_up:  # noqa: ASYNC110 - polls product state on virtual time
                 await asyncio.sleep(0.005)
+        self.check_invariants()  # roles as the coordinator records them now ("primary", "secondary")
         self.log(f"fault {f}")
         if f.kind == "crash":
             await self.crash_for(f.target, f.duration_s)
