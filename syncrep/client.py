@@ -152,6 +152,9 @@ class WriteError(ClientError):
         self.length = length
         #: The node that answered (set for a node's per-write reply).
         self.node: str | None = None
+        #: True when the write never left the client (no stream could carry
+        #: it): sending it again is safe.
+        self.not_sent = False
         super().__init__(code, message, what=what)
 
 
@@ -444,6 +447,18 @@ class VolumeClient:
                 await self._write_once(offset, data, timeout_s)
                 return
             except WriteError as e:
+                if e.not_sent and self.coordinator and e.code == grpc.StatusCode.UNAVAILABLE:
+                    # The primary is unreachable (killed, say) and the write never
+                    # left: wait for the coordinator to name a primary that takes
+                    # it (a failover), within failover_wait_s, instead of failing
+                    # every write of the outage at once.
+                    if time.monotonic() + FAILOVER_POLL_S >= deadline:
+                        raise
+                    await asyncio.sleep(FAILOVER_POLL_S)
+                    async with self._open_lock:
+                        if not self._closed:
+                            await self._relookup_primary()
+                    continue
                 if e.code == grpc.StatusCode.UNAVAILABLE and self.coordinator:
                     await self._recheck_after_unavailable(e)
                 if not _not_primary(e) or not self.coordinator:
@@ -495,7 +510,9 @@ class VolumeClient:
                 fut.exception()  # mark retrieved
             if attempt == 1:
                 err = stream.error or WriteError(grpc.StatusCode.UNAVAILABLE, "write stream broken")
-                raise WriteError(err.code, err.message, what=what, offset=offset, length=len(data))
+                unsent = WriteError(err.code, err.message, what=what, offset=offset, length=len(data))
+                unsent.not_sent = True
+                raise unsent
         timeout = self.write_timeout_s if timeout_s is None else timeout_s
         try:
             if timeout is None:
