@@ -40,10 +40,9 @@ is formatted to the millisecond; the row is exact and persisted.)
 Tests: the coordinator promotes by itself (``--auto-failover``); an
 operator's ``syncrep promote`` (refused while the old primary's lease may run,
 then allowed) -- in both the gRPC writers connect after the promotion. A third
-test, ``xfail(strict=True)`` on a diagnosed product bug, has the gRPC
-``VolumeClient`` connected before the cut: it stays on the isolated old
-primary (which answers every write UNAVAILABLE for want of a lease) and never
-asks the coordinator where the primary went (syncrep/client.py).
+has the gRPC ``VolumeClient`` connected before the cut: the isolated old
+primary answers its writes UNAVAILABLE for want of a lease, and after each the
+client asks the coordinator where the primary is now (syncrep/client.py).
 
 Run: ``.venv/bin/pytest -q tests/test_failover_isolated.py -s`` (root, for the
 namespaces; ``-s`` prints each scenario's figures as JSON). A failed scenario's
@@ -170,32 +169,13 @@ def test_primary_isolated_from_coordinator_and_secondary_nbd_client_still_reache
 @needs_netns
 @pytest.mark.e2e
 @pytest.mark.timeout(SCENARIO_TIMEOUT_S + 60)
-class ClientStuckOnIsolatedPrimary(AssertionError):
-    """The known failure of the test below (only this one is expected)."""
-
-
-@pytest.mark.xfail(strict=True, raises=ClientStuckOnIsolatedPrimary, reason=(
-    "product bug (syncrep/client.py, VolumeClient.write/_write_once): a write the isolated old "
-    "primary answers UNAVAILABLE (its quorum-loss refusal: no lease, secondary unreachable) is raised "
-    "to the caller without asking the coordinator where the primary is now; _relookup_primary runs "
-    "only after a FAILED_PRECONDITION 'not the primary' refusal (_not_primary) or a broken stream "
-    "(_get_stream). The isolated node never learns of its demotion while cut off, so a VolumeClient "
-    "connected before the cut keeps writing to it and no write reaches the new primary until the heal"))
 def test_primary_isolated_from_coordinator_and_secondary_grpc_client_connected_before_the_cut_follows(
     tmp_path: Path, seed: int
 ) -> None:
     """Fault: the same cut (--auto-failover), with a gRPC VolumeClient connected (through the
-    coordinator) before the cut and still reaching the old primary: it must move to the new one."""
-    try:
-        _run_scenario(tmp_path, "auto", seed, grpc_client="before")
-    except AssertionError as e:
-        story = (tmp_path / "scenario.log").read_text(errors="replace") if (tmp_path / "scenario.log").exists() else ""
-        tail = story[story.rfind("Traceback"):]
-        # The known bug, and nothing else: no write acknowledged at the new primary, the client
-        # still on the old one, its writes refused for want of a lease.
-        if "writes acknowledged in" in tail and "the client writes to" in tail and "holds no lease" in tail:
-            raise ClientStuckOnIsolatedPrimary(tail[-3000:]) from e
-        raise
+    coordinator) before the cut and still reaching the old primary: it must move to the new one
+    (its writes there fail UNAVAILABLE for want of a lease; after each it asks the coordinator)."""
+    _run_scenario(tmp_path, "auto", seed, grpc_client="before")
 
 
 # ================================================================ the scenario (on the client host)
