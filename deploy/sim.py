@@ -280,6 +280,7 @@ class Sim:
         self.disks_replaced = 0
         self.auto_failover = False
         self.write_sent: dict[int, tuple[str, str, int]] = {}
+        self.wipe_pending: set[str] = set()  # crashed hosts that restart with an empty data dir
 
     # -- trace
     def log(self, text: str) -> None:
@@ -365,12 +366,15 @@ class Sim:
         self.down_count[host] = self.down_count.get(host, 0) + 1
         if self.down_count[host] == 1:
             self.crash_host(host)
+        if wipe:
+            self.wipe_pending.add(host)
         if meanwhile is not None:
             await meanwhile()
         await asyncio.sleep(duration_s)
         self.down_count[host] -= 1
         if self.down_count[host] == 0:
-            if wipe:
+            if host in self.wipe_pending:  # (an overlapping crash's wipe counts too)
+                self.wipe_pending.discard(host)
                 shutil.rmtree(self.root / host, ignore_errors=True)
                 (self.root / host).mkdir()
                 self.node_epochs.pop(host, None)  # a new store starts its own epoch record
@@ -396,7 +400,12 @@ class Sim:
             return False
         if host != self.primary_host:
             return True
-        return bool(pv.state is PairState.IN_SYNC)
+        # In sync on the primary's view, and the secondary still holds it all:
+        # a secondary that just crashed (or whose disk is being replaced) may
+        # not have been noticed yet, with every acknowledged write only on the
+        # two disks.
+        other = self.role_host("secondary")
+        return bool(pv.state is PairState.IN_SYNC and other not in self.crashed and other not in self.wipe_pending)
 
     async def lose_primary(self, f: Fault) -> None:
         """The primary is lost for good (for ``duration_s``, i.e. past the
