@@ -13,6 +13,7 @@ resync control, node-local reads and checksums, test fault hooks), health.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import time
@@ -129,7 +130,18 @@ class Node:
         if pv is None:
             pv = PrimaryVolume(lv, self.options, self.address, self._report)
             self.primaries[lv.name] = pv
-            await pv.start()
+            try:
+                await pv.start()
+            except BaseException:
+                # A start that failed (a promotion whose snapshot hit a full
+                # disk, say) must not stay in the map: the next assignment (every
+                # heartbeat) would find it and never retry. Dropped, it is
+                # retried once the cause is gone. (Found by the simulator, seed 301.)
+                if self.primaries.get(lv.name) is pv:
+                    del self.primaries[lv.name]
+                with contextlib.suppress(Exception):
+                    await pv.stop()
+                raise
         return pv
 
     async def assign(self, a: pb.VolumeAssignment) -> str:

@@ -130,14 +130,13 @@ def test_a_planted_bug_acking_without_a_lease_is_caught(monkeypatch: pytest.Monk
     assert all("acknowledged a write" in f and "after the coordinator had named" in f for f in failures), failures
 
 
-@pytest.mark.xfail(strict=True, reason="product bug: syncrep/node.py Node._become_primary keeps a PrimaryVolume "
-                   "whose start() failed (the promotion's snapshot hit ENOSPC), so the promotion is never retried")
 def test_a_promotion_failed_on_a_full_disk_is_retried_once_the_disk_is_freed() -> None:
     """Faults: the primary lost (Promote RPC retried through the lease) while
     the secondary's disk is full; the promotion's fault-recovery snapshot
     fails with ENOSPC; the disk is freed 2.4 s later. The promoted node must
-    then serve and resync the returning old primary. (Strict xfail: when the
-    product is fixed this passes; remove the marker.)"""
+    then serve and resync the returning old primary (syncrep/node.py
+    Node._become_primary drops a write path whose start failed, so the next
+    assignment retries the promotion)."""
     assert [f.kind for f in sim.make_schedule(301, 8.0)] == ["lose_primary", "disk_full"]
     ok, trace, _ = sim.run_seed(301)
     assert ok, trace[-1]
