@@ -952,12 +952,24 @@ class PrimaryVolume:
         state = d.state
         meta = self.lv.role_meta()
         stale_plan: ResyncPlan | None = None
+        persisted = ResyncPlan.load(store.meta_get(META_RESYNC_PLAN))
         if d.added_bytes:
             # The persisted plan was made from the old failed extents: start over.
-            stale_plan = ResyncPlan.load(store.meta_get(META_RESYNC_PLAN))
+            stale_plan = persisted
             meta[META_RESYNC_PLAN] = None
             log.warning("volume %s: resync at epoch %d adds %s%s", self.lv.name, epoch, d.added,
                         f"; the interrupted resync {stale_plan.resync_id} starts over" if stale_plan else "")
+        elif full_copy and persisted is not None and persisted.rounds_done > 0:
+            # A full copy goes to an empty replica, which may be a NEW empty
+            # store (its disk replaced again mid-copy): it would then lack the
+            # rounds this plan counts as done, and resuming at the next round
+            # would leave it with zeros. Only a full copy interrupted within
+            # its first round resumes (the replica tells where: applied_below).
+            # (Found by the simulator, seeds 21112 and 21399.)
+            stale_plan = persisted
+            meta[META_RESYNC_PLAN] = None
+            log.warning("volume %s: the interrupted full copy %s (%d rounds done) starts over: the empty "
+                        "replica may be a new store", self.lv.name, persisted.resync_id, persisted.rounds_done)
         # Unioned with the extents submitted now: a change persisted while we
         # waited for a cancelled resync keeps its extents.
         failed = merge_extents([*self._submitted.failed_extents, *d.failed_extents])
