@@ -164,6 +164,15 @@ class Node:
                         # Refused before anything is persisted: an empty
                         # replica is never served (docs/FAILOVER.md section 1).
                         raise FailedPrecondition(_no_data_to_serve(cur, a.epoch, "promoted to primary"))
+                    # Fence every replication and resync stream still applying
+                    # here (the old primary's, at the old epoch): from now on
+                    # this node takes writes from clients only. Without this a
+                    # stream held up by a network fault could still be applied
+                    # after the promotion, and the old primary would take its
+                    # acks for in-sync writes (simulator seed 20360). Batches
+                    # already on the I/O queue land before the promotion's
+                    # snapshot (FIFO), so they are part of the promoted state.
+                    cur.stream_token += 1
                     if a.switchover:
                         extra = await self._prepare_switchover(cur, a)
                     else:
