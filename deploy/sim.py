@@ -539,7 +539,20 @@ class Sim:
             # named primary then; unknown while the coordinator is down (see check_ack).
             w = min(message.offset // (BLOCKS * BLOCK // WRITERS), WRITERS - 1)
             pair = self.coordinator_pair()
-            named = (pair.primary.split(":")[0], pair.epoch) if pair is not None else ("", 0)
+            named: tuple[str, int] = ("", 0)
+            if pair is not None:
+                host = pair.primary.split(":")[0]
+                node = self.procs.get(host)
+                pv = node.primaries.get(VOLUME) if node is not None and host not in self.crashed else None
+                # Only once the named node has applied its promotion (its
+                # write path runs at the pair's epoch; the promotion fenced the
+                # old primary's stream first). Until then it is still the
+                # secondary taking the old primary's stream, so the old
+                # primary's in-sync acks are on it: nothing can be lost. (A
+                # promotion the coordinator recorded while its own link was
+                # down reaches the node later: seed 5969.)
+                if pv is not None and pv.lv.epoch >= pair.epoch:
+                    named = (host, pair.epoch)
             self.write_sent[w] = (dst.split(":")[0], *named)
         if not (self.corrupting and method.endswith("/Resync") and message.HasField("chunk")
                 and message.chunk.data and self.rng.random() < 0.5):
