@@ -227,8 +227,8 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
         coordinator_address: str = "",
         lease_s: float = 4.0,
         lease_drift_s: float = 0.5,
-        clock: Callable[[], float] = time.monotonic,
-        wall_clock: Callable[[], float] = time.time,
+        clock: Callable[[], float] | None = None,
+        wall_clock: Callable[[], float] | None = None,
     ) -> None:
         problem = driver.validate_config(
             heartbeat_interval_s,
@@ -252,9 +252,11 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
         self.rpc_timeout_s = rpc_timeout_s
         self.start_resync_attempts = max(1, start_resync_attempts)
         self.coordinator_address = coordinator_address
-        self._clock = clock
-        self._wall = wall_clock
-        self._started_at = clock()
+        # Looked up at each call, not bound at import: the simulator replaces
+        # time.monotonic/time.time, and this module may be imported first.
+        self._clock: Callable[[], float] = clock if clock is not None else (lambda: time.monotonic())
+        self._wall: Callable[[], float] = wall_clock if wall_clock is not None else (lambda: time.time())
+        self._started_at = self._clock()
 
         self._lock = asyncio.Lock()
         self._nodes: dict[str, NodeRecord] = {n.address: n for n in db.list_nodes()}
