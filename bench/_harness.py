@@ -38,6 +38,7 @@ if str(REPO) not in sys.path:
 import grpc  # noqa: E402
 
 from syncrep import rpc  # noqa: E402
+from syncrep.client import write_reply_outcomes  # noqa: E402
 from syncrep.pb import syncrep_pb2 as pb  # noqa: E402
 from syncrep.pb import syncrep_pb2_grpc as pb_grpc  # noqa: E402
 
@@ -122,7 +123,7 @@ def loadavg() -> str:
 
 
 # "2026-11-25T17:01:47.542 WARNING primary[12186] primary.volume: volume v degraded: ...; write stall 5.0 ms"
-_LOG_TS = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d+)?)\s")
+_LOG_TS = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d+)?)(?:[+-]\d\d:\d\d|Z)?\s")
 
 
 def log_lines_since(path: Path, since_wall: float, pattern: str) -> list[tuple[float, str]]:
@@ -161,6 +162,7 @@ class WriteStream:
         self.call: Any = pb_grpc.VolumeServiceStub(self.channel).Write()
         self.pending: dict[int, asyncio.Future[None]] = {}
         self.send_lock = asyncio.Lock()
+        self.asked_batch = False
         self.seq = itertools.count(1)
         self.error: BaseException | None = None
         self.reader = asyncio.create_task(self._read())
@@ -171,13 +173,14 @@ class WriteStream:
                 r = await self.call.read()
                 if r is grpc.aio.EOF:
                     raise RuntimeError(f"write stream to {self.address} ended: {await self.call.code()}")
-                fut = self.pending.pop(r.client_seq, None)
-                if fut is None or fut.done():
-                    continue
-                if r.code == 0:
-                    fut.set_result(None)
-                else:
-                    fut.set_exception(RuntimeError(f"write failed: code {r.code}: {r.message}"))
+                for seq, code, message in write_reply_outcomes(r):
+                    fut = self.pending.pop(seq, None)
+                    if fut is None or fut.done():
+                        continue
+                    if code == 0:
+                        fut.set_result(None)
+                    else:
+                        fut.set_exception(RuntimeError(f"write failed: code {code}: {message}"))
         except BaseException as e:
             self.error = e
             for f in self.pending.values():
@@ -195,6 +198,8 @@ class WriteStream:
         self.pending[seq] = fut
         req = pb.WriteRequest(volume=self.volume, client_seq=seq, offset=offset, data=data)
         async with self.send_lock:
+            if not self.asked_batch:  # the node's OK replies may come several to a message
+                req.batch_replies = self.asked_batch = True
             await self.call.write(req)
         await fut
 
@@ -403,10 +408,18 @@ async def measure_ceiling(
 # ---------------------------------------------------------------- QD1 writer (separate process)
 
 
+def _rpc_security() -> Any:
+    return rpc.security
+
+
 def _qd1_writer_main(
-    conn: Any, address: str, volume: str, size: int, region_offset: int, region_bytes: int
+    conn: Any, address: str, volume: str, size: int, region_offset: int, region_bytes: int,
+    security: Any = None,
 ) -> None:
-    """Write at QD1 until told to stop; send back (wall start, latency s, ok) arrays."""
+    """Write at QD1 until told to stop; send back (wall start, latency s, ok) arrays.
+    ``security``: the parent's rpc security (a spawned child starts without it:
+    against a TLS cluster every write failed)."""
+    rpc.configure(security)
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
@@ -484,7 +497,7 @@ class Qd1Writer:
         self._conn, child = ctx.Pipe()
         self.proc = ctx.Process(
             target=_qd1_writer_main,
-            args=(child, address, volume, size, region_offset, region_bytes),
+            args=(child, address, volume, size, region_offset, region_bytes, _rpc_security()),
             daemon=True,
             name="qd1-writer",
         )

@@ -21,6 +21,13 @@ pipelined bidirectional ``Write`` stream, writes multiplexed by client_seq (as
 ``syncrep.client.VolumeClient`` does; ``--driver volumeclient`` uses VolumeClient
 itself). Writes are sequential, wrapping over a region of the volume.
 
+TLS (issue 11): the clusters run mutual TLS (the harness's default). With
+``--tls both`` (the default) the first durability is also measured on a
+plaintext cluster (``--insecure``), replicated cells only, and a third table
+gives TLS / plaintext per cell and the primary's CPU-seconds per GiB in both
+(goal: TLS costs less than 10% of throughput at 1 MiB). ``--tls on|off``
+measures one of them only. The single-hop ceiling is always plaintext.
+
 Targets (PASS/FAIL printed, nothing asserted):
 * 4 KiB replicated IOPS at QD64 >= 1.0x the single-hop ceiling at QD1 (the
   unbatched ceiling: batching must make up for the second hop and the disk);
@@ -71,12 +78,17 @@ async def run_cluster(
     cells: list[tuple[int, int]],
     args: argparse.Namespace,
     workdir: Path,
+    *,
+    tls: bool = True,
+    replicated_only: bool = False,
 ) -> tuple[dict[tuple[int, int], LoadResult], dict[tuple[int, int], LoadResult], list[str]]:
-    """Replicated then unreplicated cells on one fresh cluster."""
+    """Replicated then (unless ``replicated_only``) unreplicated cells on one fresh cluster."""
     notes: list[str] = []
     node_args = ["--durability", durability]
+    sec = "tls" if tls else "plain"
     c = LocalCluster(
-        workdir / f"cluster-{durability}", primary_args=node_args, secondary_args=node_args, log_level="INFO"
+        workdir / f"cluster-{durability}-{sec}", primary_args=node_args, secondary_args=node_args,
+        log_level="INFO", tls=tls,
     )
     rep: dict[tuple[int, int], LoadResult] = {}
     unrep: dict[tuple[int, int], LoadResult] = {}
@@ -99,7 +111,7 @@ async def run_cluster(
             finally:
                 await s.close()
             print(
-                f"  replicated   {durability:4} {h.fmt_size(size):>7} QD{qd:<3} {r.iops:9.0f} IOPS "
+                f"  replicated   {durability:4} {sec:5} {h.fmt_size(size):>7} QD{qd:<3} {r.iops:9.0f} IOPS "
                 f"{r.mib_s:8.1f} MiB/s p50 {r.lat_ms(50):7.2f} ms p99 {r.lat_ms(99):7.2f} ms"
                 + (f"  ERRORS {r.errors}: {r.first_error}" if r.errors else ""),
                 flush=True,
@@ -110,6 +122,8 @@ async def run_cluster(
                 f"[{durability}] WARNING: after the replicated cells the pair is "
                 f"{sc.STATE_NAMES.get(st.state)} ({st.last_error})"
             )
+        if replicated_only:
+            return rep, unrep, notes
 
         # Unreplicated: kill -9 the secondary; the primary goes degraded and writes alone.
         c.kill("secondary")
@@ -183,6 +197,12 @@ async def list_snapshots(addr: str) -> list[str]:
     return [s.name for s in reply.snapshots]
 
 
+def _cpu_s_per_gib(r: LoadResult, who: str) -> float:
+    """CPU-seconds process ``who`` used per GiB written during the cell."""
+    gib_s = r.mib_s / 1024.0
+    return (r.cpu.get(who, 0.0) / 100.0) / gib_s if gib_s else 0.0
+
+
 def _cpu(r: LoadResult) -> str:
     return " ".join(f"{k if k == 'all' else k[0]}{v:.0f}" for k, v in r.cpu.items())
 
@@ -214,7 +234,11 @@ async def main_async(args: argparse.Namespace) -> int:
     unrep: dict[str, dict[tuple[int, int], LoadResult]] = {}
     notes: list[str] = []
     for d in args.durability:
-        rep[d], unrep[d], n = await run_cluster(d, cells, args, workdir)
+        rep[d], unrep[d], n = await run_cluster(d, cells, args, workdir, tls=args.tls != "off")
+        notes += n
+    plain: dict[tuple[int, int], LoadResult] = {}
+    if args.tls == "both":
+        plain, _, n = await run_cluster(args.durability[0], cells, args, workdir, tls=False, replicated_only=True)
         notes += n
 
     # ---- table 1: every measurement
@@ -308,6 +332,27 @@ async def main_async(args: argparse.Namespace) -> int:
             ]
         )
     h.print_table("Targets", ["durability", "metric", "measured", "ratio", "target", "verdict"], trows)
+    if plain:
+        d = args.durability[0]
+        tls_rows = []
+        for size, qd in cells:
+            t, p0 = rep[d][(size, qd)], plain[(size, qd)]
+            goal = ">= 0.90x" if size >= MiB else ""
+            verdict = ("PASS" if t.mib_s >= 0.9 * p0.mib_s else "FAIL") if goal else ""
+            tls_rows.append([
+                d, h.fmt_size(size), qd, f"{p0.mib_s:.1f}", f"{t.mib_s:.1f}", _ratio(t.mib_s, p0.mib_s),
+                f"{p0.lat_ms(50):.2f} / {t.lat_ms(50):.2f}", f"{_cpu_s_per_gib(p0, 'primary'):.2f}",
+                f"{_cpu_s_per_gib(t, 'primary'):.2f}", f"{_cpu_s_per_gib(p0, 'secondary'):.2f}",
+                f"{_cpu_s_per_gib(t, 'secondary'):.2f}", goal, verdict,
+            ])
+        h.print_table(
+            "TLS cost: replicated, mutual TLS vs plaintext (--insecure), same machine, same run",
+            ["durability", "size", "QD", "plain MiB/s", "TLS MiB/s", "TLS/plain", "p50 ms plain / TLS",
+             "primary CPU s/GiB plain", "TLS", "secondary CPU s/GiB plain", "TLS", "goal", "verdict"],
+            tls_rows,
+            note="CPU s/GiB: CPU-seconds the process used per GiB written (from its CPU % and the throughput); "
+                 "independent of the number of cores.",
+        )
     for n in notes:
         print(n)
     print(f"\nloadavg at the end: {h.loadavg()}")
@@ -347,6 +392,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="raw",
         help="client: the minimal Write-stream driver, or syncrep.client.VolumeClient",
     )
+    p.add_argument("--tls", choices=("both", "on", "off"), default="both",
+                   help="mutual TLS (on), plaintext (off), or TLS plus a plaintext run of the first durability "
+                        "for the TLS-cost table (both, the default)")
     p.add_argument("--workdir", default=None, help="cluster data and logs (default: a new temp dir)")
     p.add_argument("--keep", action="store_true", help="keep the workdir (logs) afterwards")
     a = p.parse_args(argv)

@@ -1,8 +1,10 @@
 """Coordinator persistence: SQLite (stdlib), WAL, synchronous=FULL.
 
-Schema version 2 (version 1 files are migrated on open: ``_migrate_v1_to_v2``).
-Tables: ``nodes``, ``pairs``, ``failed_extents`` (one row per extent) and
-``events`` (every pair state change, with its reason). A pair update and the
+Schema version 3 (older files are migrated on open: ``_migrate_v1_to_v2``,
+``_migrate_v2_to_v3``). Tables: ``nodes``, ``pairs``, ``failed_extents`` (one
+row per extent), ``events`` (every pair state change, with its reason) and
+``grants`` (which user may read or write which volume: issue 11; a pair's
+grants go with it when it is deleted). A pair update and the
 event recording its state change commit in ONE transaction, so after a crash
 the pair state and its history always agree. A coordinator restart loses
 nothing: every committed transaction is fsynced before ``commit`` returns.
@@ -31,6 +33,7 @@ __all__ = [
     "CoordinatorDB",
     "DBError",
     "EventRecord",
+    "GrantRecord",
     "NodeRecord",
     "PairExists",
     "PairRecord",
@@ -39,7 +42,7 @@ __all__ = [
 ]
 
 DB_FILENAME = "coordinator.db"
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 #: The pairs table of the current schema (version 2: the data identity, the
 #: failover settings, and 'split_brain' accepted by the state CHECK).
@@ -69,6 +72,16 @@ CREATE TABLE IF NOT EXISTS {name} (
     full_copy_pending      INTEGER NOT NULL DEFAULT 0,
     revert_generation      INTEGER NOT NULL DEFAULT 0   -- see PairRecord.revert_generation (uint64)
 )"""
+
+#: Version 3: per-volume grants (a user is a client certificate's CN).
+_GRANTS_TABLE = """
+CREATE TABLE IF NOT EXISTS grants (
+    volume     TEXT NOT NULL REFERENCES pairs(name) ON DELETE CASCADE,
+    user       TEXT NOT NULL,
+    read_only  INTEGER NOT NULL,
+    granted_at REAL NOT NULL,
+    PRIMARY KEY (volume, user)
+) WITHOUT ROWID"""
 
 #: Version 1's columns of the pairs table, copied as they are by the migration.
 _V1_PAIR_COLUMNS = (
@@ -103,7 +116,7 @@ CREATE TABLE IF NOT EXISTS events (
     reason     TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS events_by_volume ON events (volume, id);
-""" + _PAIRS_TABLE.format(name="pairs")
+""" + _PAIRS_TABLE.format(name="pairs") + ";" + _GRANTS_TABLE
 
 _I64_MAX = 2**63 - 1
 
@@ -190,6 +203,16 @@ class PairRecord:
 
 
 @dataclass(frozen=True)
+class GrantRecord:
+    """``user`` may read ``volume`` and, unless ``read_only``, write it."""
+
+    volume: str
+    user: str
+    read_only: bool
+    granted_at: float = 0.0
+
+
+@dataclass(frozen=True)
 class StateChange:
     """The event recorded with a pair update: ``from_state`` -> the pair's new state."""
 
@@ -248,6 +271,9 @@ class CoordinatorDB:
                 )
             if version == 1:
                 self._migrate_v1_to_v2(c)
+                version = 2
+            if version == 2:
+                self._migrate_v2_to_v3(c)
             for stmt in _SCHEMA.split(";"):
                 if stmt.strip():
                     c.execute(stmt)
@@ -273,6 +299,13 @@ class CoordinatorDB:
         c.execute(f"INSERT INTO pairs_v2 ({_V1_PAIR_COLUMNS}) SELECT {_V1_PAIR_COLUMNS} FROM pairs")
         c.execute("DROP TABLE pairs")
         c.execute("ALTER TABLE pairs_v2 RENAME TO pairs")
+
+    @staticmethod
+    def _migrate_v2_to_v3(c: sqlite3.Connection) -> None:
+        """Version 2 -> 3: the grants table, empty (before it, only admin --
+        or everyone, with --insecure -- could use a volume, so nobody held a
+        grant to carry over)."""
+        c.execute(_GRANTS_TABLE)
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
@@ -408,10 +441,29 @@ class CoordinatorDB:
             if row is None:
                 return False
             c.execute("DELETE FROM failed_extents WHERE volume = ?", (name,))
+            # Its grants go with it: a volume created later under the same
+            # name starts with none (nobody inherits access to new data).
+            c.execute("DELETE FROM grants WHERE volume = ?", (name,))
             c.execute("DELETE FROM pairs WHERE name = ?", (name,))
             ts = time.time() if at is None else at
             self._write_event(c, ts, name, PairState(row["state"]), None, row["epoch"], reason)
         return True
+
+    def resize_pair(self, name: str, size_bytes: int, reason: str, at: float | None = None) -> PairRecord:
+        """Issue 13: persist a pair's new (larger) size and its event, in one
+        transaction (the only change of a pair's geometry: ``save_pair`` leaves
+        size and block size as created). Returns the pair as saved; KeyError
+        if it does not exist."""
+        with self._tx() as c:
+            row = c.execute("SELECT state, epoch FROM pairs WHERE name = ?", (name,)).fetchone()
+            if row is None:
+                raise KeyError(f"volume {name!r} does not exist")
+            c.execute("UPDATE pairs SET size_bytes = ? WHERE name = ?", (size_bytes, name))
+            state = PairState(row["state"])
+            self._write_event(c, time.time() if at is None else at, name, state, state, row["epoch"], reason)
+        pair = self.get_pair(name)
+        assert pair is not None
+        return pair
 
     def get_pair(self, name: str) -> PairRecord | None:
         row = self._conn.execute("SELECT * FROM pairs WHERE name = ?", (name,)).fetchone()
@@ -426,6 +478,50 @@ class CoordinatorDB:
             (address, address),
         )
         return [self._pair_from_row(r) for r in rows]
+
+    # ------------------------------------------------------------ grants
+
+    def set_grant(self, volume: str, user: str, read_only: bool, at: float | None = None) -> GrantRecord | None:
+        """Grant ``user`` access to ``volume`` (replacing a grant it had).
+        Returns the grant it had before, or None. KeyError if the volume does not exist."""
+        ts = time.time() if at is None else at
+        with self._tx() as c:
+            if c.execute("SELECT 1 FROM pairs WHERE name = ?", (volume,)).fetchone() is None:
+                raise KeyError(f"volume {volume!r} does not exist")
+            row = c.execute(
+                "SELECT volume, user, read_only, granted_at FROM grants WHERE volume = ? AND user = ?",
+                (volume, user),
+            ).fetchone()
+            c.execute(
+                "INSERT INTO grants (volume, user, read_only, granted_at) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT(volume, user) DO UPDATE SET read_only = excluded.read_only, "
+                "granted_at = excluded.granted_at",
+                (volume, user, int(read_only), ts),
+            )
+        return None if row is None else self._grant_from_row(row)
+
+    def delete_grant(self, volume: str, user: str) -> GrantRecord | None:
+        """Revoke ``user``'s grant on ``volume``; returns it, or None if there was none."""
+        with self._tx() as c:
+            row = c.execute(
+                "SELECT volume, user, read_only, granted_at FROM grants WHERE volume = ? AND user = ?",
+                (volume, user),
+            ).fetchone()
+            c.execute("DELETE FROM grants WHERE volume = ? AND user = ?", (volume, user))
+        return None if row is None else self._grant_from_row(row)
+
+    def list_grants(self, volume: str | None = None) -> list[GrantRecord]:
+        """Every grant (of ``volume`` if given), by volume then user."""
+        sql = "SELECT volume, user, read_only, granted_at FROM grants"
+        args: tuple[Any, ...] = ()
+        if volume is not None:
+            sql += " WHERE volume = ?"
+            args = (volume,)
+        return [self._grant_from_row(r) for r in self._conn.execute(sql + " ORDER BY volume, user", args)]
+
+    @staticmethod
+    def _grant_from_row(r: sqlite3.Row) -> GrantRecord:
+        return GrantRecord(r["volume"], r["user"], bool(r["read_only"]), r["granted_at"])
 
     # ------------------------------------------------------------ events
 

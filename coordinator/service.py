@@ -27,6 +27,17 @@ commands, and the shell carries them out in a fixed order -- persist first
 * Switchover: ``driver.switchover_refusal``, then ``NodeService.PrepareHandover``
   on the primary (its gate closes, it drains), then ``driver.plan_switchover``
   persisted, then the assignments (old primary first), with ``switchover``.
+* Resolve (split brain, docs/FAILOVER.md section 6): ``driver.plan_resolve``
+  persisted, then the discarded replica's assignment (``discard_snapshot``,
+  ``revert_to_generation``), whose answer gives its discarded extents; a kept
+  secondary's primary assignment is held until the old primary applied its
+  demotion or its lease certainly expired.
+* Grants (issue 11): ``Grant``/``Revoke``/``ListGrants`` persist to the
+  ``grants`` table (then memory); every assignment carries the volume's
+  grants, so the nodes learn a change with their next heartbeat. Who may call
+  what is ``syncrep.authz``'s table (the server's interceptor); the handlers
+  here add what needs the request: a node registers, heartbeats and reports
+  only under an address its certificate names (``authz.check_registered_address``).
 
 Time: every read goes through the injected clocks -- ``clock`` (monotonic:
 liveness, backoff) and ``wall_clock`` (the persisted timestamps).
@@ -40,20 +51,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import io
 import logging
 import random
 import time
 import uuid
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import replace
-from typing import Any, NoReturn
+from typing import Any, NoReturn, Protocol, TypeVar
 
 import grpc
 from grpc import aio
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
 
-from coordinator.db import CoordinatorDB, NodeRecord, PairExists, PairRecord, StateChange
-from syncrep import rpc, volumes
+from coordinator.db import DBError, NodeRecord, PairExists, PairRecord, StateChange
+from coordinator.store import NotLeader, Store, StoreConflict, StoreUnavailable
+from syncrep import authz, certs, rpc, volumes
 from syncrep.core import driver
 from syncrep.core.driver import (
     DEFAULT_BLOCK_SIZE,
@@ -72,6 +86,7 @@ from syncrep.core.driver import (
     ProbeHealth,
     Problem,
     PushAssignment,
+    ResizePair,
     SaveGenerations,
     SaveProgress,
     SetBackoff,
@@ -102,6 +117,8 @@ __all__ = [
 STATUS_MAX_EXTENTS = 64
 # The health check of a secondary before a resync is started.
 HEALTH_CHECK_TIMEOUT_S = 1.0
+# How long a stop waits for each background task, and each node channel, to end.
+STOP_TASKS_TIMEOUT_S = 5.0
 # How long a switchover may hold the old primary's writes at its gate by
 # default, and at most (the node refuses longer ones too).
 DEFAULT_HANDOVER_TIMEOUT_S = 5.0
@@ -135,12 +152,82 @@ def _retryable(e: BaseException) -> bool:
 
 
 async def _abort(context: aio.ServicerContext, code: grpc.StatusCode, message: str) -> NoReturn:
-    await context.abort(code, message)
+    await context.abort(code, rpc.status_details(message))
     raise AssertionError("unreachable: context.abort returned")  # pragma: no cover
 
 
 async def _refuse(context: aio.ServicerContext, problem: Problem) -> NoReturn:
     await _abort(context, grpc.StatusCode[problem.code.value], problem.message)
+
+
+async def _check_node_address(context: aio.ServicerContext, address: str, what: str) -> None:
+    """A node registers, heartbeats and reports only under an address whose
+    host its certificate names ("a node may register only under an address in
+    its certificate's SANs"): else refused (one WARNING line), nothing recorded."""
+    try:
+        authz.check_registered_address(rpc.peer_of(context), address, what=what)
+    except authz.PermissionDenied as e:
+        await authz.deny(context, e)
+
+
+# ---------------------------------------------------------------- leadership (issue 12)
+
+#: Trailing metadata of a follower's redirect (and of its read answers): the
+#: leader's address as this coordinator knows it ("" when none is known).
+LEADER_METADATA_KEY = "syncrep-leader"
+#: Trailing metadata of a read a follower answered from its copy of the store.
+ROLE_METADATA_KEY = "syncrep-coordinator-role"
+
+
+class Leadership(Protocol):
+    """Who leads (``coordinator.election.Election`` behind an adapter in
+    coordinator/server.py). ``term()`` identifies the current term (the
+    election key's value while this coordinator leads, else None): a change
+    means a new term, and the servicer takes over again (reload, lease wait)."""
+
+    def is_leader(self) -> bool: ...
+    def leader(self) -> str | None: ...
+    def why_not_leader(self) -> str: ...
+    def term(self) -> bytes | None: ...
+
+
+_RPC = TypeVar("_RPC", bound=Callable[..., Awaitable[Any]])
+
+
+def _leader_only(recheck: bool = False) -> Callable[[_RPC], _RPC]:
+    """A mutating RPC: only the leader carries it out. A follower (or a leader
+    whose election view expired) answers with a redirect naming the leader;
+    a write the store fenced (``NotLeader``) too; an unreachable etcd is
+    UNAVAILABLE (nothing known to be written); a lost compare-and-swap
+    reloads the store's state and is UNAVAILABLE (retry: decided again on the
+    state as it is). ``recheck``: also redirect when leadership was lost
+    while the RPC ran (Heartbeat: its per-volume failures are swallowed, and
+    its node must move to the new leader)."""
+
+    def wrap(method: _RPC) -> _RPC:
+        @functools.wraps(method)
+        async def handler(self: CoordinatorServicer, request: Any, context: aio.ServicerContext) -> Any:
+            await self._require_leader(context)
+            try:
+                reply = await method(self, request, context)
+            except NotLeader as e:
+                await self._redirect(context, str(e))
+            except StoreUnavailable as e:
+                await _abort(
+                    context, grpc.StatusCode.UNAVAILABLE,
+                    f"coordinator {self.coordinator_address}: etcd unavailable, it changes nothing until etcd "
+                    f"answers again ({e}); retry",
+                )
+            except StoreConflict as e:
+                await self._reload_after_conflict()
+                await _abort(context, grpc.StatusCode.UNAVAILABLE, f"{e}; reloaded, retry")
+            if recheck and not self.leads():
+                await self._redirect(context, "")
+            return reply
+
+        return handler  # type: ignore[return-value]
+
+    return wrap
 
 
 # ---------------------------------------------------------------- proto <-> plain data
@@ -154,6 +241,26 @@ def _progress(p: pb.ResyncProgress) -> driver.Progress:
         eta_s=p.eta_s,
         round=p.round,
     )
+
+
+def _progress_proto(p: driver.Progress) -> pb.ResyncProgress:
+    return pb.ResyncProgress(
+        bytes_done=p.bytes_done,
+        bytes_total=p.bytes_total,
+        rate_bytes_per_s=p.rate_bytes_per_s,
+        eta_s=p.eta_s,
+        round=p.round,
+    )
+
+
+#: A VolumeStatus state as an event names it (primary_lost is status-only).
+_STATUS_STATE_NAMES: dict[int, str] = {
+    pb.PAIR_STATE_IN_SYNC: "in_sync",
+    pb.PAIR_STATE_DEGRADED: "degraded",
+    pb.PAIR_STATE_RESYNCING: "resyncing",
+    pb.PAIR_STATE_PRIMARY_LOST: "primary_lost",
+    pb.PAIR_STATE_SPLIT_BRAIN: "split_brain",
+}
 
 
 def _pair_state(value: int) -> PairState | None:
@@ -204,6 +311,55 @@ def _replication_report(r: pb.ReplicationReport) -> driver.ReplicationReport:
     )
 
 
+# ---------------------------------------------------------------- events (WatchEvents, issue 13)
+
+#: Events queued per WatchEvents subscriber; one that falls this far behind
+#: gets a last "dropped" event and its stream ends (never a wait for it).
+EVENT_QUEUE_EVENTS = 1024
+#: At most one resync_progress event per volume in this many seconds.
+PROGRESS_EVENT_INTERVAL_S = 2.0
+
+#: The event kind of each pair event (``Event.kind``).
+_EVENT_KINDS: dict[PairEvent, str] = {
+    PairEvent.SECONDARY_FAILED: "state_change",
+    PairEvent.RESYNC_STARTED: "resync_start",
+    PairEvent.RESYNC_FAILED: "resync_failed",
+    PairEvent.RESYNC_DONE: "resync_done",
+    PairEvent.PROMOTED: "promotion",
+    PairEvent.SWITCHED_OVER: "switchover",
+    PairEvent.SPLIT_BRAIN_DETECTED: "split_brain",
+    PairEvent.RESOLVED: "resolve",
+}
+
+
+class _Subscriber:
+    """One WatchEvents call: its volume filter and its bounded queue. The
+    coordinator only ever ``offer``s (never awaits); once the queue is full the
+    subscriber is over: what it misses is counted and its stream ends."""
+
+    def __init__(self, volume: str, max_events: int = EVENT_QUEUE_EVENTS) -> None:
+        self.volume = volume
+        self.queue: asyncio.Queue[pb.Event] = asyncio.Queue(maxsize=max_events)
+        self.dropped = 0
+        # Set when the subscriber fell behind: its handler stops waiting.
+        self.overflowed = asyncio.Event()
+
+    def offer(self, event: pb.Event) -> None:
+        if self.volume and event.volume != self.volume:
+            return
+        if self.dropped:
+            self.dropped += 1
+            return
+        try:
+            self.queue.put_nowait(event)
+        except asyncio.QueueFull:
+            # What it did not get: everything queued, and this one.
+            self.dropped = self.queue.qsize() + 1
+            while not self.queue.empty():
+                self.queue.get_nowait()
+            self.overflowed.set()
+
+
 class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
     """``syncrep.v1.CoordinatorService`` plus the background tick.
 
@@ -211,9 +367,22 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
     ``stop_background()`` before closing the database.
     """
 
+    # Leadership (issue 12), set by coordinator/server.py on etcd: None means
+    # this coordinator always leads (SQLite: one coordinator, no election).
+    leadership: Leadership | None = None
+    #: The store as --store names it ("sqlite", "etcd://..."), for CoordinatorInfo.
+    store_url: str = "sqlite"
+    #: The election's TTL, added to a new leader's wait for the leases a
+    #: previous leader could have granted (election.longest_lease_wait_s).
+    election_ttl_s: float = 0.0
+    # The term this servicer took over (Leadership.term()), and whether a
+    # follower's last refresh from the store failed (said once per outage).
+    _term: bytes | None = None
+    _follow_failed: bool = False
+
     def __init__(
         self,
-        db: CoordinatorDB,
+        db: Store,  # CoordinatorDB (SQLite) or EtcdStore (issue 12)
         *,
         heartbeat_interval_s: float = 0.5,
         node_timeout_s: float = 3.0,
@@ -265,6 +434,10 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
         self._last_heard: dict[str, float] = {}
         self._dead_logged: set[str] = set()
         self._reports: dict[str, dict[str, pb.VolumeReport]] = {}
+        # Counters for /metrics (syncrep_coordinator_heartbeats_total, ...).
+        self.heartbeats_handled = 0
+        self.volume_reports_handled = 0
+        self.replication_reports_handled = 0
         self._report_at: dict[str, float] = {}
         self._progress_at: dict[str, float] = {}
         # When the current primary's lease was last granted, by volume (clock).
@@ -285,14 +458,31 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
         # ``switchover``; after a restart they do not, and the nodes take
         # the ordinary, conservative promotion and demotion).
         self._switching: set[str] = set()
+        # Issue 13: the volumes with a ResizeVolume running (its pushes are in flight).
+        self._resizing: set[str] = set()
         self._switched_at: dict[str, int] = {}
         # A switchover's new primary does not get its primary assignment by
         # heartbeat before the old primary's demotion was pushed (it would
         # open its stream to a node still primary): volume -> new primary.
         self._switch_hold: dict[str, str] = {}
+        # Resolves (in memory, like switchovers): the epoch and the snapshot
+        # name of the discarded replica's assignment (volume -> (epoch,
+        # address, name)); and a kept secondary's primary assignment held
+        # until the demoted old primary is fenced: volume -> new primary.
+        self._discard: dict[str, tuple[int, str, str]] = {}
+        self._resolve_hold: dict[str, str] = {}
+        # Grants, persisted in the grants table: volume -> user -> read_only.
+        self._grants: dict[str, dict[str, bool]] = {}
+        for g in db.list_grants():
+            self._grants.setdefault(g.volume, {})[g.user] = g.read_only
         self._channels: dict[str, aio.Channel] = {}
         self._wake: asyncio.Event | None = None
         self._loop_task: asyncio.Task[None] | None = None
+        # WatchEvents (issue 13): the subscribers, the coordinator-wide event
+        # counter, and when each volume's last resync_progress event went out.
+        self._subscribers: set[_Subscriber] = set()
+        self._event_seq = 0
+        self._progress_event_at: dict[str, float] = {}
 
     # ================================================================ lifecycle
 
@@ -309,15 +499,30 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
             tasks.append(self._loop_task)
         for t in tasks:
             t.cancel()
+        # Bounded: a stop (SIGTERM, systemd's TimeoutStopSec) must not hang on
+        # one task that does not end; say which one, with where it waits.
+        pending: set[asyncio.Task[None]] = set()
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=STOP_TASKS_TIMEOUT_S)
         for t in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await t
+            if t in pending:
+                stack = io.StringIO()
+                t.print_stack(file=stack)
+                log.warning("coordinator stop: task %s did not end %.0f s after it was cancelled; left "
+                            "behind:\n%s", t.get_name(), STOP_TASKS_TIMEOUT_S, stack.getvalue())
+            elif not t.cancelled():
+                t.exception()  # retrieved: an error of a task being stopped is no news
         self._loop_task = None
         self._resync_tasks.clear()
         channels, self._channels = list(self._channels.values()), {}
         for ch in channels:
-            with contextlib.suppress(Exception):
-                await ch.close()
+            try:
+                await asyncio.wait_for(ch.close(), STOP_TASKS_TIMEOUT_S)
+            except TimeoutError:
+                log.warning("coordinator stop: a node channel did not close in %.0f s; left behind",
+                            STOP_TASKS_TIMEOUT_S)
+            except Exception:
+                pass
 
     def wake(self) -> None:
         """Run the background checks now rather than at the next interval."""
@@ -326,11 +531,23 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
 
     async def _background_loop(self) -> None:
         assert self._wake is not None
+        me = asyncio.current_task()
         while True:
+            if me is not None and me.cancelling():
+                # A cancel was swallowed on the way (asyncio.wait_for in
+                # CPython 3.11 returns the result when the awaited event is set
+                # as the cancel arrives, gh-86296): a stop hung on this loop
+                # for 15 s+ in tests/test_coordinator_advertise.py.
+                raise asyncio.CancelledError
             try:
                 await self.tick()
             except asyncio.CancelledError:
                 raise
+            except (NotLeader, StoreUnavailable, StoreConflict) as e:  # issue 12: said, not a traceback
+                log.warning("coordinator background check stopped: %s; retrying in %.1f s", e,
+                            self.resync_check_interval_s)
+                if isinstance(e, StoreConflict):
+                    await self._reload_after_conflict()
             except Exception:
                 log.exception(
                     "coordinator background check failed; retrying in %.1f s", self.resync_check_interval_s
@@ -447,7 +664,19 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
             create=create,
             revert_to_generation=pair.revert_generation if address == pair.secondary else 0,
             switchover=self._switched_at.get(pair.name) == pair.epoch,
+            discard_snapshot=self._discard_snapshot(pair, address),
+            grants=self.grants_of(pair.name),
         )
+
+    def grants_of(self, volume: str) -> list[pb.Grant]:
+        """The grants of ``volume``, by user (what every assignment carries)."""
+        return [
+            pb.Grant(user=u, volume=volume, read_only=ro) for u, ro in sorted(self._grants.get(volume, {}).items())
+        ]
+
+    def _discard_snapshot(self, pair: PairRecord, address: str) -> str:
+        d = self._discard.get(pair.name)
+        return d[2] if d is not None and d[0] == pair.epoch and d[1] == address else ""
 
     def assignments_for(self, address: str) -> list[pb.VolumeAssignment]:
         return [
@@ -456,6 +685,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
             if address in (p.primary, p.secondary)
             and p.name not in self._creating
             and self._switch_hold.get(p.name) != address
+            and self._resolve_hold.get(p.name) != address
         ]
 
     def volume_status(self, pair: PairRecord) -> pb.VolumeStatus:
@@ -494,6 +724,10 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
             primary_data_missing=report is not None and report.data_missing,
             secondary_data_missing=sec_report is not None and sec_report.data_missing,
         )
+        if pair.state is PairState.SPLIT_BRAIN:
+            figures = driver.split_brain_figures(pair, self.report_views())
+            if figures is not None:
+                status.primary_changed_bytes, status.secondary_changed_bytes, status.common_generation = figures
         if report is not None:
             # Counters from the primary's latest heartbeat (since it started).
             status.acked_seq = report.acked_seq
@@ -531,6 +765,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
                 self.db.update_progress(cmd.volume, progress)
                 self._pairs[cmd.volume] = replace(self._pairs[cmd.volume], progress=progress)
                 self._progress_at[cmd.volume] = self._clock()
+                self._progress_event(cmd.volume, progress)
             elif isinstance(cmd, SetBackoff):
                 self._backoff[cmd.volume] = Backoff(cmd.failures, cmd.not_before)
             elif isinstance(cmd, ClearBackoff):
@@ -545,11 +780,17 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
                     log.warning(
                         "node %s has not heartbeated for %.1f s: considered dead", cmd.address, cmd.silent_s
                     )
+                    self._node_event(cmd.address, up=False, why=f"no heartbeat for {cmd.silent_s:.1f} s")
             elif isinstance(cmd, CreatePair):
                 self._create_pair(cmd)
+                self._lifecycle_event(cmd.spec.name, "created", cmd.reason)
             elif isinstance(cmd, DeletePair):
-                self.db.delete_pair(cmd.volume, cmd.reason, at=self._wall())
+                self._lifecycle_event(cmd.volume, "deleted", cmd.reason)
+                self.db.delete_pair(cmd.volume, cmd.reason, at=self._wall())  # its grants too
                 self._pairs.pop(cmd.volume, None)
+                self._grants.pop(cmd.volume, None)
+            elif isinstance(cmd, ResizePair):
+                self._resize_pair(cmd)
             elif isinstance(cmd, StartResync):
                 sends.append(cmd)
         for send in sends:
@@ -592,6 +833,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
         )
         self.db.save_pair(updated, StateChange(cmd.from_state, cmd.reason), at=now)
         self._pairs[cmd.volume] = updated
+        self._pair_events(cmd, pair, updated, at=now)
         if updated.primary != pair.primary:
             # A new primary: the old one's grant is no lease of the new one.
             self._lease_granted_at.pop(cmd.volume, None)
@@ -657,10 +899,12 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
 
     # ================================================================ RPCs: nodes
 
+    @_leader_only()
     async def RegisterNode(
         self, request: pb.RegisterNodeRequest, context: aio.ServicerContext
     ) -> pb.RegisterNodeReply:
         address = request.address
+        await _check_node_address(context, address, "register")
         problem = driver.validate_register(address, request.role_hint)
         if problem:
             await _refuse(context, problem)
@@ -689,24 +933,34 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
         self._last_heard[address] = self._clock()
         if not was_alive:
             log.info("node %s is %s", address, "alive again" if heard_before else "alive")
+            self._node_event(address, up=True, why="heard again" if heard_before else "heard")
             self._dead_logged.discard(address)
             self.wake()
 
+    @_leader_only(recheck=True)
     async def Heartbeat(
         self, request: pb.HeartbeatRequest, context: aio.ServicerContext
     ) -> pb.HeartbeatReply:
         address = request.address
+        await _check_node_address(context, address, "heartbeat")
         if address not in self._nodes:
             return pb.HeartbeatReply(known=False)
+        self.heartbeats_handled += 1
+        self.volume_reports_handled += len(request.volumes)
         self._mark_alive(address)
         self._reports[address] = {r.name: r for r in request.volumes}
         self._report_at[address] = self._clock()
         views = {r.name: _volume_report(r) for r in request.volumes}
+        self._heartbeat_progress_events(address, request.volumes)
         async with self._lock:
             for view in views.values():
                 try:
                     self._carry_out(self._on_heartbeat(address, view))
                     self._carry_out(driver.on_identity(self._pairs.get(view.volume), address, view))
+                except (NotLeader, StoreUnavailable, StoreConflict) as e:
+                    # The store refused or did not answer (deposed, cut from
+                    # etcd): said, not a traceback; the next heartbeat retries.
+                    log.warning("volume %s: cannot apply the heartbeat report of %s: %s", view.volume, address, e)
                 except Exception:
                     # Never fail the heartbeat itself: the node would think we are gone.
                     log.exception("volume %s: cannot apply the heartbeat report of %s", view.volume, address)
@@ -721,10 +975,19 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
     def _grant_leases(self, address: str, views: Mapping[str, driver.Report]) -> list[pb.Lease]:
         """The leases for ``address`` (see ``driver.leases_for``), recorded as
         granted now. Call with ``self._lock`` held, right before replying."""
-        grants = driver.leases_for(address, self.pairs(), views, policy=self.policy())
+        if not self.leads():
+            return []  # only the leader grants leases (issue 12)
+        grants = [
+            g
+            for g in driver.leases_for(address, self.pairs(), views, policy=self.policy())
+            # A held new primary is not primary yet: its grant would also
+            # hide when the old primary's lease ends.
+            if self._resolve_hold.get(g.volume) != address
+        ]
         now = self._clock()
         for g in grants:
-            self._lease_granted_at[g.volume] = now
+            # max: a new leader's floor (_take_over) may lie ahead of now.
+            self._lease_granted_at[g.volume] = max(now, self._lease_granted_at.get(g.volume, now))
         return [
             pb.Lease(
                 volume=g.volume,
@@ -750,6 +1013,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
 
     # ================================================================ RPCs: volumes
 
+    @_leader_only()
     async def CreateVolume(
         self, request: pb.CreateVolumeRequest, context: aio.ServicerContext
     ) -> pb.VolumeStatus:
@@ -787,10 +1051,12 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
             pair = self._pairs[spec.name]
             self._creating.add(pair.name)
         try:
-            await self._push_create(pair, spec, cmds, context)
+            warnings = await self._push_create(pair, spec, cmds, context)
         finally:
             self._creating.discard(pair.name)
-        return self.volume_status(self._pairs.get(pair.name, pair))
+        status = self.volume_status(self._pairs.get(pair.name, pair))
+        status.warnings.extend(warnings)  # issue 13: a thin volume larger than a node's free space
+        return status
 
     async def _push_create(
         self,
@@ -798,8 +1064,10 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
         spec: driver.VolumeSpec,
         cmds: list[Command],
         context: aio.ServicerContext,
-    ) -> None:
-        """CreateVolume's pushes (with ``create``), secondary first; a failed one rolls the creation back."""
+    ) -> list[str]:
+        """CreateVolume's pushes (with ``create``), secondary first; a failed one
+        rolls the creation back. Returns the nodes' warnings (issue 13: a thin
+        volume larger than the free space of a node's data directory)."""
         log.info(
             "volume %s created: primary %s, secondary %s, %d bytes, block size %d, epoch %d, state %s",
             pair.name,
@@ -810,13 +1078,17 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
             pair.epoch,
             pair.state.value,
         )
+        warnings: list[str] = []
         for push in cmds:
             if not isinstance(push, PushAssignment):
                 continue
             try:
-                await self._stub(push.address).AssignVolume(
+                answer = await self._stub(push.address).AssignVolume(
                     self.assignment(pair, push.address, create=push.create), timeout=self.rpc_timeout_s
                 )
+                if answer.warning:
+                    warnings.append(answer.warning)
+                    log.warning("volume %s: %s", pair.name, answer.warning)
             except (aio.AioRpcError, OSError) as e:
                 error = _rpc_error_text(e)
                 async with self._lock:
@@ -835,8 +1107,10 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
                     error,
                 )
                 await _refuse(context, problem)
+        return warnings
 
     async def GetVolume(self, request: pb.GetVolumeRequest, context: aio.ServicerContext) -> pb.VolumeStatus:
+        self._mark_follower(context)
         pair = self._pairs.get(request.name)
         if pair is None:
             await _refuse(context, driver.not_found(request.name, self._pairs))
@@ -845,13 +1119,173 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
     async def ListVolumes(
         self, request: pb.ListVolumesRequest, context: aio.ServicerContext
     ) -> pb.ListVolumesReply:
+        self._mark_follower(context)
         return pb.ListVolumesReply(volumes=[self.volume_status(p) for p in self.pairs()])
+
+    # ================================================================ RPCs: volume lifecycle (issue 13)
+
+    def _busy(self, name: str) -> str:
+        """The operation of this shell still running on volume ``name`` ("" if none)."""
+        if name in self._creating:
+            return "creation"
+        if name in self._switching:
+            return "switchover"
+        if name in self._resizing:
+            return "resize"
+        if name in self._resolve_hold:
+            return "resolve"
+        return ""
+
+    @_leader_only()
+    async def DeleteVolume(self, request: pb.DeleteVolumeRequest, context: aio.ServicerContext) -> pb.DeleteVolumeReply:
+        """Remove the pair record (and its grants), then tell both nodes,
+        primary first. A node not reached learns it at its next registration."""
+        name = request.name
+        async with self._lock:
+            pair = self._pairs.get(name)
+            problem = driver.delete_refusal(pair, name, self._pairs, busy=self._busy(name))
+            if problem is not None:
+                log.warning("volume %s: delete refused: %s", name, problem.message)
+                await _refuse(context, problem)
+            assert pair is not None
+            self._carry_out(driver.plan_delete(pair))
+            # What memory held of it: a new pair of the name starts clean.
+            for held in (self._backoff, self._lease_granted_at, self._switched_at, self._discard,
+                         self._resolve_hold, self._progress_at):
+                held.pop(name, None)  # type: ignore[attr-defined]
+            for by_volume in self._reports.values():
+                by_volume.pop(name, None)
+            task = self._resync_tasks.pop(name, None)
+            if task is not None:
+                task.cancel()
+        log.warning("volume %s deleted (epoch %d, %s): telling %s and %s", name, pair.epoch, pair.state.value,
+                    pair.primary, pair.secondary)
+        removed: list[str] = []
+        not_reached: list[str] = []
+        notes: list[str] = []
+        for address in (pair.primary, pair.secondary):
+            try:
+                answer = await self._stub(address).DeleteVolume(
+                    pb.NodeDeleteVolumeRequest(volume=name, epoch=pair.epoch, volume_uuid=pair.volume_uuid),
+                    timeout=self.rpc_timeout_s,
+                )
+            except (aio.AioRpcError, OSError) as e:
+                not_reached.append(address)
+                log.warning("volume %s: DeleteVolume on %s failed (%s); it keeps its store and never serves it "
+                            "(it finds no pair claiming it when it registers again)", name, address,
+                            _rpc_error_text(e))
+                continue
+            if answer.removed:
+                removed.append(address)
+            else:
+                notes.append(answer.message)
+        message = f"volume {name!r} deleted: the pair record and its grants are gone"
+        if removed:
+            message += f"; store removed on {', '.join(removed)}"
+        if notes:
+            message += f"; {'; '.join(notes)}"
+        if not_reached:
+            message += (f"; {', '.join(not_reached)} did not answer: it keeps its store on disk and never serves it "
+                        "(remove it there by hand once it is back)")
+        log.warning("%s", message)
+        return pb.DeleteVolumeReply(message=message, removed_on=removed, not_reached=not_reached)
+
+    @_leader_only()
+    async def ResizeVolume(self, request: pb.ResizeVolumeRequest, context: aio.ServicerContext) -> pb.ResizeVolumeReply:
+        """Grow the volume online while in sync: the secondary first, then the
+        primary, then the pair's size (``driver.plan_resize``)."""
+        name, size = request.name, request.size_bytes
+        # A refusal that clears by itself (a node that has not reported the
+        # current epoch yet, just after a create or a resync) is checked again
+        # until a live node must have reported: node_timeout_s at most.
+        wait_until = self._clock() + self.node_timeout_s
+        while True:
+            async with self._lock:
+                pair = self._pairs.get(name)
+                if pair is None:
+                    await _refuse(context, driver.not_found(name, self._pairs))
+                busy = self._busy(name)
+                problem = driver.resize_refusal(
+                    pair, size, pair.block_size, self.liveness(), self.report_views(), self._clock(),
+                    policy=self.policy()
+                ) if not busy else driver.delete_refusal(pair, name, self._pairs, busy=busy)
+                if problem is not None and problem.retry_after_s is not None and self._clock() < wait_until:
+                    retry_after_s = problem.retry_after_s
+                else:
+                    if problem is not None:
+                        log.warning("volume %s: resize refused: %s", name, problem.message)
+                        await _refuse(context, problem)
+                    if size == pair.size_bytes:
+                        return pb.ResizeVolumeReply(status=self.volume_status(pair), old_size_bytes=size,
+                                                    message=f"volume {name!r} is already {size} bytes; nothing to do")
+                    self._resizing.add(name)
+                    break
+            await asyncio.sleep(retry_after_s)
+        try:
+            return await self._resize(pair, size, context)
+        finally:
+            self._resizing.discard(name)
+
+    async def _resize(self, pair: PairRecord, size: int, context: aio.ServicerContext) -> pb.ResizeVolumeReply:
+        name, epoch, old = pair.name, pair.epoch, pair.size_bytes
+        warnings: list[str] = []
+        grown: list[str] = []
+        # The secondary first: once the primary accepts a write to a new
+        # block, the secondary has that block too.
+        for role, address in (("secondary", pair.secondary), ("primary", pair.primary)):
+            try:
+                answer = await self._stub(address).ResizeVolume(
+                    pb.NodeResizeVolumeRequest(volume=name, epoch=epoch, size_bytes=size), timeout=self.rpc_timeout_s
+                )
+            except (aio.AioRpcError, OSError) as e:
+                code = e.code() if isinstance(e, aio.AioRpcError) else grpc.StatusCode.UNAVAILABLE
+                if code not in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.INVALID_ARGUMENT):
+                    code = grpc.StatusCode.UNAVAILABLE
+                done = (f"{', '.join(grown)} grew to {size} bytes (harmless: a node larger than the pair's size "
+                        "is the same volume), " if grown else "")
+                text = (f"volume {name!r}: the {role} {address} did not grow: {_rpc_error_text(e)}; {done}the "
+                        f"pair's size stays {old} bytes; retry the resize (it is idempotent)")
+                log.warning("%s", text)
+                await _abort(context, code, text)
+            grown.append(f"{role} {address}")
+            if answer.warning:
+                warnings.append(answer.warning)
+        async with self._lock:
+            current = self._pairs.get(name)
+            outcome = driver.not_found(name, self._pairs) if current is None else driver.plan_resize(
+                current, size, current.block_size, self.liveness(), self.report_views(), self._clock(),
+                epoch=epoch, policy=self.policy(),
+            )
+            if not isinstance(outcome, Problem):
+                self._carry_out(outcome)
+        if isinstance(outcome, Problem):
+            log.warning("volume %s: resize not recorded: %s", name, outcome.message)
+            await _refuse(context, outcome)
+        resized = self._pairs[name]
+        message = (f"volume {name!r} grown online from {old} to {resized.size_bytes} bytes "
+                   f"({resized.size_bytes - old} bytes added, reading as zeros): the secondary {pair.secondary} "
+                   f"first, then the primary {pair.primary}; writes up to the new end work now")
+        return pb.ResizeVolumeReply(status=self.volume_status(resized), message=message, old_size_bytes=old,
+                                    warnings=warnings)
+
+    def _resize_pair(self, cmd: ResizePair) -> None:
+        """Persist a pair's new size with its event (CoordinatorDB.resize_pair), then memory and the log."""
+        pair = self._pairs[cmd.volume]
+        self.db.resize_pair(cmd.volume, cmd.size_bytes, cmd.reason, at=self._wall())
+        self._pairs[cmd.volume] = replace(pair, size_bytes=cmd.size_bytes)
+        log.warning("volume %s: %s", cmd.volume, cmd.reason)
+        if self._subscribers:
+            self._publish(self._event(self._pairs[cmd.volume], "resized", str(pair.size_bytes),
+                                      str(cmd.size_bytes), cmd.reason))
 
     # ================================================================ RPCs: replication reports
 
+    @_leader_only()
     async def ReportReplication(
         self, request: pb.ReplicationReport, context: aio.ServicerContext
     ) -> pb.ReportReplicationReply:
+        await _check_node_address(context, request.reporter, "report replication")
+        self.replication_reports_handled += 1
         async with self._lock:
             pair = self._pairs.get(request.volume)
             if pair is None:
@@ -870,6 +1304,8 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
             if isinstance(outcome, Problem):
                 await _refuse(context, outcome)
             self._carry_out(outcome)
+            if request.nacks:
+                self._nack_event(request)
             view = self._replication_view(request)
             self._carry_out(driver.on_identity(self._pairs[pair.name], request.reporter, view))
             pair = self._pairs[pair.name]
@@ -901,6 +1337,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
 
     # ================================================================ RPCs: promotion
 
+    @_leader_only()
     async def Promote(self, request: pb.PromoteRequest, context: aio.ServicerContext) -> pb.PromoteReply:
         async with self._lock:
             pair = self._pairs.get(request.volume)
@@ -928,6 +1365,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
             )
         return pb.PromoteReply(status=self.volume_status(pair), message=message)
 
+    @_leader_only()
     async def Switchover(self, request: pb.SwitchoverRequest, context: aio.ServicerContext) -> pb.SwitchoverReply:
         """A planned role swap with no data loss (docs/FAILOVER.md section 5)."""
         name = request.volume
@@ -1055,6 +1493,214 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
                 volume, address, _rpc_error_text(e),
             )
 
+    # ================================================================ RPCs: grants
+
+    async def _grant_target(self, context: aio.ServicerContext, user: str, volume: str) -> None:
+        """Refuse (INVALID_ARGUMENT, NOT_FOUND) a grant request naming no valid user or no known volume."""
+        try:
+            certs.check_user_name(user)
+        except certs.CertError as e:
+            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"cannot grant to {user!r}: {e}")
+        if volume not in self._pairs:
+            await _refuse(context, driver.not_found(volume, self._pairs))
+
+    @_leader_only()
+    async def Grant(self, request: pb.GrantRequest, context: aio.ServicerContext) -> pb.GrantReply:
+        """Let ``user`` read ``volume`` and, unless ``read_only``, write it."""
+        user, volume, read_only = request.user, request.volume, request.read_only
+        async with self._lock:
+            await self._grant_target(context, user, volume)
+            try:
+                before = self.db.set_grant(volume, user, read_only, at=self._wall())
+            except KeyError:
+                await _refuse(context, driver.not_found(volume, self._pairs))
+            self._grants.setdefault(volume, {})[user] = read_only
+        access = "read (read-only)" if read_only else "read and write"
+        if before is None:
+            was = ""
+        elif before.read_only == read_only:
+            was = " (unchanged)"
+        else:
+            was = f" (was {'read-only' if before.read_only else 'read-write'})"
+        note = " (admin may do everything anyway)" if user == authz.ADMIN_USER else ""
+        message = (
+            f"user {user!r} may now {access} volume {volume!r}{was}{note}; the nodes apply it with their "
+            "next heartbeat"
+        )
+        log.warning("grant: %s", message)
+        return pb.GrantReply(message=message)
+
+    @_leader_only()
+    async def Revoke(self, request: pb.RevokeRequest, context: aio.ServicerContext) -> pb.RevokeReply:
+        """Take ``user``'s grant on ``volume`` away (NOT_FOUND if it had none)."""
+        user, volume = request.user, request.volume
+        async with self._lock:
+            await self._grant_target(context, user, volume)
+            if user not in self._grants.get(volume, {}):
+                held = ", ".join(sorted(self._grants.get(volume, {}))) or "nobody"
+                await _abort(
+                    context, grpc.StatusCode.NOT_FOUND,
+                    f"user {user!r} holds no grant on volume {volume!r} (granted: {held})",
+                )
+            self.db.delete_grant(volume, user)
+            self._grants[volume].pop(user, None)
+            if not self._grants[volume]:
+                del self._grants[volume]
+        message = (
+            f"user {user!r} may no longer use volume {volume!r}; the nodes apply it with their next heartbeat "
+            "(streams already open are refused from their next request)"
+        )
+        log.warning("revoke: %s", message)
+        return pb.RevokeReply(message=message)
+
+    async def ListGrants(self, request: pb.ListGrantsRequest, context: aio.ServicerContext) -> pb.ListGrantsReply:
+        """Every grant, or those of ``request.volume`` (NOT_FOUND if unknown)."""
+        if request.volume and request.volume not in self._pairs:
+            await _refuse(context, driver.not_found(request.volume, self._pairs))
+        names = [request.volume] if request.volume else sorted(self._grants)
+        return pb.ListGrantsReply(grants=[g for name in names for g in self.grants_of(name)])
+
+    # ================================================================ RPCs: resolve (split brain)
+
+    @_leader_only()
+    async def Resolve(self, request: pb.ResolveRequest, context: aio.ServicerContext) -> pb.ResolveReply:
+        """End a split brain keeping ``request.keep``'s data (docs/FAILOVER.md section 6)."""
+        name = request.volume
+        async with self._lock:
+            pair = self._pairs.get(name)
+            if pair is None:
+                await _refuse(context, driver.not_found(name, self._pairs))
+            outcome = driver.plan_resolve(
+                pair, self.liveness(), self.report_views(), self._clock(), request.keep, policy=self.policy()
+            )
+            if isinstance(outcome, Problem):
+                log.warning("volume %s: resolve refused: %s", name, outcome.message)
+                await _refuse(context, outcome)
+            if request.dry_run:
+                return self._resolve_reply(pair, outcome, dry_run=True)
+            self._discard[name] = (pair.epoch + 1, outcome.discarded, outcome.snapshot)
+            if outcome.hold:
+                self._resolve_hold[name] = outcome.hold
+            self._carry_out(outcome.commands)
+            pair = self._pairs[name]
+        log.warning("volume %s: %s", name, pair.last_error)
+        # The discarded replica first: its answer says what it wrote since the
+        # common generation (exact: it is fenced, its write path stopped).
+        answer, why = await self._assign_one(name, outcome.discarded)
+        extents: list[tuple[int, int]] = [(e.offset, e.length) for e in outcome.discarded_extents]
+        snapshot_id = 0
+        exact = False
+        if answer is not None:
+            extents = [(e.offset, e.length) for e in answer.divergent_extents]
+            snapshot_id, exact = answer.discard_snapshot_id, True
+            async with self._lock:
+                current = self._pairs.get(name)
+                if current is not None and current.epoch == pair.epoch:
+                    self._carry_out(
+                        driver.resolve_merge_discarded(
+                            current,
+                            extents,
+                            f"{outcome.discarded}'s writes since the common generation (discarded by the resolve) "
+                            "added to the failed extents",
+                            now=self._clock(),
+                            policy=self.policy(),
+                        )
+                    )
+                self._resolve_hold.pop(name, None)
+        failed = [] if answer is not None else [outcome.discarded]
+        if outcome.hold and name in self._resolve_hold:
+            message_hold = (
+                f"; {outcome.kept} becomes primary once {outcome.discarded} applied its demotion or its lease "
+                "expired"
+            )
+        else:
+            message_hold = ""
+            failed += await self._push_assignments([PushAssignment(name, outcome.kept)])
+        reply = self._resolve_reply(self._pairs.get(name, pair), outcome, dry_run=False)
+        reply.ClearField("discarded_extents")
+        reply.discarded_extents.extend(pb.Extent(offset=o, length=n) for o, n in extents)
+        reply.discarded_bytes = sum(n for _, n in extents)
+        reply.discarded_exact = exact or outcome.exact
+        reply.discard_snapshot_id = snapshot_id
+        reply.message = (
+            f"volume {name!r}: kept {outcome.kept}; {outcome.discarded} discards {len(extents)} extents "
+            f"({reply.discarded_bytes} bytes) written since the common generation {outcome.common:016x}, its state "
+            f"kept in snapshot {outcome.snapshot!r}"
+            + (f" (id {snapshot_id})" if snapshot_id else "")
+            + f" on {outcome.discarded}; the resync from {outcome.kept} follows (changes only)"
+            + message_hold
+        )
+        if failed:
+            reply.message += (
+                f"; the assignment did not reach {', '.join(failed)} yet ({why or 'unreachable'}): it gets it with "
+                "its next heartbeat"
+            )
+        log.warning("%s", reply.message)
+        return reply
+
+    def _resolve_reply(self, pair: PairRecord, plan: driver.ResolvePlan, *, dry_run: bool) -> pb.ResolveReply:
+        reply = pb.ResolveReply(
+            status=self.volume_status(pair),
+            kept=plan.kept,
+            discarded=plan.discarded,
+            common_generation=plan.common,
+            discarded_bytes=sum(e.length for e in plan.discarded_extents) or plan.discarded_bytes_estimate,
+            discarded_exact=plan.exact,
+            discard_snapshot=plan.snapshot,
+            kept_changed_bytes=plan.kept_changed_bytes,
+            primary=plan.primary,
+            secondary=plan.secondary,
+        )
+        reply.discarded_extents.extend(pb.Extent(offset=e.offset, length=e.length) for e in plan.discarded_extents)
+        if dry_run:
+            if plan.exact:
+                what = f"{len(plan.discarded_extents)} extents, {reply.discarded_bytes} bytes"
+            else:
+                what = (
+                    f"at most {reply.discarded_bytes} bytes so far (its out-of-sync bytes: it is the primary and "
+                    "writes until it is fenced; the extents are measured then)"
+                )
+            reply.message = (
+                f"volume {pair.name!r} (dry run): keeping {plan.kept} would discard what {plan.discarded} wrote "
+                f"since the common generation {plan.common:016x}: {what}"
+            )
+        return reply
+
+    async def _assign_one(self, volume: str, address: str) -> tuple[pb.AssignVolumeReply | None, str]:
+        """Push ``volume``'s assignment to ``address`` and return its answer (None, why: not reached)."""
+        pair = self._pairs.get(volume)
+        if pair is None:
+            return None, "the volume is gone"
+        try:
+            answer = await self._stub(address).AssignVolume(
+                self.assignment(pair, address), timeout=self.rpc_timeout_s
+            )
+        except (aio.AioRpcError, OSError) as e:
+            log.warning("volume %s: AssignVolume to %s failed (%s); its next heartbeat delivers it",
+                        volume, address, _rpc_error_text(e))
+            return None, _rpc_error_text(e)
+        log.info("volume %s: assignment pushed to %s (epoch %d)", volume, address, pair.epoch)
+        return answer, ""
+
+    def _release_resolve_holds(self) -> list[Command]:
+        """A kept secondary's primary assignment is released once the old
+        primary reports its demotion (the current epoch, as secondary) or its
+        lease certainly expired. Call with ``self._lock`` held."""
+        cmds: list[Command] = []
+        for name, address in list(self._resolve_hold.items()):
+            pair = self._pairs.get(name)
+            if pair is None or pair.primary != address:
+                self._resolve_hold.pop(name, None)
+                continue
+            old = self.latest_report(pair.secondary, name)
+            demoted = old is not None and old.epoch >= pair.epoch and old.role == pb.ROLE_SECONDARY
+            if demoted or self.lease_remaining_s(pair) <= 0:
+                log.warning("volume %s: %s is primary now (%s)", name, address,
+                            "the old primary applied its demotion" if demoted else "the old primary's lease expired")
+                self._resolve_hold.pop(name, None)
+                cmds.append(PushAssignment(name, address))
+        return cmds
+
     async def _push_assignments(self, cmds: Iterable[Command]) -> list[str]:
         """Push the assignments among ``cmds`` (after they were carried out). A
         failed push is not rolled back: the node gets the same assignment with
@@ -1087,8 +1733,13 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
         """One round of the background checks: decide and carry out; probe the
         secondaries of the pairs that are ready for a resync; decide again with
         the answers (on the state as it is then) and carry out."""
+        if not self.leads():  # issue 12: a follower only refreshes its copy
+            await self._take_over_if_elected()
+            if not self.leads():
+                await self._follow_store()
+                return
         async with self._lock:
-            cmds = self.commands(jitter=random.random())
+            cmds = self._release_resolve_holds() + self.commands(jitter=random.random())
             self._carry_out(cmds)
         await self._push_assignments(cmds)
         probes = [c for c in cmds if isinstance(c, ProbeHealth)]
@@ -1172,9 +1823,375 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
             if self._resync_tasks.get(name) is asyncio.current_task():
                 del self._resync_tasks[name]
 
+    # ================================================================ events (WatchEvents, issue 13)
+    # Emitted where a pair record changes (``_change_pair``: one event per
+    # pair event, plus role_change when the roles moved), resync progress at
+    # most every PROGRESS_EVENT_INTERVAL_S per volume (SaveProgress and the
+    # primary's heartbeats), NACKs (ReportReplication), node liveness, and
+    # creation/deletion. Building an event costs nothing without subscribers.
+
+    def _publish(self, event: pb.Event) -> None:
+        self._event_seq += 1
+        event.seq = self._event_seq
+        for sub in list(self._subscribers):
+            sub.offer(event)
+
+    def _event(self, pair: PairRecord, kind: str, old: str, new: str, message: str, *,
+               at: float | None = None, progress: driver.Progress | None = None) -> pb.Event:
+        ev = pb.Event(
+            time_unix_s=self._wall() if at is None else at,
+            volume=pair.name,
+            epoch=pair.epoch,
+            kind=kind,
+            old=old,
+            new=new,
+            message=message,
+            primary=pair.primary,
+            secondary=pair.secondary,
+        )
+        if progress is not None:
+            ev.progress.CopyFrom(_progress_proto(progress))
+        return ev
+
+    def _pair_events(self, cmd: ChangePair, before: PairRecord, after: PairRecord, *, at: float) -> None:
+        if not self._subscribers:
+            return
+        kind = _EVENT_KINDS.get(cmd.event, cmd.event.value)
+        resync = kind in ("resync_start", "resync_done") or after.state is PairState.RESYNCING
+        self._publish(self._event(after, kind, cmd.from_state.value, cmd.to_state.value, cmd.reason, at=at,
+                                  progress=after.progress if resync else None))
+        if (after.primary, after.secondary) != (before.primary, before.secondary):
+            self._publish(self._event(
+                after, "role_change", f"primary {before.primary}, secondary {before.secondary}",
+                f"primary {after.primary}, secondary {after.secondary}",
+                f"{cmd.event.value} at epoch {after.epoch}: {after.primary} is the primary now", at=at,
+            ))
+
+    def _progress_event(self, volume: str, progress: driver.Progress) -> None:
+        """A resync_progress event, unless one went out for ``volume`` less than
+        PROGRESS_EVENT_INTERVAL_S ago."""
+        pair = self._pairs.get(volume)
+        now = self._clock()
+        if pair is None or not self._subscribers or now - self._progress_event_at.get(volume, -PROGRESS_EVENT_INTERVAL_S) < (
+            PROGRESS_EVENT_INTERVAL_S
+        ):
+            return
+        self._progress_event_at[volume] = now
+        pct = 100.0 * progress.bytes_done / progress.bytes_total if progress.bytes_total else 0.0
+        message = (
+            f"round {progress.round}: {progress.bytes_done}/{progress.bytes_total} bytes ({pct:.0f}%), "
+            f"{progress.rate_bytes_per_s / (1024 * 1024):.1f} MiB/s, eta {progress.eta_s:.1f} s"
+        )
+        state = pair.state.value
+        self._publish(self._event(pair, "resync_progress", state, state, message, progress=progress))
+
+    def _heartbeat_progress_events(self, address: str, reports: Iterable[pb.VolumeReport]) -> None:
+        """The primary's heartbeats carry the running resync's progress (it
+        reports it no other way while the resync runs)."""
+        if not self._subscribers:
+            return
+        for r in reports:
+            pair = self._pairs.get(r.name)
+            if (
+                pair is not None
+                and pair.primary == address
+                and pair.state is PairState.RESYNCING
+                and r.epoch == pair.epoch
+                and r.state == pb.PAIR_STATE_RESYNCING
+                and r.HasField("resync")
+            ):
+                self._progress_event(r.name, _progress(r.resync))
+
+    def _nack_event(self, request: pb.ReplicationReport) -> None:
+        pair = self._pairs.get(request.volume)
+        if pair is None or not self._subscribers:
+            return
+        codes: dict[str, int] = {}
+        for n in request.nacks:
+            name = _nack_code(n.code).removeprefix("NACK_CODE_")
+            codes[name] = codes.get(name, 0) + 1
+        first = request.nacks[0]
+        message = (
+            f"primary {request.reporter}: {len(request.nacks)} write(s) NACKed by {pair.secondary} "
+            f"({', '.join(f'{k} x{v}' for k, v in sorted(codes.items()))}); first seq {first.seq} at offset "
+            f"{first.offset}: {first.message or _nack_code(first.code)}"
+        )
+        self._publish(self._event(pair, "nack", "", "", " ".join(message.split())))
+
+    def _node_event(self, address: str, *, up: bool, why: str) -> None:
+        """A node's connection state changed: one event per volume it serves."""
+        if not self._subscribers:
+            return
+        for pair in self.pairs():
+            role = "primary" if address == pair.primary else "secondary" if address == pair.secondary else ""
+            if role:
+                self._publish(self._event(
+                    pair, "node_up" if up else "node_down", "down" if up else "up", "up" if up else "down",
+                    f"{role} {address} is {'up' if up else 'down'} ({why})",
+                ))
+
+    def _lifecycle_event(self, volume: str, kind: str, reason: str) -> None:
+        pair = self._pairs.get(volume)
+        if pair is None or not self._subscribers:
+            return
+        state = pair.state.value
+        self._publish(self._event(pair, kind, "" if kind == "created" else state,
+                                  state if kind == "created" else "", reason))
+
+    def _state_event(self, pair: PairRecord) -> pb.Event:
+        """The current state of ``pair`` as one event (kind "state"), as status shows it."""
+        st = self.volume_status(pair)
+        state = _STATUS_STATE_NAMES.get(st.state, pair.state.value)
+
+        def node(role: str, address: str, alive: bool, missing: bool) -> str:
+            return f"{role} {address} ({'up' if alive else 'down'}{', no data' if missing else ''})"
+
+        parts = [
+            node("primary", st.primary, st.primary_alive, st.primary_data_missing),
+            node("secondary", st.secondary, st.secondary_alive, st.secondary_data_missing),
+            f"out of sync {st.out_of_sync_bytes} bytes",
+        ]
+        if st.lease_remaining_s > 0:
+            parts.append(f"lease {st.lease_remaining_s:.1f} s left")
+        if pair.last_error:
+            parts.append(f"last error: {pair.last_error}")
+        ev = self._event(pair, "state", "", state, " ".join("; ".join(parts).split()),
+                         at=pair.state_changed_at or self._wall(), progress=_progress(st.resync))
+        ev.seq = self._event_seq
+        return ev
+
+    async def WatchEvents(
+        self, request: pb.WatchEventsRequest, context: aio.ServicerContext
+    ) -> AsyncIterator[pb.Event]:
+        """The current state of every (matching) volume, then, unless ``now``,
+        every change as it happens, until the client goes away (or falls
+        EVENT_QUEUE_EVENTS behind: a last "dropped" event, then the end)."""
+        name = request.volume
+        if name and request.now and name not in self._pairs:
+            await _refuse(context, driver.not_found(name, self._pairs))
+        sub = _Subscriber(name)
+        # Subscribed before the snapshot, with no await between them: no
+        # change falls between the current state and the first change.
+        if not request.now:
+            self._subscribers.add(sub)
+        try:
+            for pair in self.pairs():
+                if not name or pair.name == name:
+                    yield self._state_event(pair)
+            if request.now:
+                return
+            peer = rpc.peer_of(context)
+            log.info("events: %s follows %s", peer.name or peer.address or "a client",
+                     f"volume {name!r}" if name else "every volume")
+            while True:
+                if sub.overflowed.is_set() and sub.queue.empty():
+                    log.warning("events: a subscriber fell %d events behind; its stream ends", sub.dropped)
+                    yield pb.Event(
+                        time_unix_s=self._wall(), volume=name, kind="dropped", seq=self._event_seq,
+                        message=f"dropped {sub.dropped} events: this subscriber fell more than "
+                                f"{EVENT_QUEUE_EVENTS} events behind; the stream ends (reconnect for the "
+                                "current state)",
+                    )
+                    return
+                get = asyncio.ensure_future(sub.queue.get())
+                over = asyncio.ensure_future(sub.overflowed.wait())
+                try:
+                    await asyncio.wait({get, over}, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    over.cancel()
+                    if not get.done():
+                        get.cancel()
+                if get.done() and not get.cancelled():
+                    yield get.result()
+        finally:
+            self._subscribers.discard(sub)
+
+    # ================================================================ leadership (issue 12)
+    # On etcd, several coordinators share the store and one leads. Every
+    # mutating RPC is ``@_leader_only``; the tick only refreshes a follower's
+    # copy of the store; ``_stub`` (every push to a node) and ``_grant_leases``
+    # check again; and the store itself fences every write with the election
+    # key (coordinator/etcd_store.py), so a deposed leader that has not
+    # noticed yet writes nothing. A new term starts with ``_take_over``.
+
+    def leads(self) -> bool:
+        """This coordinator leads now and has taken over the current term."""
+        lead = self.leadership
+        if lead is None:
+            return True
+        term = lead.term()
+        if term is None or not lead.is_leader():
+            # A lapsed term is over here even if the same lease wins it back
+            # (etcd renews every lease when its quorum returns): take over
+            # again (reload, nodes heard now, lease wait) rather than judge
+            # the nodes by the heartbeats refused meanwhile (sim seed 10 -c3).
+            self._term = None
+            return False
+        return term == self._term
+
+    def leader_address(self) -> str:
+        """The leader's address as this coordinator knows it ("" if none)."""
+        if self.leads():
+            return self.coordinator_address
+        lead = self.leadership
+        leader = lead.leader() if lead is not None else None
+        return leader or ""
+
+    async def _require_leader(self, context: aio.ServicerContext) -> None:
+        if self.leadership is None:
+            return
+        if not self.leads():
+            await self._take_over_if_elected()
+        if not self.leads():
+            await self._redirect(context, "")
+
+    async def _redirect(self, context: aio.ServicerContext, why: str) -> NoReturn:
+        """Refuse: this coordinator does not lead. FAILED_PRECONDITION naming
+        the leader (also in the trailing metadata, LEADER_METADATA_KEY), or
+        UNAVAILABLE when no leader is known (the metadata says "")."""
+        me, leader = self.coordinator_address, self.leader_address()
+        lead = self.leadership
+        reason = why or (lead.why_not_leader() if lead is not None else "") or "it is not elected"
+        if leader and leader != me:
+            code = grpc.StatusCode.FAILED_PRECONDITION
+            message = f"coordinator {me} does not lead; the leader is {leader} ({reason})"
+        else:
+            leader = ""
+            code = grpc.StatusCode.UNAVAILABLE
+            message = (
+                f"coordinator {me} does not lead and knows no leader now ({reason}); nothing was changed: "
+                "retry, or ask the other coordinators (no coordinator leads while etcd has no quorum; one "
+                "cut from etcd knows no leader while another may lead)"
+            )
+        await context.abort(code, message, trailing_metadata=((LEADER_METADATA_KEY, leader),))
+        raise AssertionError("unreachable: context.abort returned")  # pragma: no cover
+
+    def _mark_follower(self, context: aio.ServicerContext) -> None:
+        """A read answered by a follower (from its copy of the store, without
+        node liveness): the trailing metadata says so and names the leader."""
+        if not self.leads():
+            context.set_trailing_metadata(
+                ((LEADER_METADATA_KEY, self.leader_address()), (ROLE_METADATA_KEY, "follower"))
+            )
+
+    async def _take_over_if_elected(self) -> None:
+        lead = self.leadership
+        term = lead.term() if lead is not None else None
+        if lead is None or term is None or term == self._term:
+            return
+        async with self._lock:
+            if lead.term() != term or self._term == term:
+                return
+            try:
+                # In a thread: an etcd that does not answer must not stall this loop.
+                state = await asyncio.to_thread(self._read_store)
+            except DBError as e:
+                log.warning("coordinator %s won the election but cannot read the store (%s); it does not "
+                            "act yet", self.coordinator_address, e)
+                return
+            self._take_over(*state)
+            self._term = term
+        self.wake()
+
+    def _read_store(self) -> tuple[list[PairRecord], list[NodeRecord], list[Any]]:
+        """Every pair (refreshing the store's compare-and-swap expectations), node and grant."""
+        reload = getattr(self.db, "reload", None)
+        pairs = reload() if reload is not None else self.db.list_pairs()
+        return pairs, self.db.list_nodes(), self.db.list_grants()
+
+    def _take_over(self, pairs: list[PairRecord], nodes: list[NodeRecord], grants: list[Any]) -> None:
+        """A new term: everything from the store, nothing from memory; the
+        nodes count as heard now (as after a restart); and no lease counts as
+        expired before the longest one a previous leader could have granted
+        (lease + drift + the election's TTL: election.longest_lease_wait_s)."""
+        now = self._clock()
+        self._pairs = {p.name: p for p in pairs}
+        self._nodes = {n.address: n for n in nodes}
+        self._grants = {}
+        for g in grants:
+            self._grants.setdefault(g.volume, {})[g.user] = g.read_only
+        for task in self._resync_tasks.values():
+            task.cancel()
+        self._resync_tasks.clear()
+        for memory in (self._last_heard, self._reports, self._report_at, self._backoff, self._switch_hold,
+                       self._switched_at, self._discard, self._resolve_hold, self._progress_at):
+            memory.clear()  # type: ignore[attr-defined]
+        self._dead_logged.clear()
+        self._started_at = now
+        self._lease_granted_at = {name: now + self.election_ttl_s for name in self._pairs}
+        log.warning(
+            "coordinator %s leads now: %d volumes, %d nodes, %d grants read from %s; no promotion for %.1f s "
+            "(the longest primary lease a previous leader could have granted: lease %.1f s + drift %.1f s + "
+            "election TTL %.1f s)",
+            self.coordinator_address, len(self._pairs), len(self._nodes), len(grants), self.store_url,
+            self.lease_s + self.lease_drift_s + self.election_ttl_s, self.lease_s, self.lease_drift_s,
+            self.election_ttl_s,
+        )
+
+    async def _follow_store(self) -> None:
+        """A follower's copy of the store (what it answers status with), read
+        again at every tick, in a thread: an unreachable etcd must not stall
+        this loop (health checks, CoordinatorInfo)."""
+        if getattr(self.db, "reload", None) is None:
+            return
+        async with self._lock:
+            if self.leads():
+                return
+            try:
+                pairs, nodes, grants = await asyncio.to_thread(self._read_store)
+            except DBError as e:
+                if not self._follow_failed:
+                    log.warning("coordinator %s (follower): cannot read the store: %s (status answers "
+                                "from the last copy)", self.coordinator_address, e)
+                self._follow_failed = True
+                return
+            if self._follow_failed:
+                log.info("coordinator %s (follower): the store answers again", self.coordinator_address)
+            self._follow_failed = False
+            self._pairs = {p.name: p for p in pairs}
+            self._nodes = {n.address: n for n in nodes}
+            self._grants = {}
+            for g in grants:
+                self._grants.setdefault(g.volume, {})[g.user] = g.read_only
+
+    async def _reload_after_conflict(self) -> None:
+        """A compare-and-swap lost: another writer changed a volume (a deposed
+        leader's last write, say); this coordinator's copy is stale."""
+        reload = getattr(self.db, "reload", None)
+        if reload is None:
+            return
+        async with self._lock:
+            try:
+                pairs = await asyncio.to_thread(reload)
+            except DBError as e:
+                log.warning("coordinator %s: reloading after a store conflict failed: %s",
+                            self.coordinator_address, e)
+                return
+            self._pairs = {p.name: p for p in pairs}
+
+    async def CoordinatorInfo(
+        self, request: pb.CoordinatorInfoRequest, context: aio.ServicerContext
+    ) -> pb.CoordinatorInfoReply:
+        """Who this coordinator is and who leads; answered by every coordinator."""
+        lead = self.leadership
+        leads = self.leads()
+        why = "" if leads else (lead.why_not_leader() if lead is not None else "") or "not taken over yet"
+        return pb.CoordinatorInfoReply(
+            address=self.coordinator_address,
+            is_leader=leads,
+            leader=self.leader_address(),
+            store=self.store_url,
+            why_not_leader=why,
+        )
+
     # ================================================================ plumbing
 
     def _stub(self, address: str) -> Any:
+        if not self.leads():  # every push to a node: only the leader's (issue 12)
+            raise NotLeader(
+                f"coordinator {self.coordinator_address} no longer leads: it does not call node {address}",
+                leader=self.leader_address(),
+            )
         ch = self._channels.get(address)
         if ch is None:
             ch = self._channels[address] = rpc.channel(address)

@@ -51,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--coordinator-arg", action="append", default=[], metavar="ARG",
                    help="extra flag for the coordinator (repeatable)")
     p.add_argument("--log-level", default="INFO", help="log level of the processes and of this tool")
+    p.add_argument("--insecure", action="store_true",
+                   help="run plaintext (default: mutual TLS with a CA made in the workdir)")
     return parser
 
 
@@ -61,6 +63,7 @@ async def _up(args: argparse.Namespace) -> int:
         primary_args=args.node_arg,
         secondary_args=args.node_arg,
         log_level=args.log_level.upper(),
+        tls=not args.insecure,
     )
     try:
         await cluster.start()
@@ -71,12 +74,14 @@ async def _up(args: argparse.Namespace) -> int:
         if args.volume:
             await c.create_volume(args.volume, args.size, args.block_size)
             print(f"volume       {args.volume} ({format_size(args.size)}) in_sync")
+        sec = " ".join(c.security_args())
+        print(f"security     {'mutual TLS, certificates in ' + str(c.certs_dir) if c.tls else 'PLAINTEXT (--insecure)'}")
         print()
         print("try:")
         if not args.volume:
             print(f"  syncrep volume create vol0 --size 64MiB --primary {c.primary_addr} "
-                  f"--secondary {c.secondary_addr} --coordinator {c.coordinator_addr}")
-        print(f"  syncrep status --coordinator {c.coordinator_addr}")
+                  f"--secondary {c.secondary_addr} --coordinator {c.coordinator_addr} {sec}")
+        print(f"  syncrep status --coordinator {c.coordinator_addr} {sec}")
         print("Ctrl-C stops the cluster.", flush=True)
         sig = await rpc.wait_for_signal((signal.SIGINT, signal.SIGTERM))
         print(f"\nreceived {signal.Signals(sig).name}; stopping...", flush=True)

@@ -36,6 +36,15 @@ the process group are those of the process itself). The harness talks to
 the processes (health checks, volume creation), so the caller must run where
 every host is reachable -- on the client host (see ``deploy.nemesis``).
 Without ``hosts`` (the default) everything runs on loopback as before.
+
+Security (docs/SECURITY.md): by default (``tls=True``) the cluster makes a
+throwaway CA in ``<workdir>/certs`` (its key in ``<workdir>/ca.key``, outside
+the certs dir), a node certificate for every host it places a process on
+(and 127.0.0.1, localhost) and a client certificate for ``admin``; every
+process runs with ``--certs-dir``, the harness's own calls go through
+``syncrep.rpc`` as ``admin`` (``rpc.configure`` while the cluster runs; the
+previous setting comes back at close) and ``run_cli`` passes ``--certs-dir``
+too. ``tls=False`` runs everything with ``--insecure``.
 """
 
 from __future__ import annotations
@@ -62,8 +71,8 @@ from typing import Any, Protocol
 import grpc
 
 import syncrep
+from syncrep import certs, rpc
 from syncrep import client as sc
-from syncrep import rpc
 from syncrep.pb import syncrep_pb2 as pb
 from syncrep.pb import syncrep_pb2_grpc as pb_grpc
 
@@ -220,6 +229,13 @@ class LocalCluster:
     ``secondary_args=["--enable-fault-injection"]``,
     ``coordinator_args=["--node-timeout-s", "1.5"]``); ``extra_args`` maps a
     name to flags the same way and wins over the ``*_args`` parameters.
+
+    Several coordinators (issue 12): ``coordinators=3, store="etcd://h:p,..."``
+    runs processes "coordinator", "coordinator2", "coordinator3" on that etcd
+    (``coordinator_args`` go to each); the nodes and every command get
+    ``--coordinator A,B,C`` (``coordinator_addr`` is that list), and
+    ``await c.leader()`` names the leading one. ``coordinators > 1`` needs
+    an etcd ``store``; the default is one coordinator on SQLite, as before.
     """
 
     def __init__(
@@ -236,8 +252,21 @@ class LocalCluster:
         stop_grace_s: float = DEFAULT_STOP_GRACE_S,
         env: Mapping[str, str] | None = None,
         hosts: Mapping[str, HostPlacement] | None = None,
+        tls: bool = True,
+        users: Sequence[str] = ("admin",),
+        coordinators: int = 1,
+        store: str = "sqlite",
     ) -> None:
+        if coordinators < 1 or (coordinators > 1 and not store.startswith("etcd://")):
+            raise ValueError(f"coordinators={coordinators} with store={store!r}: several coordinators need an "
+                             "etcd store (store='etcd://HOST:PORT,...')")
+        self.store = store
+        #: The coordinator processes' names, the first one "coordinator" (issue 12).
+        self.coordinator_names = ["coordinator"] + [f"coordinator{i}" for i in range(2, coordinators + 1)]
         self.workdir = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="syncrep-cluster-"))
+        self.tls = tls
+        self.users = tuple(users)
+        self._saved_security: rpc.Security | None = None
         self.host = host
         self.log_level = log_level
         self.startup_timeout_s = startup_timeout_s
@@ -264,6 +293,11 @@ class LocalCluster:
             )
             for name in NAMES
         }
+        for name in self.coordinator_names[1:]:
+            self.procs[name] = ManagedProcess(
+                name=name, role="coordinator", host=host, port=0, data_dir=self.workdir / name,
+                log_path=self.workdir / f"{name}.log", extra_args=list(args["coordinator"]),
+            )
         for name, h in (hosts or {}).items():
             if name not in self.procs:
                 continue  # e.g. the workload client's host
@@ -290,7 +324,21 @@ class LocalCluster:
 
     @property
     def coordinator_addr(self) -> str:
-        return self.address("coordinator")
+        """The coordinator's address; with several, all of them ("A,B,C": what --coordinator takes)."""
+        return ",".join(self.address(name) for name in self.coordinator_names)
+
+    async def leader(self, timeout_s: float = 20.0) -> str:
+        """The name of the coordinator process that leads now, waiting (bounded) for one to."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            by_address = {self.procs[n].address: n for n in self.coordinator_names if self.procs[n].running}
+            if by_address:
+                for info in await sc.coordinator_info(",".join(by_address), timeout_s=2.0):
+                    if info["state"] == "leader":
+                        return by_address[info["address"]]
+            if time.monotonic() >= deadline:
+                raise ClusterError(f"no coordinator leads within {timeout_s:g} s")
+            await asyncio.sleep(0.1)
 
     @property
     def primary_addr(self) -> str:
@@ -319,6 +367,32 @@ class LocalCluster:
     def is_running(self, name: str) -> bool:
         return self._proc(name).running
 
+    @property
+    def certs_dir(self) -> Path:
+        """The cluster's certificates (ca.crt, node.crt/key, client.USER.crt/key)."""
+        return self.workdir / "certs"
+
+    @property
+    def ca_key(self) -> Path:
+        """The CA key: outside the certs dir, never given to a process."""
+        return self.workdir / "ca.key"
+
+    def security_args(self) -> list[str]:
+        """The flags every process and command of this cluster gets."""
+        return ["--certs-dir", str(self.certs_dir)] if self.tls else ["--insecure"]
+
+    def make_certs(self) -> None:
+        """The cluster's CA and certificates (once per workdir; kept across restarts)."""
+        if not self.tls or (self.certs_dir / certs.NODE_CERT_FILE).exists():
+            return
+        hosts = sorted({"127.0.0.1", "localhost", self.host, *(p.host for p in self.procs.values())})
+        certs.create_all(self.certs_dir, self.ca_key, hosts, users=self.users)
+
+    def _configure_rpc(self) -> None:
+        """The harness's own calls (health checks, status, clients) as admin."""
+        self._saved_security = rpc.security
+        rpc.configure(rpc.Security(self.certs_dir, "admin") if self.tls else rpc.Security(None))
+
     def set_args(self, name: str, extra_args: Sequence[str]) -> None:
         """Replace a process's extra flags; they apply at its next (re)start."""
         self._proc(name).extra_args = list(extra_args)
@@ -332,14 +406,20 @@ class LocalCluster:
             p.role, "--listen", p.address, "--data-dir", str(p.data_dir),
         ]
         if p.role != "coordinator":
-            cmd += ["--coordinator", self.procs["coordinator"].address]
-        return cmd + p.extra_args
+            cmd += ["--coordinator", ",".join(self.procs[n].address for n in self.coordinator_names)]
+        elif self.store != "sqlite":
+            cmd += ["--store", self.store]
+        return cmd + self.security_args() + p.extra_args
 
     def _environ(self) -> dict[str, str]:
         env = dict(os.environ)
         root = str(Path(syncrep.__file__).resolve().parent.parent)
         env["PYTHONPATH"] = os.pathsep.join(x for x in (root, env.get("PYTHONPATH", "")) if x)
         env["PYTHONUNBUFFERED"] = "1"
+        # Commands a test spawns with this environment find the certificates.
+        env.pop(certs.CERTS_DIR_ENV, None)
+        if self.tls:
+            env[certs.CERTS_DIR_ENV] = str(self.certs_dir)
         env.update(self.env)
         return env
 
@@ -426,7 +506,10 @@ class LocalCluster:
         self._started = True
         self.workdir.mkdir(parents=True, exist_ok=True)
         try:
-            await self._start_one(self.procs["coordinator"], new_port=True)
+            await asyncio.to_thread(self.make_certs)
+            self._configure_rpc()
+            for name in self.coordinator_names:
+                await self._start_one(self.procs[name], new_port=True)
             await asyncio.gather(
                 self._start_one(self.procs["primary"], new_port=True),
                 self._start_one(self.procs["secondary"], new_port=True),
@@ -444,7 +527,13 @@ class LocalCluster:
         while True:
             try:
                 await sc.list_volumes(self.coordinator_addr, timeout_s=2.0)
-                return
+                if self.store == "sqlite":
+                    return
+                # On etcd: and a coordinator leads (a volume can be created).
+                if any(i["state"] == "leader" for i in await sc.coordinator_info(self.coordinator_addr)):
+                    return
+                if time.monotonic() >= deadline:
+                    raise self._startup_error(self.procs["coordinator"], "no coordinator leads")
             except sc.ClientError as e:
                 if time.monotonic() >= deadline:
                     raise self._startup_error(self.procs["coordinator"], f"ListVolumes fails: {e}") from None
@@ -455,7 +544,12 @@ class LocalCluster:
         await asyncio.gather(
             *(asyncio.to_thread(self._terminate, p, self.stop_grace_s) for p in self.procs.values())
         )
+        self._restore_rpc()
         self._started = False
+
+    def _restore_rpc(self) -> None:
+        if self._started:
+            rpc.configure(self._saved_security)
 
     def start_sync(self) -> LocalCluster:
         """:meth:`start` for code without an event loop."""
@@ -465,6 +559,7 @@ class LocalCluster:
         """Synchronous teardown (safe inside or outside an event loop)."""
         for p in self.procs.values():
             self._terminate(p, self.stop_grace_s)
+        self._restore_rpc()
         self._started = False
 
     async def __aenter__(self) -> LocalCluster:
@@ -689,7 +784,8 @@ class LocalCluster:
 
     def cli_command(self, *args: str) -> list[str]:
         """``syncrep ARGS --coordinator <this cluster's coordinator>``."""
-        return [sys.executable, "-m", "syncrep", *args, "--coordinator", self.coordinator_addr]
+        return [sys.executable, "-m", "syncrep", *args, "--coordinator", self.coordinator_addr,
+                *self.security_args()]
 
     async def run_cli(self, *args: str, timeout_s: float = 60.0) -> subprocess.CompletedProcess[str]:
         """Run the real command line against this cluster (``--coordinator``

@@ -90,6 +90,11 @@ class DemoContext:
         )
         self.t_start = time.monotonic()
 
+    @property
+    def sec(self) -> str:
+        """The security flags of the commands the demo shows."""
+        return " ".join(self.cluster.security_args())
+
     async def _connect(self) -> VolumeClient:
         return await VolumeClient.connect(self.cluster.coordinator_addr, self.volume)
 
@@ -124,7 +129,7 @@ class DemoContext:
 
     async def show_status(self) -> dict[str, Any]:
         v = await self.status()
-        self.say(f"$ syncrep status --coordinator {self.cluster.coordinator_addr}")
+        self.say(f"$ syncrep status --coordinator {self.cluster.coordinator_addr} {self.sec}")
         self.say(state_line(v))
         return v
 
@@ -278,7 +283,7 @@ async def demo_create_volume(ctx: DemoContext) -> None:
     c = ctx.cluster
     ctx.say(
         f"$ syncrep volume create {ctx.volume} --size {size_text(ctx.size_bytes)} "
-        f"--primary {c.primary_addr} --secondary {c.secondary_addr} --coordinator {c.coordinator_addr}"
+        f"--primary {c.primary_addr} --secondary {c.secondary_addr} --coordinator {c.coordinator_addr} {ctx.sec}"
     )
     st = await c.create_volume(ctx.volume, ctx.size_bytes, ctx.block_size)
     v = volume_status_dict(st)
@@ -428,7 +433,7 @@ async def demo_restart_and_resync(ctx: DemoContext) -> None:
 
 async def demo_verify(ctx: DemoContext) -> None:
     c = ctx.cluster
-    ctx.say(f"$ syncrep verify {ctx.volume} --coordinator {c.coordinator_addr}")
+    ctx.say(f"$ syncrep verify {ctx.volume} --coordinator {c.coordinator_addr} {ctx.sec}")
     r = await verify_volume(c.coordinator_addr, ctx.volume)
     ctx.say(verify_summary(r))
     for line in verify_extent_lines(r):
@@ -510,6 +515,8 @@ def main(*, workdir: Path | None, keep: bool, size: int, writes: int, streams: i
         # The steps narrate what the harness does (e.g. the kill -9); keep its log lines out.
         logging.getLogger("deploy.cluster").setLevel(logging.WARNING)
     print(f"syncrep demo (seed {seed}, work directory {workdir})")
+    print(f"Mutual TLS: a throwaway CA and certificates in {cluster.certs_dir} (CA key {cluster.ca_key}); "
+          "every process and command presents its certificate.")
     ok = False
     try:
         asyncio.run(run_demo(ctx))

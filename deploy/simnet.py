@@ -16,6 +16,10 @@ task of the crashed host.
 Fault model (what a real network does, which the tests of the multi-process
 nemesis also inject):
 
+Trailing metadata set by a handler (``context.abort(..., trailing_metadata=)``,
+``set_trailing_metadata``) travels with the status, as gRPC's does: a
+follower coordinator's redirect names the leader in it (issue 12).
+
 * **crash** (``crash(host)``): the host's server is gone; its open streams
   break with UNAVAILABLE at once (the kernel resets the connections) and new
   calls to it fail with UNAVAILABLE (connection refused).
@@ -57,17 +61,18 @@ current_host: contextvars.ContextVar[str] = contextvars.ContextVar("sim_host", d
 _EOF = aio.EOF
 
 
-def _rpc_error(code: grpc.StatusCode, details: str) -> aio.AioRpcError:
-    return aio.AioRpcError(code, aio.Metadata(), aio.Metadata(), details=details)
+def _rpc_error(code: grpc.StatusCode, details: str, trailing: Any = ()) -> aio.AioRpcError:
+    return aio.AioRpcError(code, aio.Metadata(), aio.Metadata(*trailing), details=details)
 
 
 class _Abort(Exception):
     """Raised by ``context.abort`` inside a handler, as grpc.aio does."""
 
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+    def __init__(self, code: grpc.StatusCode, details: str, trailing: Any = ()) -> None:
         super().__init__(details)
         self.code = code
         self.details = details
+        self.trailing = tuple(trailing or ())
 
 
 @dataclass
@@ -125,6 +130,10 @@ class _Call:
         self.up = _Pipe(net, src, dst, self.to_server.put_nowait)
         self.down = _Pipe(net, dst, src, self._client_arrival)
         self.status: tuple[grpc.StatusCode, str] | None = None  # as the client sees it
+        # Trailing metadata (a coordinator's redirect names the leader in it, issue 12):
+        # set by the handler, carried with the status.
+        self.trailing: tuple[tuple[str, str], ...] = ()
+        self.trailing_seen: tuple[tuple[str, str], ...] = ()  # as the client received it
         self.finished = asyncio.get_running_loop().create_future()  # client-side completion
         self.server_task: asyncio.Task[Any] | None = None
         self.started = False
@@ -168,13 +177,13 @@ class _Call:
                 fn = h.unary_unary if not h.request_streaming else h.stream_unary
                 r = await fn(request, context)
                 self.down.send(("msg", h.response_serializer(r)))
-            self.down.send(("status", grpc.StatusCode.OK, ""))
+            self.down.send(("status", grpc.StatusCode.OK, "", self.trailing))
         except _Abort as e:
-            self.down.send(("status", e.code, e.details))
+            self.down.send(("status", e.code, e.details, e.trailing))
         except asyncio.CancelledError:
             raise
         except Exception as e:
-            self.down.send(("status", grpc.StatusCode.UNKNOWN, f"Unexpected {type(e).__name__}: {e}"))
+            self.down.send(("status", grpc.StatusCode.UNKNOWN, f"Unexpected {type(e).__name__}: {e}", ()))
         finally:
             self.server_done = True
 
@@ -185,6 +194,7 @@ class _Call:
         if item[0] == "msg":
             self.to_client.put_nowait(self.resp_de(item[1]))
         else:
+            self.trailing_seen = item[3]
             self._finish(item[1], item[2])
 
     def _finish(self, code: grpc.StatusCode, details: str) -> None:
@@ -221,7 +231,7 @@ class _Call:
         if code is grpc.StatusCode.CANCELLED:
             raise asyncio.CancelledError()
         if code is not grpc.StatusCode.OK:
-            raise _rpc_error(code, details)
+            raise _rpc_error(code, details, self.trailing_seen)
 
     async def wait_deadline(self, aw: Any) -> Any:
         if self.deadline is None:
@@ -270,7 +280,10 @@ class _Context:
         await asyncio.sleep(0)
 
     async def abort(self, code: grpc.StatusCode, details: str = "", trailing_metadata: Any = None) -> None:
-        raise _Abort(code, details)
+        raise _Abort(code, details, trailing_metadata)
+
+    def set_trailing_metadata(self, trailing_metadata: Any) -> None:
+        self.call.trailing = tuple(trailing_metadata or ())
 
     def peer(self) -> str:
         return f"sim:{self.call.src}"
@@ -325,6 +338,11 @@ class _ClientCall:
         await c.wait_deadline(c.finished)
         c.raise_status()
         return r
+
+    async def trailing_metadata(self) -> tuple[tuple[str, str], ...]:
+        """The trailing metadata the handler set (carried with the status; a
+        follower's redirect names the leader in it); empty until the call ended."""
+        return self._c.trailing_seen
 
     # streaming
     async def write(self, message: Any) -> None:

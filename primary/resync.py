@@ -256,13 +256,18 @@ class RoundSender:
                     # whatever replies arrived meanwhile (progress, refusals).
                     chunks = await asyncio.to_thread(self._read_many, batch.start, batch.stop)
                     for c in chunks:
-                        window.sent(c.index, c.data)
-                        await self.limiter.take(len(c.data))
+                        # upb copies the payload on every read of c.data: once.
+                        n = len(c.data)
+                        # The window keeps (length, crc32c) for the round
+                        # digest (RoundDigest): the crc32c over the data as
+                        # read, the one the secondary checks before applying.
+                        window.sent(c.index, n, c.crc32c)
+                        await self.limiter.take(n)
                         # Bounded like the replies: a write blocked on flow
                         # control (a stalled connection) must fail the round,
                         # not hang it until TCP gives up.
                         await asyncio.wait_for(call.write(pb.ResyncRequest(chunk=c)), REPLY_TIMEOUT_S)
-                        self.counters.bytes_sent += len(c.data)
+                        self.counters.bytes_sent += n
                     while not replies.empty():
                         handle(replies.get_nowait())
                     continue

@@ -9,7 +9,9 @@ cd "$(dirname "$0")/.."
 # NBD tests and bench (tests/test_nbd_e2e.py, bench/bench_nbd.py): qemu-img (qemu-utils),
 # nbdinfo/nbdcopy (libnbd-bin), fio with its nbd ioengine, nbd-client (kernel /dev/nbdX;
 # its test skips where the nbd module is unavailable, e.g. in containers).
-APT_PACKAGES=(iproute2 iptables qemu-utils libnbd-bin fio nbd-client)
+# etcd-server: the coordinator's etcd store and election tests (tests/etcd_fixture.py
+# starts its own etcd processes; the package's systemd unit is not used).
+APT_PACKAGES=(iproute2 iptables qemu-utils libnbd-bin fio nbd-client etcd-server)
 
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
   missing=()

@@ -14,5 +14,7 @@ echo "== mypy"
 .venv/bin/mypy
 echo "== simulator (deploy/sim.py: seeded fault schedules on virtual time, every invariant checked)"
 .venv/bin/python -m deploy.sim --seeds "${SIM_SEEDS:-10000}" --jobs "${SIM_JOBS:-2}"
+echo "== simulator, 3 coordinators on an in-memory etcd (deploy/simstore.py: stale leaders, store cuts and pauses)"
+.venv/bin/python -m deploy.sim --seeds "${SIM_HA_SEEDS:-500}" --coordinators 3 --jobs "${SIM_JOBS:-2}"
 echo "== pytest"
 .venv/bin/python -m pytest -q "$@"

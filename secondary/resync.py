@@ -69,7 +69,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import hashlib
+import functools
 import logging
 from dataclasses import replace
 from typing import Any
@@ -82,6 +82,7 @@ from syncrep.core import receiver as core
 from syncrep.core.classify import STORAGE_ERRORS, storage_errno, storage_error_text
 from syncrep.core.identity import Identity
 from syncrep.core.receiver import ChunkVerdict, Header, Opening, Snapshot
+from syncrep.core.resync_window import RoundDigest
 from syncrep.core.vocab import META_NODE_DIVERGENT, META_SECONDARY_RESYNC
 from syncrep.errors import FailedPrecondition, SyncrepError
 from syncrep.pb import syncrep_pb2 as pb
@@ -95,6 +96,11 @@ GROUP_MAX_BYTES = 8 * 1024 * 1024
 # primary's resync window (primary/resync.py WINDOW_BYTES) bounds the bytes.
 READ_AHEAD_MESSAGES = 256
 HEADER_TIMEOUT_S = 10.0
+
+
+@functools.lru_cache(maxsize=8)
+def _zero_buffer(n: int) -> bytes:
+    return bytes(n)
 
 
 class ResyncState(core.ResyncState):
@@ -329,7 +335,10 @@ class ResyncReceiver:
     ) -> None:
         hd = header(h)
         expected = resume
-        digest = hashlib.sha256()
+        # The round digest over (index, offset, length, crc32c) of each chunk
+        # applied, in order, the same as the primary's (RoundDigest says why
+        # that, with the crc32c check of every chunk below, is enough).
+        digest = RoundDigest()
         bs, size = lv.store.block_size, lv.store.size_bytes
         pending: Any = None
         while True:
@@ -358,19 +367,29 @@ class ResyncReceiver:
             if not msg.HasField("chunk"):
                 continue
             group: list[pb.ResyncChunk] = []
+            # (index, offset, length, crc32c) of each chunk of the group, for
+            # the digest once the group is applied.
+            records: list[tuple[int, int, int, int]] = []
             nbytes = 0
             refused: pb.ResyncChunk | None = None
             m: Any = msg
             while True:
                 c = m.chunk
-                v = core.check_chunk(c.index, c.offset, len(c.data), c.crc32c, google_crc32c.value(c.data),
-                                     expected + len(group), bs, size)
+                data = c.data  # upb copies on every read: once here
+                n = len(data)
+                # lv.store.size_bytes, not the size at the stream's start: an
+                # online resize (issue 13) grows this secondary first. The
+                # crc32c is checked here, before anything is applied: the
+                # digest's records rely on it.
+                v = core.check_chunk(c.index, c.offset, n, c.crc32c, google_crc32c.value(data),
+                                     expected + len(group), bs, max(size, lv.store.size_bytes))
                 if v is ChunkVerdict.REFUSE:
                     refused = c
                     break
                 if v is ChunkVerdict.APPLY:
                     group.append(c)
-                    nbytes += len(c.data)
+                    records.append((c.index, c.offset, n, c.crc32c))
+                    nbytes += n
                 if nbytes >= GROUP_MAX_BYTES or inbox.empty():
                     break
                 m = inbox.get_nowait()
@@ -384,9 +403,8 @@ class ResyncReceiver:
                     await context.abort(grpc.StatusCode.INTERNAL,
                                         f"secondary storage failed applying resync: {storage_error_text(e)}")
                     return
-                for c in group:
-                    digest.update(c.index.to_bytes(8, "little") + c.offset.to_bytes(8, "little"))
-                    digest.update(c.data)
+                for rec in records:
+                    digest.add(*rec)
                 expected += len(group)
                 await context.write(pb.ResyncReply(applied_below=expected))
             if refused is not None:
@@ -404,7 +422,25 @@ class ResyncReceiver:
         lv: LocalVolume, group: list[pb.ResyncChunk], st: core.ResyncState, key: str, applied_below: int
     ) -> core.ResyncState:
         lv.faults.check()
-        lv.store.write_batch([(c.offset, c.data) for c in group])
+        # A chunk of all zeros (a range zeroed or trimmed on the primary, issue
+        # 14) is punched rather than written, so this copy stays as thin as
+        # the primary's (one memcmp per chunk to tell); adjacent ones are one
+        # zero_range (one sync). The chunks of a round never overlap.
+        writes: list[tuple[int, bytes]] = []
+        zeros: list[list[int]] = []  # [offset, length] runs
+        for c in group:
+            data = c.data  # upb copies on every read: once
+            if data and data == _zero_buffer(len(data)):
+                if zeros and zeros[-1][0] + zeros[-1][1] == c.offset:
+                    zeros[-1][1] += len(data)
+                else:
+                    zeros.append([c.offset, len(data)])
+            else:
+                writes.append((c.offset, data))
+        for off, n in zeros:
+            lv.store.zero_range(off, n)
+        if writes:
+            lv.store.write_batch(writes)
         new = st.applied(key, applied_below)
         if new is None:
             return st  # a repair: nothing to persist

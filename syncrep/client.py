@@ -17,12 +17,21 @@
   :func:`node_status`, :func:`inject_fault`.
 * Coordinator helpers (``CoordinatorService``): :func:`create_volume`,
   :func:`get_volume`, :func:`list_volumes`, :func:`wait_for_volume`,
-  :func:`promote`.
+  :func:`promote`, and the per-volume grants of users: :func:`grant`,
+  :func:`revoke`, :func:`list_grants`.
 * :func:`volume_status_dict`: the JSON shape of ``syncrep status --json``.
+* The volume lifecycle (issue 13): :func:`delete_volume`, :func:`resize_volume`.
+* :func:`watch_events` (``CoordinatorService.WatchEvents``), :func:`event_line`
+  and :func:`event_dict`: ``syncrep events`` and its ``--json`` lines. Given
+  several coordinators it streams from the leader and follows a new one.
 
 Every unary call carries a deadline (``DEFAULT_RPC_TIMEOUT_S`` unless the
 caller passes one). Every failure surfaces as :class:`ClientError` (or its
-subclass :class:`WriteError`), carrying the gRPC status code and message.
+subclass :class:`WriteError`), carrying the gRPC status code and message. A
+server that cannot be reached because the TLS handshake failed (a certificate
+from another CA, an expired one, a server whose SANs do not name the address
+dialed) says so: gRPC reports it as UNAVAILABLE with the TLS library's words
+in the details, and :data:`TLS_HINT` is added to the message.
 """
 
 from __future__ import annotations
@@ -33,14 +42,14 @@ import datetime
 import itertools
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any, NoReturn, TypeVar
 
 import grpc
 from grpc import aio
 
 from syncrep import rpc
-from syncrep.core.vocab import MAX_WRITE_BYTES
+from syncrep.core.vocab import MAX_WRITE_BYTES, parse_address_list
 from syncrep.pb import syncrep_pb2 as pb
 from syncrep.pb import syncrep_pb2_grpc as pb_grpc
 
@@ -73,6 +82,10 @@ PROMOTE_TIMEOUT_S = 20.0
 #: Substring of the node's refusal when it is not the volume's primary
 #: (syncrep.node.Node.primary): the write or read was not applied.
 NOT_PRIMARY_HINT = "not its primary"
+#: Added to an UNAVAILABLE error whose details come from the TLS handshake.
+TLS_HINT = "(TLS handshake failed? check --certs-dir, the CA and the server's SANs)"
+#: Words of gRPC's and BoringSSL's handshake failures (lower case).
+_TLS_WORDS = ("ssl", "handshake", "certificate", "peer name", "tls", "alert", "hostname verification")
 
 STATE_NAMES: dict[int, str] = {
     pb.PAIR_STATE_UNSPECIFIED: "unspecified",
@@ -163,19 +176,44 @@ def _not_primary(err: ClientError) -> bool:
     return err.code == grpc.StatusCode.FAILED_PRECONDITION and NOT_PRIMARY_HINT in err.message
 
 
+def tls_failure(details: str) -> bool:
+    """Whether an UNAVAILABLE error's details come from a failed TLS handshake:
+    the TLS library's words (this side refused the server's certificate), or,
+    when this process uses TLS, a connection the server closed before any
+    call ("failed to connect ... Socket closed": how gRPC reports that the
+    server refused this side's certificate: another CA's, an expired one)."""
+    text = (details or "").lower()
+    if any(w in text for w in _TLS_WORDS):
+        return True
+    sec = rpc.security
+    tls_on = sec is not None and not sec.insecure
+    return tls_on and "failed to connect" in text and "socket closed" in text
+
+
 async def _call(what: str, aw: Awaitable[T], *, unreachable: str | None = None) -> T:
     """Await one RPC; turn gRPC failures into :class:`ClientError`.
-    ``unreachable`` replaces ``what`` when the server cannot be reached."""
+    ``unreachable`` replaces ``what`` when the server cannot be reached (and
+    a failed TLS handshake says so, :data:`TLS_HINT`)."""
     try:
         return await aw
     except grpc.RpcError as e:
         err = ClientError.from_rpc(e, what)
         if unreachable and err.code == grpc.StatusCode.UNAVAILABLE:
             err.what = unreachable
+            if tls_failure(err.message) and TLS_HINT not in err.message:
+                err.message = f"{err.message} {TLS_HINT}"
         raise err from None
 
 
 # ---------------------------------------------------------------- the write stream
+
+
+def write_reply_outcomes(reply: pb.WriteReply) -> list[tuple[int, int, str]]:
+    """Every write one ``WriteReply`` answers, as (client_seq, code, message):
+    its ``client_seq`` with its code, then each of ``more_ok_seqs`` (the
+    node's batched OK answers, sent only to a stream that asked for them with
+    ``WriteRequest.batch_replies``) with code 0."""
+    return [(reply.client_seq, reply.code, reply.message), *((s, 0, "") for s in reply.more_ok_seqs)]
 
 
 class _WriteStream:
@@ -185,6 +223,9 @@ class _WriteStream:
         self.primary = primary
         self.on_fail = on_fail
         self.call: Any = stub.Write()
+        # Whether a request asking for batched replies was sent on it yet
+        # (the first one asks; the node batches from that request on).
+        self.asked_batch = False
         self.pending: dict[int, asyncio.Future[None]] = {}
         self.send_lock = asyncio.Lock()
         self.error: WriteError | None = None
@@ -207,13 +248,14 @@ class _WriteStream:
                         details = "the primary closed the write stream"
                     err = WriteError(code, details or "", what=f"write stream to {self.primary}")
                     return
-                fut = self.pending.pop(reply.client_seq, None)
-                if fut is None or fut.done():
-                    continue  # timed out or cancelled by the caller
-                if reply.code == 0:
-                    fut.set_result(None)
-                else:
-                    fut.set_exception(WriteError(reply.code, reply.message))
+                for seq, code, message in write_reply_outcomes(reply):
+                    fut = self.pending.pop(seq, None)
+                    if fut is None or fut.done():
+                        continue  # timed out or cancelled by the caller
+                    if code == 0:
+                        fut.set_result(None)
+                    else:
+                        fut.set_exception(WriteError(code, message))
         except grpc.RpcError as e:
             err = WriteError(
                 e.code() or grpc.StatusCode.UNKNOWN,
@@ -441,6 +483,7 @@ class VolumeClient:
         applied) is re-sent to the primary the coordinator names, for at most
         ``failover_wait_s``.
         """
+        await self.check_range(offset, len(data), "write")
         deadline = time.monotonic() + self.failover_wait_s
         while True:
             try:
@@ -496,6 +539,9 @@ class VolumeClient:
             try:
                 async with stream.send_lock:
                     if stream.error is None:
+                        if not stream.asked_batch:
+                            req.batch_replies = True
+                            stream.asked_batch = True
                         await stream.call.write(req)
                         break
             except (grpc.RpcError, asyncio.InvalidStateError, RuntimeError) as e:
@@ -619,6 +665,37 @@ class VolumeClient:
             raise first_err[0]
         return written
 
+    # ------------------------------------------------------------ range checks (issue 13)
+
+    @property
+    def size_bytes(self) -> int:
+        """The volume's size, when known from the coordinator (else 0)."""
+        return int(self.status.spec.size_bytes) if self.status is not None else 0
+
+    async def check_range(self, offset: int, length: int, what: str) -> None:
+        """Refuse (OUT_OF_RANGE, nothing sent) an I/O that crosses the end of the
+        volume, by the size the coordinator gave (GetVolume). The node refuses it
+        too, but a large write split into several would land in part first.
+        A range past the size known here is checked once more against the
+        coordinator (a resize may have grown the volume since). Without a
+        known size (a client not made by :meth:`connect`) only the node checks."""
+        if offset < 0 or length <= 0 or not self.size_bytes or offset + length <= self.size_bytes:
+            return
+        if self.coordinator:
+            with contextlib.suppress(ClientError):
+                self.status = await get_volume(self.coordinator, self.volume, timeout_s=self.rpc_timeout_s)
+            if offset + length <= self.size_bytes:
+                return
+        size = self.size_bytes
+        text = (
+            f"{what} of {length} bytes at offset {offset} ends at {offset + length}, past the end of volume "
+            f"{self.volume!r} ({size} bytes); refused before sending anything"
+        )
+        if what == "write":
+            raise WriteError(grpc.StatusCode.OUT_OF_RANGE, text, what=f"volume {self.volume}",
+                             offset=offset, length=length)
+        raise ClientError(grpc.StatusCode.OUT_OF_RANGE, text, what=f"volume {self.volume}")
+
     # ------------------------------------------------------------ reads
 
     @property
@@ -636,6 +713,7 @@ class VolumeClient:
         """
         if length <= 0:
             return b""
+        await self.check_range(offset, length, "read")
         bs = self.block_size
         if bs > 1 and (offset % bs or length % bs):
             start = offset - offset % bs
@@ -809,6 +887,167 @@ def _coord_call(coordinator: str, op: str, aw: Awaitable[T]) -> Awaitable[T]:
     return _call(_coord_what(coordinator, op), aw, unreachable=f"cannot reach coordinator {coordinator} ({op})")
 
 
+# ---------------------------------------------------------------- several coordinators (issue 12)
+
+#: How long one call looks for the leading coordinator among those named
+#: (``--coordinator A,B,C``): through redirects, unreachable coordinators
+#: and an election (a new leader is elected within about 2 x its TTL, 5 s).
+LEADER_SEARCH_S = 15.0
+#: Pause after every coordinator known was tried once without an answer.
+LEADER_RETRY_S = 0.25
+#: Trailing metadata of a follower's redirect and of its read answers
+#: (coordinator/service.py's LEADER_METADATA_KEY and ROLE_METADATA_KEY).
+LEADER_METADATA_KEY = "syncrep-leader"
+ROLE_METADATA_KEY = "syncrep-coordinator-role"
+
+
+class CoordinatorSet:
+    """The coordinators one ``--coordinator A,B,C`` names, and which of them
+    leads as last learnt (from an answer, or a follower's redirect)."""
+
+    def __init__(self, addresses: Iterable[str]) -> None:
+        self.addresses = list(addresses)
+        self.leader: str | None = None
+
+    def order(self) -> list[str]:
+        """The known leader first (it may be one no flag named: a redirect), then the others as named."""
+        first = [self.leader] if self.leader else []
+        return first + [a for a in self.addresses if a != self.leader]
+
+
+_COORDINATOR_SETS: dict[str, CoordinatorSet] = {}
+
+
+def coordinator_set(coordinator: str) -> CoordinatorSet:
+    """The (per process, shared) ``CoordinatorSet`` of a ``--coordinator`` value."""
+    cs = _COORDINATOR_SETS.get(coordinator)
+    if cs is None:
+        cs = _COORDINATOR_SETS[coordinator] = CoordinatorSet(parse_address_list(coordinator))
+    return cs
+
+
+def _metadata(md: Any, key: str) -> str | None:
+    for k, v in md or ():
+        if k == key:
+            return v.decode() if isinstance(v, bytes) else str(v)
+    return None
+
+
+def redirect_of(err: grpc.RpcError) -> str | None:
+    """A coordinator's "I do not lead" answer: the leader it names ("" if it
+    knows none), or None when ``err`` is no redirect."""
+    trailing = getattr(err, "trailing_metadata", None)
+    try:
+        md = trailing() if callable(trailing) else None
+    except Exception:
+        md = None
+    return _metadata(md, LEADER_METADATA_KEY)
+
+
+async def _coord_rpc(
+    coordinator: str, op: str, method: str, request: Any, *, timeout_s: float, search_s: float = LEADER_SEARCH_S
+) -> Any:
+    """One CoordinatorService call on the leading coordinator among ``coordinator``
+    ("A" or "A,B,C"). A redirect is followed at once; an unreachable coordinator
+    (or one that knows no leader) makes the call try the next one, and again
+    after LEADER_RETRY_S, for at most ``search_s`` -- only when there is
+    another to try or an election is under way: one SQLite coordinator that
+    cannot be reached fails at once, as before. A read a follower answered
+    (from its copy of the store, without node liveness) is asked of the
+    leader it names, and the follower's answer used only if the leader does
+    not answer -- and when it names none, the other coordinators of the
+    list are asked first (a leader cut from etcd keeps answering from a stale
+    copy: tests/test_etcd_partition.py). Any other refusal is the call's error. NOTE: a mutating call
+    retried after an UNAVAILABLE of unknown outcome may then be refused for
+    what it did (CreateVolume: ALREADY_EXISTS)."""
+    cs = coordinator_set(coordinator)
+    deadline = time.monotonic() + search_s
+    pending = cs.order()
+    tried: set[str] = set()
+    fallback: Any = None
+    last: ClientError | None = None
+    election = False
+    while True:
+        if not pending:
+            if fallback is not None:
+                return fallback
+            assert last is not None
+            if not (election or len(cs.order()) > 1) or time.monotonic() >= deadline:
+                raise last
+            await asyncio.sleep(LEADER_RETRY_S)
+            pending, tried = cs.order(), set()
+            continue
+        address = pending.pop(0)
+        tried.add(address)
+        try:
+            async with rpc.channel(address) as ch:
+                call = getattr(pb_grpc.CoordinatorServiceStub(ch), method)(request, timeout=timeout_s)
+                reply = await call
+                md = await call.trailing_metadata()
+        except grpc.RpcError as e:
+            leader = redirect_of(e)
+            err = ClientError.from_rpc(e, _coord_what(address, op))
+            if err.code == grpc.StatusCode.UNAVAILABLE and leader is None:
+                err.what = f"cannot reach coordinator {address} ({op})"
+                if tls_failure(err.message) and TLS_HINT not in err.message:
+                    err.message = f"{err.message} {TLS_HINT}"
+            last = err
+            if leader:
+                cs.leader = leader
+                if leader not in tried:
+                    pending = [leader] + [a for a in pending if a != leader]
+                election = True
+                continue
+            if leader == "" or err.code == grpc.StatusCode.UNAVAILABLE:
+                election = election or leader == ""
+                if cs.leader == address:
+                    cs.leader = None
+                continue
+            raise err from None
+        leader = _metadata(md, LEADER_METADATA_KEY)
+        if _metadata(md, ROLE_METADATA_KEY) == "follower":
+            # A follower's copy of the store (no node liveness; stale if it is
+            # cut from etcd): used only when no leader answers. Ask the leader
+            # it names first, then every other coordinator of the list.
+            if fallback is None:
+                fallback = reply
+            if cs.leader == address:
+                cs.leader = None
+            if leader and leader != address and leader not in tried:
+                cs.leader = leader
+                pending = [leader] + [a for a in pending if a != leader]
+            continue
+        cs.leader = address
+        return reply
+
+
+async def coordinator_info(
+    coordinator: str, *, timeout_s: float = rpc.DEFAULT_RPC_TIMEOUT_S
+) -> list[dict[str, Any]]:
+    """``CoordinatorService.CoordinatorInfo`` of EVERY coordinator named (no
+    redirect): ``[{address, state: leader|follower|unreachable, leader, store,
+    why_not_leader | error}]``, in the order named (``syncrep status``)."""
+
+    async def one(address: str) -> dict[str, Any]:
+        try:
+            async with rpc.channel(address) as ch:
+                reply = await _coord_call(
+                    address, "CoordinatorInfo",
+                    pb_grpc.CoordinatorServiceStub(ch).CoordinatorInfo(pb.CoordinatorInfoRequest(), timeout=timeout_s),
+                )
+        except ClientError as e:
+            return {"address": address, "state": "unreachable", "error": str(e)}
+        return {
+            "address": address,
+            "state": "leader" if reply.is_leader else "follower",
+            "leader": reply.leader or None,
+            "store": reply.store,
+            "why_not_leader": reply.why_not_leader or None,
+        }
+
+    return list(await asyncio.gather(*(one(a) for a in parse_address_list(coordinator))))
+
+
 async def create_volume(
     coordinator: str,
     name: str,
@@ -836,33 +1075,25 @@ async def create_volume(
         resync_mode=mode,  # type: ignore[arg-type]
         auto_failover=auto_failover,
     )
-    async with rpc.channel(coordinator) as ch:
-        return await _coord_call(
-            coordinator, f"CreateVolume {name!r}",
-            pb_grpc.CoordinatorServiceStub(ch).CreateVolume(req, timeout=timeout_s),
-        )
+    return await _coord_rpc(coordinator, f"CreateVolume {name!r}", "CreateVolume", req, timeout_s=timeout_s)
 
 
 async def get_volume(
     coordinator: str, name: str, *, timeout_s: float = rpc.DEFAULT_RPC_TIMEOUT_S
 ) -> pb.VolumeStatus:
     """``CoordinatorService.GetVolume``: the pair's state and where its primary is."""
-    async with rpc.channel(coordinator) as ch:
-        return await _coord_call(
-            coordinator, f"GetVolume {name!r}",
-            pb_grpc.CoordinatorServiceStub(ch).GetVolume(pb.GetVolumeRequest(name=name), timeout=timeout_s),
-        )
+    return await _coord_rpc(
+        coordinator, f"GetVolume {name!r}", "GetVolume", pb.GetVolumeRequest(name=name), timeout_s=timeout_s
+    )
 
 
 async def list_volumes(
     coordinator: str, *, timeout_s: float = rpc.DEFAULT_RPC_TIMEOUT_S
 ) -> list[pb.VolumeStatus]:
     """``CoordinatorService.ListVolumes``."""
-    async with rpc.channel(coordinator) as ch:
-        reply = await _coord_call(
-            coordinator, "ListVolumes",
-            pb_grpc.CoordinatorServiceStub(ch).ListVolumes(pb.ListVolumesRequest(), timeout=timeout_s),
-        )
+    reply = await _coord_rpc(
+        coordinator, "ListVolumes", "ListVolumes", pb.ListVolumesRequest(), timeout_s=timeout_s
+    )
     return list(reply.volumes)
 
 
@@ -875,11 +1106,9 @@ async def promote(
     primary's lease runs, and, unless ``force``, when the secondary is not
     alive, has no data or is not current (``force`` loses what it lacks)."""
     req = pb.PromoteRequest(volume=volume, force=force)
-    async with rpc.channel(coordinator) as ch:
-        return await _coord_call(
-            coordinator, f"Promote {volume!r}{' --force' if force else ''}",
-            pb_grpc.CoordinatorServiceStub(ch).Promote(req, timeout=timeout_s),
-        )
+    return await _coord_rpc(
+        coordinator, f"Promote {volume!r}{' --force' if force else ''}", "Promote", req, timeout_s=timeout_s
+    )
 
 
 async def switchover(
@@ -893,11 +1122,82 @@ async def switchover(
     long the old primary holds writes at its gate (0: the coordinator's
     default)."""
     req = pb.SwitchoverRequest(volume=volume, handover_timeout_s=handover_timeout_s)
-    async with rpc.channel(coordinator) as ch:
-        return await _coord_call(
-            coordinator, f"Switchover {volume!r}",
-            pb_grpc.CoordinatorServiceStub(ch).Switchover(req, timeout=timeout_s),
-        )
+    return await _coord_rpc(coordinator, f"Switchover {volume!r}", "Switchover", req, timeout_s=timeout_s)
+
+
+async def resolve(
+    coordinator: str, volume: str, *, keep: str, dry_run: bool = False, timeout_s: float = PROMOTE_TIMEOUT_S
+) -> pb.ResolveReply:
+    """``CoordinatorService.Resolve``: end ``volume``'s split brain keeping the
+    data of the replica at ``keep`` (docs/FAILOVER.md section 6). The other
+    replica's writes since the common generation are discarded (kept in a
+    snapshot on its node) and overwritten by a resync of changes only.
+    ``dry_run``: only say what would be discarded."""
+    req = pb.ResolveRequest(volume=volume, keep=keep, dry_run=dry_run)
+    return await _coord_rpc(
+        coordinator, f"Resolve {volume!r} --keep {keep}{' (dry run)' if dry_run else ''}", "Resolve", req, timeout_s=timeout_s
+    )
+
+
+async def grant(
+    coordinator: str, user: str, volume: str, *, read_only: bool = False,
+    timeout_s: float = rpc.DEFAULT_RPC_TIMEOUT_S,
+) -> pb.GrantReply:
+    """``CoordinatorService.Grant``: let ``user`` (a client certificate's CN)
+    read ``volume`` and, unless ``read_only``, write it (admin only). The nodes
+    apply it with their next heartbeat."""
+    req = pb.GrantRequest(user=user, volume=volume, read_only=read_only)
+    return await _coord_rpc(
+        coordinator, f"Grant {user!r} on {volume!r}{' (read-only)' if read_only else ''}", "Grant", req, timeout_s=timeout_s
+    )
+
+
+async def revoke(
+    coordinator: str, user: str, volume: str, *, timeout_s: float = rpc.DEFAULT_RPC_TIMEOUT_S
+) -> pb.RevokeReply:
+    """``CoordinatorService.Revoke``: take ``user``'s grant on ``volume`` away
+    (NOT_FOUND if it had none)."""
+    req = pb.RevokeRequest(user=user, volume=volume)
+    return await _coord_rpc(coordinator, f"Revoke {user!r} on {volume!r}", "Revoke", req, timeout_s=timeout_s)
+
+
+async def list_grants(
+    coordinator: str, volume: str = "", *, timeout_s: float = rpc.DEFAULT_RPC_TIMEOUT_S
+) -> list[pb.Grant]:
+    """``CoordinatorService.ListGrants``: every grant, or ``volume``'s."""
+    reply = await _coord_rpc(
+        coordinator, f"ListGrants{f' {volume!r}' if volume else ''}", "ListGrants", pb.ListGrantsRequest(volume=volume), timeout_s=timeout_s
+    )
+    return list(reply.grants)
+
+
+# ---------------------------------------------------------------- volume lifecycle (issue 13)
+
+
+async def delete_volume(
+    coordinator: str, name: str, *, timeout_s: float = PROMOTE_TIMEOUT_S
+) -> pb.DeleteVolumeReply:
+    """``CoordinatorService.DeleteVolume`` (admin): the pair record and its
+    grants go, then both nodes remove their store (a node that is down keeps
+    it, never served). Irreversible: the CLI asks first. Asked of the leading
+    coordinator among ``coordinator`` ("A,B,C"), as every call here."""
+    return await _coord_rpc(
+        coordinator, f"DeleteVolume {name!r}", "DeleteVolume", pb.DeleteVolumeRequest(name=name),
+        timeout_s=timeout_s,
+    )
+
+
+async def resize_volume(
+    coordinator: str, name: str, size_bytes: int, *, timeout_s: float = PROMOTE_TIMEOUT_S
+) -> pb.ResizeVolumeReply:
+    """``CoordinatorService.ResizeVolume`` (admin): grow the volume online to
+    ``size_bytes`` while in sync (refused otherwise, and when shrinking), on
+    the leading coordinator among ``coordinator`` (idempotent: a retry after
+    an answer lost with a dead leader finds it done)."""
+    return await _coord_rpc(
+        coordinator, f"ResizeVolume {name!r} to {size_bytes} bytes", "ResizeVolume",
+        pb.ResizeVolumeRequest(name=name, size_bytes=size_bytes), timeout_s=timeout_s,
+    )
 
 
 async def wait_for_volume(
@@ -1005,4 +1305,259 @@ def volume_status_dict(st: pb.VolumeStatus) -> dict[str, Any]:
         "auto_failover": bool(st.auto_failover),
         "primary_data_missing": bool(st.primary_data_missing),
         "secondary_data_missing": bool(st.secondary_data_missing),
+        # In split brain: what each side changed since the common generation.
+        "split_brain": (
+            {
+                "common_generation": int(st.common_generation),
+                "primary_changed_bytes": int(st.primary_changed_bytes),
+                "secondary_changed_bytes": int(st.secondary_changed_bytes),
+            }
+            if st.common_generation
+            else None
+        ),
     }
+
+
+# ---------------------------------------------------------------- events (issue 13)
+
+
+#: ``watch_events`` on several coordinators (issue 12): how long it looks for
+#: the (new) leader after the one it streamed from was lost -- an election
+#: takes about 2 x the election TTL (5 s); beyond, the caller hears
+#: UNAVAILABLE (``syncrep events`` then retries with its own backoff).
+EVENTS_LEADER_SEARCH_S = 60.0
+#: The backoff between two looks for the leader (tenacity's exponential
+#: jitter): the first soon, none more than EVENTS_FOLLOW_MAX_S apart.
+EVENTS_FOLLOW_INITIAL_S = 0.2
+EVENTS_FOLLOW_MAX_S = 2.0
+#: How often the coordinator streamed from is asked whether it still leads: a
+#: deposed leader (or a follower) keeps the stream open but publishes nothing
+#: (only the leader carries out changes), so the stream alone cannot tell.
+EVENTS_LEADER_CHECK_S = 1.0
+#: The bound of that question; a coordinator that does not answer it is lost.
+EVENTS_LEADER_CHECK_TIMEOUT_S = 3.0
+#: Codes of a stream that broke with its coordinator (anything else is an answer).
+_LOST_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED,
+               grpc.StatusCode.INTERNAL)
+
+
+class _NoLeader(Exception):
+    """No coordinator of the list leads now (each one's answer in the message)."""
+
+
+class _Lost(Exception):
+    """The coordinator a WatchEvents stream came from died, ended it, or no longer leads."""
+
+
+async def _leader_now(coordinator: str) -> str:
+    """The address of the coordinator of ``coordinator`` (a list) that leads
+    now, asked of every one (CoordinatorInfo); _NoLeader saying what each said."""
+    infos = await coordinator_info(coordinator, timeout_s=EVENTS_LEADER_CHECK_TIMEOUT_S)
+    for info in infos:
+        if info["state"] == "leader":
+            return str(info["address"])
+    said = "; ".join(
+        f"{i['address']}: {i['state']}"
+        + (f" ({' '.join(str(i.get('error') or i.get('why_not_leader') or '').split())})"
+           if i.get("error") or i.get("why_not_leader") else "")
+        for i in infos
+    )
+    raise _NoLeader(f"no coordinator of {coordinator} leads now: {said}")
+
+
+async def _find_leader(coordinator: str, search_s: float) -> str:
+    """``_leader_now``, again with bounded backoff (tenacity) for at most
+    ``search_s``; then ClientError UNAVAILABLE with the last answers."""
+    from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential_jitter
+
+    retrying = AsyncRetrying(
+        stop=stop_after_delay(search_s),
+        wait=wait_exponential_jitter(initial=EVENTS_FOLLOW_INITIAL_S, max=EVENTS_FOLLOW_MAX_S),
+        retry=retry_if_exception_type(_NoLeader),
+        reraise=True,
+    )
+    try:
+        async for attempt in retrying:
+            with attempt:
+                leader = await _leader_now(coordinator)
+    except _NoLeader as e:
+        raise ClientError(grpc.StatusCode.UNAVAILABLE, f"{e} (looked for {search_s:g} s)",
+                          what=f"WatchEvents on coordinators {coordinator}") from None
+    coordinator_set(coordinator).leader = leader
+    return leader
+
+
+async def _stream_events(
+    coordinator: str, volume: str, *, now: bool, timeout_s: float | None, check_leader: bool
+) -> AsyncIterator[pb.Event]:
+    """One WatchEvents stream from ``coordinator`` (one address). Its errors
+    are ClientErrors. ``check_leader``: also ask it every
+    EVENTS_LEADER_CHECK_S whether it still leads; a stream that breaks with
+    its coordinator (``_LOST_CODES``), ends without a "dropped" event, or
+    comes from one that no longer leads raises ``_Lost`` saying which."""
+    what = f"WatchEvents{f' {volume!r}' if volume else ''}{' --now' if now else ''}"
+    async with rpc.channel(coordinator) as ch:
+        stub = pb_grpc.CoordinatorServiceStub(ch)
+        call = stub.WatchEvents(pb.WatchEventsRequest(volume=volume, now=now), timeout=timeout_s)
+        # The stream is read by a task of its own, so that a deposed leader's
+        # silence can be cut short; a bounded queue keeps gRPC's flow control
+        # (a slow reader still falls behind on the coordinator: "dropped").
+        queue: asyncio.Queue[pb.Event | BaseException | None] = asyncio.Queue(maxsize=64)
+        lost: asyncio.Future[_Lost] = asyncio.get_running_loop().create_future()
+
+        async def read() -> None:
+            try:
+                async for ev in call:
+                    await queue.put(ev)
+                await queue.put(None)
+            except grpc.RpcError as e:
+                err = ClientError.from_rpc(e, _coord_what(coordinator, what))
+                if err.code == grpc.StatusCode.UNAVAILABLE:
+                    err.what = f"cannot reach coordinator {coordinator} ({what})"
+                    if tls_failure(err.message) and TLS_HINT not in err.message:
+                        err.message = f"{err.message} {TLS_HINT}"
+                await queue.put(err)
+
+        async def still_leads() -> None:
+            while True:
+                await asyncio.sleep(EVENTS_LEADER_CHECK_S)
+                try:
+                    reply = await _coord_call(
+                        coordinator, "CoordinatorInfo",
+                        stub.CoordinatorInfo(pb.CoordinatorInfoRequest(), timeout=EVENTS_LEADER_CHECK_TIMEOUT_S),
+                    )
+                except ClientError as e:
+                    lost.set_result(_Lost(f"it does not answer whether it leads: {e}"))
+                    return
+                if not reply.is_leader:
+                    why = " ".join((reply.why_not_leader or "").split())
+                    lost.set_result(_Lost(f"it no longer leads{f': {why}' if why else ''}"
+                                          f"{f'; it names {reply.leader}' if reply.leader else ''}"))
+                    return
+
+        tasks = [asyncio.ensure_future(read())]
+        if check_leader:
+            tasks.append(asyncio.ensure_future(still_leads()))
+        dropped = False
+        try:
+            while True:
+                get = asyncio.ensure_future(queue.get())
+                waiters: set[asyncio.Future[Any]] = {get, lost}
+                await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+                if not get.done():
+                    get.cancel()
+                    raise lost.result()
+                item = get.result()
+                if isinstance(item, pb.Event):
+                    dropped = item.kind == "dropped"
+                    yield item
+                    continue
+                if item is None:
+                    if check_leader and not dropped and not now:
+                        raise _Lost("it ended the event stream")
+                    return
+                if check_leader and isinstance(item, ClientError) and item.code in _LOST_CODES:
+                    raise _Lost(" ".join(str(item).split()))
+                raise item
+        finally:
+            for t in tasks:
+                t.cancel()
+            call.cancel()
+            for t in tasks:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await t
+
+
+async def watch_events(
+    coordinator: str,
+    volume: str = "",
+    *,
+    now: bool = False,
+    timeout_s: float | None = None,
+    on_follow: Callable[[str], object] | None = None,
+    search_s: float = EVENTS_LEADER_SEARCH_S,
+) -> AsyncIterator[pb.Event]:
+    """``CoordinatorService.WatchEvents``: the current state of every volume
+    (or ``volume``'s), then, unless ``now``, every change until the caller
+    stops iterating, the coordinator goes away (:class:`ClientError`
+    UNAVAILABLE) or this subscriber falls behind (a last event of kind
+    "dropped", then the end). ``timeout_s`` bounds the whole call (default:
+    none when following, ``DEFAULT_RPC_TIMEOUT_S`` with ``now``).
+
+    Several coordinators (``"A,B,C"``, issue 12): the events come from the
+    leader -- a follower answers WatchEvents with its copy's current state
+    and then nothing, since only the leader carries out (and publishes)
+    changes. When the leader streamed from dies, ends the stream or no longer
+    leads (asked every EVENTS_LEADER_CHECK_S), the new leader is looked for
+    with bounded backoff (at most ``search_s``, then ClientError
+    UNAVAILABLE), ``on_follow`` is given one line saying so (default: a
+    WARNING log line), and the stream goes on from it, starting again with
+    the current state of every volume (what changed meanwhile shows there)."""
+    if timeout_s is None and now:
+        timeout_s = rpc.DEFAULT_RPC_TIMEOUT_S
+    if len(parse_address_list(coordinator)) < 2:
+        async for ev in _stream_events(coordinator, volume, now=now, timeout_s=timeout_s, check_leader=False):
+            yield ev
+        return
+    say = on_follow or (lambda line: log.warning("%s", line))
+    if now:  # one answer wanted: no longer than any other command looks for the leader
+        search_s = min(search_s, LEADER_SEARCH_S)
+    address = await _find_leader(coordinator, search_s)
+    while True:
+        try:
+            async for ev in _stream_events(address, volume, now=now, timeout_s=timeout_s, check_leader=not now):
+                yield ev
+            return
+        except _Lost as e:
+            why = str(e)
+        leader = await _find_leader(coordinator, search_s)
+        say(f"events: coordinator {address} lost ({why}); following the leader {leader}")
+        address = leader
+
+
+def event_time_text(ts: float) -> str:
+    """An event's time as ISO 8601 with the local timezone's offset, to the millisecond."""
+    return datetime.datetime.fromtimestamp(ts).astimezone().isoformat(timespec="milliseconds")
+
+
+def _progress_dict(p: pb.ResyncProgress) -> dict[str, Any]:
+    return {
+        "bytes_done": int(p.bytes_done),
+        "bytes_total": int(p.bytes_total),
+        "rate_bytes_per_s": float(p.rate_bytes_per_s),
+        "eta_s": float(p.eta_s),
+        "round": int(p.round),
+    }
+
+
+def event_dict(ev: pb.Event) -> dict[str, Any]:
+    """The JSON shape of one ``syncrep events --json`` line."""
+    return {
+        "time": event_time_text(ev.time_unix_s),
+        "time_unix_s": float(ev.time_unix_s),
+        "volume": ev.volume,
+        "epoch": int(ev.epoch),
+        "kind": ev.kind,
+        "old": ev.old,
+        "new": ev.new,
+        "message": ev.message,
+        "primary": ev.primary,
+        "secondary": ev.secondary,
+        "progress": _progress_dict(ev.progress) if ev.HasField("progress") else None,
+        "seq": int(ev.seq),
+    }
+
+
+def event_line(ev: pb.Event) -> str:
+    """One ``syncrep events`` line: time (with timezone), volume, epoch, kind,
+    old -> new, and the message."""
+    if ev.old and ev.new and ev.old != ev.new:
+        change = f" {ev.old} -> {ev.new}"
+    elif ev.new or ev.old:
+        change = f" {ev.new or ev.old}"
+    else:
+        change = ""
+    message = " ".join(ev.message.split())
+    return f"{event_time_text(ev.time_unix_s)} {ev.volume or '-'} epoch {ev.epoch} {ev.kind}{change}" + (
+        f": {message}" if message else ""
+    )

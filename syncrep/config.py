@@ -60,3 +60,7 @@ class NodeOptions:
     # primary, read-only on the secondary); "VOLUME@SNAPSHOT" is a read-only
     # snapshot. See syncrep/nbd.
     nbd_listen: str = ""
+    # Prometheus metrics ("" = off): "HOST:PORT" serves GET /metrics (plain
+    # HTTP, no authentication: a management network or loopback). See
+    # syncrep/metrics.py.
+    metrics_listen: str = ""

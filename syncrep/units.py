@@ -44,3 +44,29 @@ def format_size(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n} B"  # unreachable
+
+
+#: The decimal suffixes and the binary one a person usually means by them.
+_DECIMAL_TO_BINARY = {"kb": "KiB", "mb": "MiB", "gb": "GiB", "tb": "TiB"}
+
+
+def parse_volume_size(text: str) -> int:
+    """A volume's size (``volume create --size``, ``volume resize --size``):
+    like :func:`parse_size`, but a decimal suffix (KB, MB, GB, TB: powers of
+    1000) is refused with a hint, because ``10GB`` usually means ``10GiB``
+    (issue 13). Refusing is the safer choice: a volume made 7% smaller than
+    meant cannot be shrunk back and regrown without a new volume, and a decimal
+    size is rarely a multiple of the block size anyway. Whoever really wants
+    the decimal size passes it in bytes (``10000000000``)."""
+    n = parse_size(text)
+    m = _RE.match(str(text))
+    assert m is not None  # parse_size accepted it
+    number, suffix = m.group(1), m.group(2).lower()
+    if suffix in _DECIMAL_TO_BINARY:
+        binary = _DECIMAL_TO_BINARY[suffix]
+        raise ValueError(
+            f"size {text!r} uses a decimal unit ({m.group(2)} = 1000^{list(_DECIMAL_TO_BINARY).index(suffix) + 1} "
+            f"bytes: {n} bytes); you probably mean {number}{binary} ({int(number) * _SUFFIX[binary.lower()]} bytes). "
+            f"Pass {number}{binary}, or the exact number of bytes ({n}) if you really mean the decimal size"
+        )
+    return n

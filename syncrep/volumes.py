@@ -14,6 +14,7 @@ import logging
 import os
 import re
 import secrets
+import shutil
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -35,6 +36,7 @@ from syncrep.core.vocab import (
 )
 from syncrep.errors import FailedPrecondition, InvalidArgument, NotFound
 from syncrep.pb import syncrep_pb2 as pb
+from syncrep.units import format_size
 
 log = logging.getLogger(__name__)
 
@@ -181,6 +183,8 @@ class LocalVolume:
 #: Where a rebuild moves an unrelated store or foreign folder (never deleted),
 #: under the registry's root. Skipped when the volumes are listed.
 SET_ASIDE_DIR = ".set-aside"
+#: Where a deleted volume's folder is renamed to just before it is removed (issue 13).
+DELETING_DIR = ".deleting"
 #: A volume that has no data here is logged at ERROR at most this often.
 MISSING_LOG_INTERVAL_S = 30.0
 
@@ -232,10 +236,14 @@ class VolumeRegistry:
         self.volumes: dict[str, LocalVolume] = {}
         # Assigned here but without data of the pair (see MissingVolume).
         self.missing: dict[str, MissingVolume] = {}
+        # Stores on disk that no pair of the coordinator claims (issue 13:
+        # deleted while this node was down): name -> path. Kept, never served.
+        self.unclaimed: dict[str, Path] = {}
 
     def open_existing(self) -> list[LocalVolume]:
         for d in sorted(self.root.iterdir()):
-            if d.name == SET_ASIDE_DIR or not d.is_dir() or not BlockStore.exists(d):
+            # Dot folders (.set-aside, .deleting) hold no volume: a name starts alphanumeric.
+            if d.name.startswith(".") or not d.is_dir() or not BlockStore.exists(d):
                 continue
             try:
                 lv = self._open(d)
@@ -487,14 +495,87 @@ class VolumeRegistry:
     @staticmethod
     def _check_spec(lv: LocalVolume, a: pb.VolumeAssignment) -> None:
         bs = a.spec.block_size or 4096
-        if lv.store.size_bytes != a.spec.size_bytes or lv.store.block_size != bs:
+        # A store larger than the assignment says grew in a resize whose
+        # record the coordinator has not updated yet (issue 13: both nodes
+        # grow first, then the pair's size is saved): it is the same volume.
+        if lv.store.size_bytes < a.spec.size_bytes or lv.store.block_size != bs:
             raise FailedPrecondition(
                 f"volume {lv.name!r} on this node is {lv.store.size_bytes} bytes with "
                 f"{lv.store.block_size}-byte blocks, but the assignment says {a.spec.size_bytes} bytes "
                 f"with {bs}-byte blocks"
             )
 
+    # ------------------------------------------------------------ lifecycle (issue 13)
+
+    def delete(self, name: str) -> Path | None:
+        """Close volume ``name`` and remove its store directory (the caller
+        stopped serving it). The folder is first renamed into ``.deleting/``
+        (one atomic step: a crash midway never leaves a half-removed store
+        under the volume's name), then removed. Returns the removed path (None:
+        no store here). Runs off the event loop."""
+        self.missing.pop(name, None)
+        self.unclaimed.pop(name, None)
+        lv = self.volumes.pop(name, None)
+        if lv is not None:
+            lv.close()
+        path = self.root / name
+        if not path.exists():
+            return None
+        trash = self.root / DELETING_DIR
+        trash.mkdir(exist_ok=True)
+        dest = trash / f"{name}-{time.time_ns()}"
+        os.rename(path, dest)
+        shutil.rmtree(dest)
+        return path
+
+    def set_unclaimed(self, claimed: set[str]) -> list[str]:
+        """At registration: the stores on disk that no pair of the coordinator
+        claims (deleted while this node was down, or never this coordinator's)
+        are closed, KEPT on disk and never served (not reported, not exported,
+        no stream accepted); each is logged at WARNING once per process. They
+        are not moved: a coordinator that restarted from an older state may
+        claim them again (an assignment opens them as before), and a moved
+        store would then look missing and be rebuilt by a full copy. Returns
+        the newly unclaimed names."""
+        new: list[str] = []
+        for name in [n for n in self.volumes if n not in claimed]:
+            lv = self.volumes.pop(name)
+            lv.close()
+            self.unclaimed[name] = self.root / name
+            new.append(name)
+            log.warning(
+                "volume %s: no volume pair on the coordinator claims the store at %s (deleted while this node "
+                "was down?); it is kept and not served. Remove it by hand once you are sure (rm -r %s), or "
+                "create the volume again under another name",
+                name, self.root / name, self.root / name,
+            )
+        for name in [n for n in self.unclaimed if n in claimed]:
+            del self.unclaimed[name]
+            log.info("volume %s is claimed by a pair again; served as assigned", name)
+        return new
+
     def close(self) -> None:
         for lv in self.volumes.values():
             lv.close()
         self.volumes.clear()
+
+
+def free_space(path: Path) -> int:
+    """Bytes free for an unprivileged writer in the file system of ``path`` (statvfs)."""
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
+
+
+def thin_warning(name: str, size_bytes: int, path: Path, node: str) -> tuple[int, str]:
+    """(free bytes, a warning or ""): a thin volume larger than the free space
+    of its node's data directory is allowed (issue 13), but its writes fail
+    with ENOSPC once the disk fills, so the operator hears how much is free."""
+    free = free_space(path)
+    if size_bytes <= free:
+        return free, ""
+    return free, (
+        f"volume {name!r} is {size_bytes} bytes ({format_size(size_bytes)}), more than the {free} bytes "
+        f"({format_size(free)}) free in {path} on {node}: allowed (volumes are thin), but writes fail with "
+        "ENOSPC once that disk fills"
+    )
+

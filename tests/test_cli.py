@@ -65,8 +65,22 @@ COMMANDS: list[list[str]] = [
 ]
 
 
+#: The commands that need --certs-dir or --insecure (the fakes here are plaintext).
+SECURED = {"coordinator", "primary", "secondary", "volume", "status", "read", "write", "verify", "promote",
+           "switchover", "resolve"}
+
+
+def _insecure(args: tuple[str, ...]) -> tuple[str, ...]:
+    """``args`` with --insecure added for a secured command that names no security (the fake servers
+    of this module are plaintext; tests of the security flags pass their own)."""
+    if SECURED & set(args) and not {"--insecure", "--certs-dir", "--no-security-flag"} & set(args):
+        return (*args, "--insecure")
+    return tuple(a for a in args if a != "--no-security-flag")
+
+
 def run_cli(*args: str, stdin: bytes | None = None, timeout: float = 30.0) -> subprocess.CompletedProcess[bytes]:
     """``python -m syncrep ARGS`` in a subprocess."""
+    args = _insecure(args)
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(x for x in (str(REPO), env.get("PYTHONPATH", "")) if x)
     return subprocess.run(
@@ -81,6 +95,7 @@ def run_cli(*args: str, stdin: bytes | None = None, timeout: float = 30.0) -> su
 
 async def arun_cli(*args: str, stdin: bytes | None = None, limit_s: float = 30.0) -> tuple[int, bytes, bytes]:
     """Like run_cli, without blocking the event loop (fake servers keep serving)."""
+    args = _insecure(args)
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(x for x in (str(REPO), env.get("PYTHONPATH", "")) if x)
     proc = await asyncio.create_subprocess_exec(
@@ -102,7 +117,8 @@ async def arun_cli(*args: str, stdin: bytes | None = None, limit_s: float = 30.0
 
 
 def one_error_line(stderr: str) -> str:
-    lines = [ln for ln in stderr.splitlines() if ln.strip()]
+    # A server process run with --insecure warns at start (a log line) before any error.
+    lines = [ln for ln in stderr.splitlines() if ln.strip() and "running in PLAINTEXT (--insecure)" not in ln]
     assert len(lines) == 1, f"expected one line on stderr, got: {stderr!r}"
     assert lines[0].startswith("syncrep: error: "), lines[0]
     assert "Traceback" not in stderr
@@ -271,7 +287,7 @@ def test_bad_arguments_one_line(argv: list[str], needle: str, capsys: pytest.Cap
 def test_unusable_advertise_address_rejected(
     argv: list[str], needle: str, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
-    argv = [str(tmp_path / "d") if a == "d" else a for a in argv]
+    argv = [str(tmp_path / "d") if a == "d" else a for a in argv] + ["--insecure"]
     assert cli.main(argv) == 1
     assert needle in one_error_line(capsys.readouterr().err)
     assert not (tmp_path / "d").exists(), "nothing is started or created for a rejected address"
@@ -303,7 +319,8 @@ def test_unreachable_coordinator_one_line_fast(argv: list[str]) -> None:
 
 
 def test_write_missing_input_file_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    rc = cli.main(["write", "v", "--offset", "0", "--coordinator", "127.0.0.1:1", "--input", str(tmp_path / "nope")])
+    rc = cli.main(["write", "v", "--offset", "0", "--coordinator", "127.0.0.1:1", "--input", str(tmp_path / "nope"),
+                   "--insecure"])
     assert rc == 1
     assert "cannot open --input" in one_error_line(capsys.readouterr().err)
 
@@ -853,3 +870,56 @@ async def test_client_not_primary_without_new_primary_fails_within_bound(fake: F
         assert exc.value.code == grpc.StatusCode.FAILED_PRECONDITION
         assert "named no other primary within 0.6 s" in exc.value.message
         assert time.monotonic() - t0 < 5
+
+
+# ---------------------------------------------------------------- security flags (docs/SECURITY.md)
+
+
+@pytest.mark.parametrize("cmd", [["status", "--coordinator", "127.0.0.1:1"],
+                                 ["primary", "--listen", "127.0.0.1:7001", "--data-dir", "d",
+                                  "--coordinator", "127.0.0.1:7000"],
+                                 ["coordinator", "--listen", "127.0.0.1:7000", "--data-dir", "d"]])
+def test_neither_certs_dir_nor_insecure_refuses_to_start_and_says_how(cmd: list[str], tmp_path: Path) -> None:
+    env_before = os.environ.pop("SYNCREP_CERTS_DIR", None)
+    try:
+        r = run_cli(*[str(tmp_path / "d") if a == "d" else a for a in cmd], "--no-security-flag")
+    finally:
+        if env_before is not None:
+            os.environ["SYNCREP_CERTS_DIR"] = env_before
+    assert r.returncode == 1
+    line = one_error_line(r.stderr.decode())
+    assert "--certs-dir" in line and "--insecure" in line and "syncrep cert create-ca" in line, line
+    assert not (tmp_path / "d").exists(), "a refused process created its data dir"
+
+
+def test_insecure_warns_at_start_and_excludes_certs_dir(tmp_path: Path) -> None:
+    r = run_cli("primary", "--listen", "0.0.0.0:7001", "--data-dir", str(tmp_path / "d"), "--coordinator",
+                "127.0.0.1:7000", "--insecure")
+    assert "running in PLAINTEXT (--insecure)" in r.stderr.decode(), r.stderr
+    r = run_cli("status", "--coordinator", "127.0.0.1:1", "--insecure", "--certs-dir", str(tmp_path))
+    assert r.returncode == 1 and "exclude each other" in one_error_line(r.stderr.decode())
+
+
+def test_certs_dir_without_the_files_names_the_missing_file_and_the_command(tmp_path: Path) -> None:
+    r = run_cli("status", "--coordinator", "127.0.0.1:1", "--certs-dir", str(tmp_path), "--user", "alice")
+    line = one_error_line(r.stderr.decode())
+    assert r.returncode == 1 and "ca.crt" in line and "syncrep cert" in line, line
+
+
+def test_cert_commands_make_a_ca_node_and_client_and_security_flags_follow_the_subcommand(tmp_path: Path) -> None:
+    d, key = tmp_path / "certs", tmp_path / "ca.key"
+    for args in (["cert", "create-ca", "--certs-dir", str(d), "--ca-key", str(key)],
+                 ["cert", "create-node", "127.0.0.1", "localhost", "--certs-dir", str(d), "--ca-key", str(key)],
+                 ["cert", "create-client", "admin", "--certs-dir", str(d), "--ca-key", str(key)]):
+        r = run_cli(*args)
+        assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in d.iterdir()) == ["ca.crt", "client.admin.crt", "client.admin.key", "node.crt",
+                                                   "node.key"]
+    assert (d / "node.key").stat().st_mode & 0o777 == 0o600
+    # The certificates load: the command gets as far as dialing (nothing listens there).
+    r = run_cli("status", "--coordinator", "127.0.0.1:1", "--certs-dir", str(d))
+    assert r.returncode == 1 and "cannot reach coordinator" in one_error_line(r.stderr.decode())
+    # A key others can read is refused, as ssh does.
+    (d / "client.admin.key").chmod(0o644)
+    r = run_cli("status", "--coordinator", "127.0.0.1:1", "--certs-dir", str(d))
+    assert r.returncode == 1 and "chmod 600" in one_error_line(r.stderr.decode())

@@ -10,8 +10,10 @@ import pytest
 
 from coordinator.db import (
     DB_FILENAME,
+    SCHEMA_VERSION,
     CoordinatorDB,
     DBError,
+    GrantRecord,
     PairExists,
     PairRecord,
     ProgressRecord,
@@ -300,7 +302,7 @@ def test_migration_from_v1_keeps_pairs_extents_and_events(path: Path) -> None:
         assert [e.reason for e in db.events("vol1")] == ["created"]
         assert db._conn.execute("PRAGMA foreign_keys").fetchone()[0] == 1
         row = db._conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-        assert row[0] == "2"
+        assert row[0] == str(SCHEMA_VERSION)
         # The rebuilt table accepts split_brain (v1's CHECK did not).
         db.save_pair(replace(got, state=PairState.SPLIT_BRAIN), StateChange(got.state, "split brain"))
     with CoordinatorDB(path) as db:
@@ -345,8 +347,83 @@ def test_failover_fields_persist(path: Path) -> None:
 def test_newer_schema_refused(path: Path) -> None:
     CoordinatorDB(path).close()
     conn = sqlite3.connect(path)
-    conn.execute("UPDATE meta SET value = '3' WHERE key = 'schema_version'")
+    conn.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION + 1),))
     conn.commit()
     conn.close()
-    with pytest.raises(DBError, match=r"schema version 3.*newer coordinator"):
+    with pytest.raises(DBError, match=rf"schema version {SCHEMA_VERSION + 1}.*newer coordinator"):
         CoordinatorDB(path)
+
+
+# ---------------------------------------------------------------- grants (schema version 3, issue 11)
+
+
+def _v2_file(path: Path) -> None:
+    """A version 2 database: what the coordinator before grants wrote (its
+    schema is version 3's without the grants table)."""
+    with CoordinatorDB(path) as db:
+        db.create_pair(_pair(), "created")
+    conn = sqlite3.connect(path)
+    conn.execute("DROP TABLE grants")
+    conn.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
+    conn.commit()
+    conn.close()
+
+
+def test_migration_from_v2_adds_an_empty_grants_table(path: Path) -> None:
+    _v2_file(path)
+    with CoordinatorDB(path) as db:
+        row = db._conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        assert row[0] == "3"
+        assert db.list_grants() == []
+        assert db.get_pair("vol1") is not None
+        db.set_grant("vol1", "alice", True, at=5.0)
+    with CoordinatorDB(path) as db:
+        assert db.list_grants() == [GrantRecord("vol1", "alice", True, 5.0)]
+
+
+def test_migration_from_v1_has_grants(path: Path) -> None:
+    _v1_file(path)
+    with CoordinatorDB(path) as db:
+        db.set_grant("vol1", "bob", False, at=1.0)
+        assert db.list_grants("vol1") == [GrantRecord("vol1", "bob", False, 1.0)]
+
+
+def test_grants_persist_replace_and_revoke(path: Path) -> None:
+    with CoordinatorDB(path) as db:
+        db.create_pair(_pair("a"), "a")
+        db.create_pair(_pair("b"), "b")
+        assert db.set_grant("b", "alice", False, at=1.0) is None
+        assert db.set_grant("a", "carol", True, at=2.0) is None
+        assert db.set_grant("a", "alice", True, at=3.0) is None
+        # A second grant replaces the first and returns it.
+        assert db.set_grant("a", "alice", False, at=4.0) == GrantRecord("a", "alice", True, 3.0)
+    with CoordinatorDB(path) as db:
+        assert db.list_grants() == [
+            GrantRecord("a", "alice", False, 4.0),
+            GrantRecord("a", "carol", True, 2.0),
+            GrantRecord("b", "alice", False, 1.0),
+        ]
+        assert [g.user for g in db.list_grants("a")] == ["alice", "carol"]
+        assert db.delete_grant("a", "carol") == GrantRecord("a", "carol", True, 2.0)
+        assert db.delete_grant("a", "carol") is None
+    with CoordinatorDB(path) as db:
+        assert [(g.volume, g.user) for g in db.list_grants()] == [("a", "alice"), ("b", "alice")]
+
+
+def test_grant_on_unknown_volume_refused(path: Path) -> None:
+    """Fault: a grant for a volume that does not exist."""
+    with CoordinatorDB(path) as db, pytest.raises(KeyError, match="'nope' does not exist"):
+        db.set_grant("nope", "alice", False)
+    with CoordinatorDB(path) as db:
+        assert db.list_grants() == []
+
+
+def test_deleting_a_pair_drops_its_grants(path: Path) -> None:
+    with CoordinatorDB(path) as db:
+        db.create_pair(_pair("a"), "a")
+        db.create_pair(_pair("b"), "b")
+        db.set_grant("a", "alice", False)
+        db.set_grant("b", "alice", False)
+        assert db.delete_pair("a", "rolled back")
+        db.create_pair(_pair("a"), "created again")
+        assert [(g.volume, g.user) for g in db.list_grants()] == [("b", "alice")]

@@ -1435,3 +1435,121 @@ def test_handover_refusal(kw: dict[str, Any], fragment: str) -> None:
     state = args.pop("state")
     got = handover_refusal(state, **args)
     assert (fragment in got) if fragment else got == "", got
+
+
+# ---------------------------------------------------------------- Resolve (docs/FAILOVER.md section 6)
+
+#: Split brain: the primary (force-promoted) moved on to G2, the secondary (the
+#: old primary, demoted) to G1; both from G0. The secondary's writes alone are
+#: its divergent extents.
+SB_PRIMARY = Identity(UUID, G2, (G0,))
+SB_SECONDARY = Identity(UUID, G1, (G0,))
+SB_DIVERGENT = ((8 * MiB, MiB), (32 * MiB, 4096))
+SB_REPORTS = both(
+    hb(S_.DEGRADED, 3, identity=SB_PRIMARY, role="primary", out_of_sync_bytes=3 * MiB),
+    sec(SB_SECONDARY, 3, divergent_extents=SB_DIVERGENT),
+)
+
+
+def sb_pair(**kw: Any) -> PairRecord:
+    kw.setdefault("last_error", "split brain: ...")
+    return pair(S_.SPLIT_BRAIN, 3, generation=G2, secondary_generation=G1, **kw)
+
+
+def resolve(p: PairRecord, keep: str, reports: dict[tuple[str, str], Report] | None = None,
+            heard: dict[str, float] | None = None) -> Problem | driver.ResolvePlan:
+    return driver.plan_resolve(p, Liveness(BOTH if heard is None else heard, 0.0),
+                               SB_REPORTS if reports is None else reports, NOW, keep, policy=POLICY)
+
+
+RESOLVE_REFUSALS: dict[str, tuple[PairRecord, str, dict[str, Any], Code, list[str]]] = {
+    "not split-brained": (pair(S_.DEGRADED, 3), P, {}, Code.FAILED_PRECONDITION, ["is degraded at epoch 3",
+                                                                                   "nothing to resolve"]),
+    "keep names no node of the pair": (sb_pair(), "10.9.9.9:1", {}, Code.INVALID_ARGUMENT,
+                                       ["neither of its nodes", P, S]),
+    "the secondary is silent": (sb_pair(), P, {"heard": {P: NOW}}, Code.FAILED_PRECONDITION,
+                                [f"secondary {S} is not alive", "needs both nodes"]),
+    "the primary has not reported": (sb_pair(), S, {"reports": {(S, VOL): SB_REPORTS[(S, VOL)]}},
+                                     Code.FAILED_PRECONDITION, [f"primary {P} has not reported data"]),
+    "the secondary reports an older epoch": (
+        sb_pair(), P, {"reports": both(SB_REPORTS[(P, VOL)], sec(SB_SECONDARY, 2))},
+        Code.FAILED_PRECONDITION, [f"secondary {S} reports epoch 2", "not applied its assignment"]),
+    "the identities no longer diverge": (
+        sb_pair(), P, {"reports": both(SB_REPORTS[(P, VOL)], sec(SID, 3))},
+        Code.FAILED_PRECONDITION, ["are not split-brained now (local_newer)"]),
+}
+
+
+@pytest.mark.parametrize("name", list(RESOLVE_REFUSALS))
+def test_resolve_refusals_say_why_and_change_nothing(name: str) -> None:
+    p, keep, kw, code, fragments = RESOLVE_REFUSALS[name]
+    got = resolve(p, keep, **kw)
+    assert isinstance(got, Problem) and got.code is code, got
+    for f in fragments:
+        assert f in got.message, got.message
+
+
+def test_resolve_keeping_the_primary_reverts_the_secondary_and_resyncs_its_divergent_extents() -> None:
+    got = resolve(sb_pair(), P)
+    assert isinstance(got, driver.ResolvePlan)
+    # Persist, then the discarded secondary first (its answer gives the exact extents), then the primary.
+    assert shorts(got.commands) == [("change", "split_brain->degraded", 4), ("push", S), ("push", P)]
+    change = got.commands[0]
+    assert isinstance(change, ChangePair) and change.event is PairEvent.RESOLVED
+    assert (change.primary, change.secondary) == (None, None)  # the roles stay
+    assert change.revert_generation == G0 and change.secondary_generation == G0
+    divergent = tuple(Extent(o, n) for o, n in SB_DIVERGENT)
+    assert set(divergent) <= set(change.failed_extents or ()) and set(FAILED) <= set(change.failed_extents or ())
+    assert (got.kept, got.discarded, got.common, got.exact, got.hold) == (P, S, G0, True, "")
+    assert got.discarded_extents == divergent and got.kept_changed_bytes == 3 * MiB
+    assert got.snapshot == driver.discard_snapshot_name(4, G1) == f"split-brain-discarded-e4-{G1:016x}"
+
+
+def test_resolve_keeping_the_secondary_promotes_it_and_holds_it_until_the_old_primary_is_fenced() -> None:
+    got = resolve(sb_pair(), S)
+    assert isinstance(got, driver.ResolvePlan)
+    assert shorts(got.commands) == [("change", "split_brain->degraded", 4), ("clear",), ("push", P), ("push", S)]
+    change = got.commands[0]
+    assert isinstance(change, ChangePair) and change.event is PairEvent.RESOLVED
+    assert (change.primary, change.secondary) == (S, P)
+    assert (change.generation, change.secondary_generation, change.revert_generation) == (G1, G0, G0)
+    assert change.fault_snapshot_id == 0
+    # The kept side's own writes since G0 are what the old primary lacks.
+    assert set(Extent(o, n) for o, n in SB_DIVERGENT) <= set(change.failed_extents or ())
+    assert (got.kept, got.discarded, got.primary, got.secondary, got.hold) == (S, P, S, P, S)
+    # A primary may write until it is fenced: what it loses is known after.
+    assert not got.exact and got.discarded_extents == () and got.discarded_bytes_estimate == 3 * MiB
+
+
+def test_resolve_merge_adds_the_discarded_extents_once() -> None:
+    p = pair(S_.DEGRADED, 4)
+    cmds = driver.resolve_merge_discarded(p, [(16 * MiB, 8192)], "why", now=NOW, policy=POLICY)
+    assert shorts(cmds) == [("change", "degraded->degraded", 4)]
+    change = cmds[0]
+    assert isinstance(change, ChangePair) and Extent(16 * MiB, 8192) in (change.failed_extents or ())
+    merged = replace(p, failed_extents=change.failed_extents or ())
+    assert driver.resolve_merge_discarded(merged, [(16 * MiB, 8192)], "why", now=NOW, policy=POLICY) == []
+    # Out of range extents are ignored, not trusted.
+    assert driver.resolve_merge_discarded(p, [(128 * MiB, 4096)], "why", now=NOW, policy=POLICY) == []
+
+
+def test_split_brain_figures_from_the_reports() -> None:
+    assert driver.split_brain_figures(sb_pair(), SB_REPORTS) == (3 * MiB, MiB + 4096, G0)
+    assert driver.split_brain_figures(sb_pair(), both(SB_REPORTS[(P, VOL)], sec(SID, 3))) is None
+
+
+def test_stale_in_sync_report_after_a_newer_generation_is_refused() -> None:
+    """Simulator seed 1115: an in-sync report retried while the coordinator was away lands after the
+    primary's later degraded report (which told the coordinator its new generation G2): it must not
+    mark the pair in sync."""
+    p = pair(S_.RESYNCING, 4, generation=G2)
+    stale = rr(pb.PAIR_STATE_IN_SYNC, 4, identity=Identity(UUID, G1, (G0,)))
+    got = driver.on_report(p, stale, resync_started=True, secondary_alive=True, backoff=Backoff(), now=NOW,
+                           policy=POLICY)
+    assert isinstance(got, Problem) and got.code is Code.FAILED_PRECONDITION, got
+    assert "stale in-sync report" in got.message
+    # The same report at the generation the coordinator knows (or a newer one) is taken.
+    fresh = rr(pb.PAIR_STATE_IN_SYNC, 4, identity=Identity(UUID, G2, (G0, G1)))
+    cmds = driver.on_report(p, fresh, resync_started=True, secondary_alive=True, backoff=Backoff(), now=NOW,
+                            policy=POLICY)
+    assert isinstance(cmds, list) and shorts(cmds)[0] == ("change", "resyncing->in_sync", 4)

@@ -337,6 +337,9 @@ async def scenario(net_json: dict[str, Any], workdir: Path, promotion: str, grpc
         workdir, hosts=net.hosts, coordinator_args=COORDINATOR_ARGS,
         primary_args=["--nbd-listen", f"{net.address('primary')}:{NBD_PORT}", *NODE_ARGS],
         secondary_args=["--nbd-listen", f"{net.address('secondary')}:{NBD_PORT}", *NODE_ARGS],
+        # Plaintext (--insecure): the scenario's NBD client speaks nbd://; TLS on the
+        # export is covered by tests/test_nbd_tls.py and tests/test_security_e2e.py.
+        tls=False,
     )
     async with c:
         await c.create_volume(VOL, SIZE, BLOCK, auto_failover=promotion == "auto", timeout_s=60)

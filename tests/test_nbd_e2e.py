@@ -299,8 +299,9 @@ async def test_handshake_list_info_and_go(mem_server: tuple[NbdServer, dict[str,
         writer.write(p.pack_option(p.OPT_INFO, p.pack_info_request("nope")))
         hdr, msg = await read_option_reply(reader)
         assert hdr.reply_type == p.REP_ERR_UNKNOWN and b"nope" in msg
-        # Unsupported options: structured replies, TLS, an unknown number.
-        for opt, want in ((p.OPT_STRUCTURED_REPLY, p.REP_ERR_UNSUP), (p.OPT_STARTTLS, p.REP_ERR_POLICY),
+        # Structured replies are offered (tests/test_nbd_block_status.py); TLS on a server
+        # without it and an unknown option number are not.
+        for opt, want in ((p.OPT_STRUCTURED_REPLY, p.REP_ACK), (p.OPT_STARTTLS, p.REP_ERR_POLICY),
                           (77, p.REP_ERR_UNSUP)):
             writer.write(p.pack_option(opt))
             hdr, _ = await read_option_reply(reader)
@@ -660,7 +661,7 @@ async def syncrep_verify(c: LocalCluster) -> subprocess.CompletedProcess[str]:
     env["PYTHONPATH"] = os.pathsep.join(x for x in (str(REPO), env.get("PYTHONPATH", "")) if x)
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "syncrep", "verify", VOLUME, "--coordinator", c.coordinator_addr,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+        *c.security_args(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
     )
     out, err = await asyncio.wait_for(proc.communicate(), 120)
     return subprocess.CompletedProcess([], proc.returncode or 0, out.decode(), err.decode())
@@ -686,9 +687,12 @@ async def start_nbd_cluster(
     cluster_factory: Callable[..., LocalCluster], *node_args: str, size: int = NBD_VOLUME_SIZE
 ) -> NbdCluster:
     pp, sp = free_port(), free_port()
+    # Plaintext: fio's and nbd-client's NBD clients here speak nbd://; TLS on the
+    # export (nbds://, grants) is covered by tests/test_nbd_tls.py and tests/test_security_e2e.py.
     c = cluster_factory(
         primary_args=["--nbd-listen", f"127.0.0.1:{pp}", *node_args],
         secondary_args=["--nbd-listen", f"127.0.0.1:{sp}", *node_args],
+        tls=False,
     )
     await c.start()
     await c.create_volume(VOLUME, size)

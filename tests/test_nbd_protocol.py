@@ -19,6 +19,7 @@ from conftest import wait_until
 
 from syncrep.errors import FailedPrecondition, InvalidArgument, PermissionDenied, Unavailable
 from syncrep.nbd import protocol as p
+from syncrep.nbd import server as nbd_server
 from syncrep.nbd.server import ListenAddress, NbdError, RangeLock, nbd_errno, nbd_listen_type, parse_listen
 
 # ---------------------------------------------------------------- constants
@@ -330,3 +331,39 @@ async def test_range_lock_serialises_overlaps_only() -> None:
     assert order.index("+c") < order.index("-a")
     assert order.index("+b") > order.index("-a")
     assert len(locks) == 0
+
+
+# ---------------------------------------------------------------- TLS (issue 11)
+
+
+def test_tls_option_and_reply_numbers() -> None:
+    """NBD_OPT_STARTTLS = 5; NBD_REP_ERR_POLICY = 2^31 + 2, NBD_REP_ERR_TLS_REQD = 2^31 + 5."""
+    assert p.OPT_STARTTLS == 5 and p.OPT_NAMES[p.OPT_STARTTLS] == "NBD_OPT_STARTTLS"
+    assert p.REP_ERR_POLICY == 2**31 + 2 and p.REP_ERR_TLS_REQD == 2**31 + 5
+    raw = p.pack_error_reply(p.OPT_GO, p.REP_ERR_TLS_REQD, "TLS first")
+    hdr = p.parse_option_reply_header(raw[:20])
+    assert hdr.is_error and (hdr.option, hdr.reply_type, raw[20:]) == (p.OPT_GO, p.REP_ERR_TLS_REQD, b"TLS first")
+
+
+@pytest.mark.parametrize(
+    "listen, safe",
+    [
+        ("unix:/run/x.sock", True),
+        ("127.0.0.1:1", True),
+        ("127.200.0.9:1", True),  # all of 127.0.0.0/8
+        ("[::1]:1", True),
+        ("[::ffff:127.0.0.1]:1", True),  # IPv4-mapped loopback
+        ("localhost:1", True),
+        ("LOCALHOST:1", True),
+        ("0.0.0.0:1", False),  # every interface
+        ("[::]:1", False),
+        ("10.0.0.5:1", False),
+        ("[fe80::1]:1", False),
+        ("[::ffff:10.0.0.5]:1", False),
+        ("localhost.example.com:1", False),  # a host name: its addresses are not ours to trust
+        ("node-a:1", False),
+    ],
+)
+def test_plaintext_is_safe_only_on_unix_and_loopback(listen: str, safe: bool) -> None:
+    [a] = parse_listen(listen)
+    assert nbd_server.is_plaintext_safe(a) is safe

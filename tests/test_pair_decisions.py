@@ -58,8 +58,8 @@ def test_degrade(name: str, rec: PairRecord, nacked: list[tuple[int, int]], unac
     assert d.record.fault_snapshot_id == rec.fault_snapshot_id  # filled in by the executor when new
 
 
-@pytest.mark.parametrize(("state", "new_generation"), [(S, True), (D, False), (R, False)])
-def test_only_leaving_in_sync_starts_a_new_generation(state: PairState, new_generation: bool) -> None:
+@pytest.mark.parametrize(("state", "new_generation"), [(S, True), (D, False), (R, True)])
+def test_leaving_in_sync_or_resyncing_starts_a_new_generation(state: PairState, new_generation: bool) -> None:
     """docs/FAILOVER.md §1: the primary starts a generation when it begins
     writing without its peer; degraded -> degraded and resyncing -> degraded
     stay in the generation begun when the pair left in sync."""

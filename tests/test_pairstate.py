@@ -35,6 +35,7 @@ LEGAL: dict[tuple[PairState, PairEvent], PairState] = {
     (S.IN_SYNC, E.SWITCHED_OVER): S.IN_SYNC,
     (S.DEGRADED, E.SPLIT_BRAIN_DETECTED): S.SPLIT_BRAIN,
     (S.RESYNCING, E.SPLIT_BRAIN_DETECTED): S.SPLIT_BRAIN,
+    (S.SPLIT_BRAIN, E.RESOLVED): S.DEGRADED,
 }
 ALL_PAIRS = list(itertools.product(PairState, PairEvent))
 ILLEGAL = [p for p in ALL_PAIRS if p not in LEGAL]
@@ -48,8 +49,8 @@ def test_state_values_are_exactly_the_strings() -> None:
 
 def test_table_is_exactly_the_expected_one() -> None:
     assert TRANSITIONS == LEGAL
-    assert len(ALL_PAIRS) == 28
-    assert len(ILLEGAL) == 15
+    assert len(ALL_PAIRS) == 32
+    assert len(ILLEGAL) == 18
 
 
 @pytest.mark.parametrize(("state", "event"), list(LEGAL), ids=lambda x: str(x))
@@ -112,8 +113,10 @@ def test_primary_lost_is_status_only() -> None:
         assert status_proto(s, primary_alive=True) == s.to_proto()
 
 
-def test_split_brain_has_no_way_out_by_event() -> None:
-    assert [e for (s, e) in LEGAL if s is S.SPLIT_BRAIN] == []
+def test_split_brain_leaves_only_by_an_operators_resolve() -> None:
+    assert [e for (s, e) in LEGAL if s is S.SPLIT_BRAIN] == [E.RESOLVED]
+    # and RESOLVED means nothing outside split brain
+    assert [s for (s, e) in LEGAL if e is E.RESOLVED] == [S.SPLIT_BRAIN]
 
 
 def test_pairstate_module_is_dependency_free() -> None:

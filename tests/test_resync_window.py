@@ -6,13 +6,18 @@ a model of the secondary (``secondary/resync.py``: applies in index order, drops
 what is not the next chunk, refuses a damaged one) fed by the window under
 random interleavings of sends, group commits and replies -- every chunk ends
 applied exactly once in index order, both digests agree, and the bounds hold.
+Last, the round digest itself (``RoundDigest``): its exact records, and that a
+chunk lost, duplicated, reordered, moved, cut short or changed (its crc32c)
+changes it.
 """
 
 from __future__ import annotations
 
 import hashlib
+import struct
 from collections import deque
 
+import google_crc32c
 import pytest
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
@@ -21,6 +26,7 @@ from syncrep.core.resync_window import (
     Refusal,
     ResyncSendWindow,
     ResyncWindowError,
+    RoundDigest,
     SendLimits,
 )
 
@@ -42,18 +48,27 @@ def limits(chunks: int = 100, nbytes: int = 1 << 20, batch: int = 100, refusals:
                       max_refusals_per_chunk=refusals)
 
 
+def crc_of(i: int, length: int, version: int = 0) -> int:
+    return google_crc32c.value(data_of(i, length, version))
+
+
+def send_one(w: ResyncSendWindow, i: int, version: int = 0) -> None:
+    n = w.pieces[i][1]
+    w.sent(i, n, crc_of(i, n, version))
+
+
 def send(w: ResyncSendWindow, upto: int) -> None:
     """Send chunks [next, upto), whatever the bounds (the tables set the scene)."""
     for i in range(w.next_index, upto):
-        w.sent(i, data_of(i, w.pieces[i][1]))
+        send_one(w, i)
 
 
 def digest_of(w: ResyncSendWindow, indices: range, version: int = 0) -> bytes:
+    """The digest written out by hand: sha256 over the 28-byte records."""
     d = hashlib.sha256()
     for i in indices:
         off, n = w.pieces[i]
-        d.update(i.to_bytes(8, "little") + off.to_bytes(8, "little"))
-        d.update(data_of(i, n, version))
+        d.update(struct.pack("<QQQI", i, off, n, crc_of(i, n, version)))
     return d.digest()
 
 
@@ -130,10 +145,10 @@ def test_in_flight_accounting() -> None:
 def test_chunks_are_sent_in_order_only() -> None:
     w = ResyncSendWindow(pieces_of([100] * 3), 0, limits())
     with pytest.raises(AssertionError):
-        w.sent(1, data_of(1, 100))
+        send_one(w, 1)
     send(w, 3)
     with pytest.raises(AssertionError):
-        w.sent(3, b"x")  # beyond the round
+        w.sent(3, 1, 0)  # beyond the round
 
 
 @pytest.mark.parametrize(
@@ -158,14 +173,13 @@ def test_a_refusal_goes_back_and_resends_from_the_refused_chunk() -> None:
     assert (w.next_index, w.inflight_chunks, w.inflight_bytes) == (2, 0, 0)
     assert w.next_batch() == range(2, 6)
     for i in range(2, 6):
-        w.sent(i, data_of(i, 100, version=1))  # read again: new data
+        send_one(w, i, version=1)  # read again: new data
     assert w.on_reply(6).applied == range(2, 6)
     assert w.done and w.progress_bytes == 600
-    # Only applied data is in the digest, each chunk once: not the refused copy of 2.
-    want = hashlib.sha256()
+    # Only applied chunks are in the digest, each once: not the refused send of 2.
+    want = RoundDigest()
     for i in range(6):
-        want.update(i.to_bytes(8, "little") + (i * 100).to_bytes(8, "little"))
-        want.update(data_of(i, 100, version=0 if i < 2 else 1))
+        want.add(i, i * 100, 100, crc_of(i, 100, version=0 if i < 2 else 1))
     assert w.digest() == want.digest()
 
 
@@ -238,24 +252,25 @@ class SecondaryModel:
     def __init__(self, start: int) -> None:
         self.expected = start
         self.applied: list[int] = []
-        self.digest = hashlib.sha256()
+        self.digest = RoundDigest()
 
-    def take(self, wire: deque[tuple[int, int, bytes, bool]], k: int,
+    def take(self, wire: deque[tuple[int, int, bytes, int, bool]], k: int,
              replies: deque[tuple[int, bool, int, str]]) -> None:
-        group: list[tuple[int, int, bytes]] = []
+        group: list[tuple[int, int, bytes, int]] = []
         refused: int | None = None
         for _ in range(k):
-            index, offset, data, damaged = wire.popleft()
+            index, offset, data, crc, damaged = wire.popleft()
             if index != self.expected + len(group):
                 continue
             if damaged:
+                data = bytes([data[0] ^ 0xFF]) + data[1:]  # RoundSender's fault injection
+            if google_crc32c.value(data) != crc:  # check_chunk
                 refused = index
                 break
-            group.append((index, offset, data))
-        for index, offset, data in group:
+            group.append((index, offset, data, crc))
+        for index, offset, data, crc in group:
             self.applied.append(index)
-            self.digest.update(index.to_bytes(8, "little") + offset.to_bytes(8, "little"))
-            self.digest.update(data)
+            self.digest.add(index, offset, len(data), crc)
         self.expected += len(group)
         if group:
             replies.append((self.expected, False, 0, ""))
@@ -282,7 +297,7 @@ def test_every_chunk_is_applied_once_in_order_within_the_bounds(
     lim = SendLimits(wc, wb, rb, max_refusals)
     w = ResyncSendWindow(pieces, start, lim)
     sec = SecondaryModel(start)
-    wire: deque[tuple[int, int, bytes, bool]] = deque()
+    wire: deque[tuple[int, int, bytes, int, bool]] = deque()
     replies: deque[tuple[int, bool, int, str]] = deque()
     damaged_times: dict[int, int] = {}
     applied_seen: list[int] = []
@@ -305,14 +320,16 @@ def test_every_chunk_is_applied_once_in_order_within_the_bounds(
                 # Admitted only below the byte bound, or alone (however large).
                 assert w.inflight_bytes < wb or w.inflight_chunks == 0
                 sends += 1
-                w.sent(i, data_of(i, length, sends))
+                chunk = data_of(i, length, sends)
+                crc = google_crc32c.value(chunk)
+                w.sent(i, length, crc)
                 assert w.inflight_chunks <= wc
                 assert w.inflight_bytes < wb + length
                 damaged = (free and damaged_times.get(i, 0) <= max_refusals
                            and data.draw(st.integers(0, 4)) == 0)
                 if damaged:
                     damaged_times[i] = damaged_times.get(i, 0) + 1
-                wire.append((i, off, data_of(i, length, sends), damaged))
+                wire.append((i, off, chunk, crc, damaged))
         elif choice == "secondary":
             k = data.draw(st.integers(1, len(wire))) if free else len(wire)
             sec.take(wire, k, replies)
@@ -345,3 +362,49 @@ def test_every_chunk_is_applied_once_in_order_within_the_bounds(
     assert w.digest() == sec.digest.digest()
     assert w.progress_bytes == sum(lengths)
     assert (w.inflight_chunks, w.inflight_bytes) == (0, 0)
+
+
+# ---------------------------------------------------------------- the digest
+
+
+def test_the_digest_is_sha256_over_28_byte_records_in_order() -> None:
+    """The exact bytes both sides hash (the trailer's contract, protos/syncrep.proto)."""
+    d = RoundDigest()
+    d.add(3, 4096, 1 << 20, 0xDEADBEEF)
+    d.add(4, 4096 + (1 << 20), 8192, 7)
+    want = hashlib.sha256(struct.pack("<QQQI", 3, 4096, 1 << 20, 0xDEADBEEF)
+                          + struct.pack("<QQQI", 4, 4096 + (1 << 20), 8192, 7)).digest()
+    assert d.digest() == want
+    assert RoundDigest().digest() == hashlib.sha256().digest()
+
+
+# (name, the records as the secondary applied them) -- the primary's are
+# RECORDS; each fault must change the digest.
+RECORDS = [(i, 4096 * (i + 1), 4096, 1000 + i) for i in range(5)]
+
+
+def with_chunk_2(rec: tuple[int, int, int, int]) -> list[tuple[int, int, int, int]]:
+    return [*RECORDS[:2], rec, *RECORDS[3:]]
+
+
+FAULTS: list[tuple[str, list[tuple[int, int, int, int]]]] = [
+    ("a chunk lost", RECORDS[:2] + RECORDS[3:]),
+    ("the last chunk lost", RECORDS[:-1]),
+    ("a chunk duplicated", RECORDS[:3] + RECORDS[2:]),
+    ("two chunks reordered", [RECORDS[0], RECORDS[2], RECORDS[1], *RECORDS[3:]]),
+    ("a chunk applied at another offset", with_chunk_2((2, 0, 4096, 1002))),
+    ("a chunk cut short", with_chunk_2((2, 4096 * 3, 2048, 1002))),
+    ("a chunk with other data (another crc32c)", with_chunk_2((2, 4096 * 3, 4096, 999))),
+    ("a chunk's index off by one", with_chunk_2((3, 4096 * 3, 4096, 1002))),
+]
+
+
+@pytest.mark.parametrize(("name", "applied"), FAULTS, ids=[f[0] for f in FAULTS])
+def test_a_lost_duplicated_or_reordered_chunk_changes_the_digest(
+        name: str, applied: list[tuple[int, int, int, int]]) -> None:
+    sent, got = RoundDigest(), RoundDigest()
+    for rec in RECORDS:
+        sent.add(*rec)
+    for rec in applied:
+        got.add(*rec)
+    assert got.digest() != sent.digest()

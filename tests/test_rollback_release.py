@@ -27,7 +27,6 @@ conditions, with a deadline.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import random
 import threading
 import time
@@ -54,6 +53,7 @@ from syncrep import rpc
 from syncrep.blockstore import BlockStore
 from syncrep.core.identity import Identity
 from syncrep.core.resync_plan import ResyncPlan, RoundSpec
+from syncrep.core.resync_window import RoundDigest
 from syncrep.core.vocab import PRE_RESYNC_PREFIX, ResyncMode, RoundKind, pre_resync_snapshot_name
 from syncrep.pb import syncrep_pb2 as pb
 from syncrep.pb import syncrep_pb2_grpc as pbg
@@ -261,13 +261,12 @@ def round_requests(primary: Primary, plan: ResyncPlan, spec: RoundSpec, *, final
                              total_bytes=sum(n for _, n in pieces), kind=spec.kind, final=final,
                              identity=IDENTITY_PB)
     out = [pb.ResyncRequest(header=header)]
-    digest = hashlib.sha256()
+    digest = RoundDigest()
     for i, (off, n) in enumerate(pieces[:chunks]):
         data = primary.store.read_at(spec.target, off, n)
-        out.append(pb.ResyncRequest(chunk=pb.ResyncChunk(index=i, offset=off, data=data,
-                                                         crc32c=google_crc32c.value(data))))
-        digest.update(i.to_bytes(8, "little") + off.to_bytes(8, "little"))
-        digest.update(data)
+        crc = google_crc32c.value(data)
+        out.append(pb.ResyncRequest(chunk=pb.ResyncChunk(index=i, offset=off, data=data, crc32c=crc)))
+        digest.add(i, off, len(data), crc)
     if trailer:
         out.append(pb.ResyncRequest(trailer=pb.ResyncTrailer(chunk_count=len(pieces), digest=digest.digest())))
     return out

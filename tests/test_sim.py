@@ -29,8 +29,9 @@ def _trace(seed: int) -> bytes:
     return p.stdout
 
 
-# 1029: a replaced disk on the primary (promotion); 5: an isolated primary (auto-failover).
-@pytest.mark.parametrize("seed", [7, 1029, 5])
+# 62: a switchover, then a replaced disk on the primary (promotion); 5: an isolated
+# primary (auto-failover); 1029: a forced promote mid-resync, then resolved.
+@pytest.mark.parametrize("seed", [7, 62, 1029, 5])
 def test_the_same_seed_prints_the_same_trace_byte_for_byte(seed: int) -> None:
     """Two processes (each re-executes itself with PYTHONHASHSEED=0), one seed:
     the traces are identical, and they tell a whole run with faults."""
@@ -45,12 +46,17 @@ def test_the_same_seed_prints_the_same_trace_byte_for_byte(seed: int) -> None:
 def test_schedules_are_a_pure_function_of_the_seed() -> None:
     assert sim.make_schedule(42, 8.0) == sim.make_schedule(42, 8.0)
     kinds = {f.kind for s in range(1, 300) for f in sim.make_schedule(s, 8.0)}
-    assert kinds == set(sim.FAULT_KINDS)
+    assert kinds == set(sim.ALL_KINDS)
     triggers = {f.trigger for s in range(1, 300) for f in sim.make_schedule(s, 8.0)}
     assert triggers == {"time", "resync", "final_round"}
     targets = {(f.kind, f.target) for s in range(1, 300) for f in sim.make_schedule(s, 8.0)}
     assert {("lose_primary", "auto"), ("lose_primary", "promote"), ("isolate_primary", "primary"),
-            ("replace_disk", "primary"), ("replace_disk", "secondary")} <= targets
+            ("replace_disk", "primary"), ("replace_disk", "secondary"),
+            ("switchover", "in_sync"), ("switchover", "any"),
+            ("forced_promote", "degraded"), ("forced_promote", "partition"), ("forced_promote", "resync"),
+            ("forced_promote", "isolated")} <= targets
+    # The operator's actions are drawn after the faults: at most one per schedule.
+    assert all(sum(f.kind in sim.EXTRA_KINDS for f in sim.make_schedule(s, 8.0)) <= 1 for s in range(1, 300))
 
 
 # Seeds of the failover faults (schedules of make_schedule(seed, 8.0)), each
@@ -140,3 +146,70 @@ def test_a_promotion_failed_on_a_full_disk_is_retried_once_the_disk_is_freed() -
     assert [f.kind for f in sim.make_schedule(301, 8.0)] == ["lose_primary", "disk_full"]
     ok, trace, _ = sim.run_seed(301)
     assert ok, trace[-1]
+
+
+def test_switchover_under_load_swaps_the_roles_and_loses_no_write() -> None:
+    """Seed 70. Fault: switchover(in_sync) at 0.76 s, the workload running
+    (then the coordinator crashes for 0.48 s). The primary drains and hands
+    over, the coordinator swaps the roles at a new epoch, in sync; the writes
+    that waited at the old primary's gate go to the new one. Checked all
+    along: never two nodes acknowledging; at the end: every acknowledged
+    write is in the volume, replicas equal."""
+    assert [f.kind for f in sim.make_schedule(70, 8.0)] == ["crash", "switchover"]
+    ok, trace, stats = sim.run_seed(70)
+    assert ok, "\n".join(trace[-30:])
+    assert stats["switchovers"] == 1 and stats["role_swaps"] == 1 and stats["promotions"] == 0, stats
+    assert any("switched over, write stall" in line for line in trace)
+    assert any("final: in sync, replicas identical" in line and "primary node-b" in line for line in trace)
+
+
+def test_a_switchover_refused_by_a_degraded_primary_is_harmless() -> None:
+    """Seed 188. Faults: a one-way partition node-b>node-a (the primary goes
+    degraded), switchover(any) at 2.42 s: the coordinator still records the
+    pair in sync, asks the primary to hand over, and the primary refuses
+    (degraded: the secondary may lack writes); the coordinator reopens the
+    gate and swaps nothing. Then the primary is isolated (auto-failover). The
+    refused switchover must lose no write and leave the pair to heal."""
+    kinds = [f.kind for f in sim.make_schedule(188, 8.0)]
+    assert "switchover" in kinds and "isolate_primary" in kinds, kinds
+    ok, trace, stats = sim.run_seed(188)
+    assert ok, "\n".join(trace[-30:])
+    assert stats["switchovers_refused"] == 1 and stats["switchovers"] == 0, stats
+    assert any("switchover: refused: FAILED_PRECONDITION" in line and "did not hand over" in line for line in trace)
+    assert any("final: in sync, replicas identical" in line for line in trace)
+
+
+def test_a_forced_promote_mid_resync_resolved_keeping_the_promoted_side_loses_only_what_it_discarded() -> None:
+    """Seed 239. Faults: the secondary's disk full (3.1 s for 3.7 s), then
+    forced_promote(resync): node-b crashes, node-a writes alone 1.6 s, node-b
+    returns and node-a is lost while the resync runs; Promote(force=True)
+    promotes node-b's pre-resync rollback point (retried through node-a's
+    lease); node-b writes; node-a returns: split brain; Resolve keeps node-b.
+    node-a's writes since the divergence (the ones node-b lacked) are the
+    only ones allowed to be missing, each inside the reported extents and in
+    the resolve's snapshot of node-a; everything else acknowledged is there."""
+    assert [f.kind for f in sim.make_schedule(239, 8.0)] == ["disk_full", "forced_promote"]
+    ok, trace, stats = sim.run_seed(239)
+    assert ok, "\n".join(trace[-30:])
+    assert stats["forced_promotions"] == 1, stats
+    assert any("promoted to primary" in line and "during resync" in line for line in trace)
+    assert [(k, d) for k, d, _ in stats["resolves"]] == [("node-b", "node-a")], stats
+    assert stats["resolves"][0][2] > 0, "node-a acknowledged nothing alone after the divergence"
+    assert any("final:" in line and "discarded writes missing (in the resolve's snapshot)" in line for line in trace)
+    assert any("final: in sync, replicas identical" in line for line in trace)
+
+
+def test_a_forced_promote_resolved_keeping_the_old_primary_discards_the_promoted_sides_writes() -> None:
+    """Seed 9. Faults: a partition node-a|node-b (3.5 s for 3.8 s), then
+    forced_promote(degraded): node-b crashes, node-a writes alone 2.2 s and
+    crashes, node-b returns and is force-promoted, writes alone, node-a
+    returns: split brain; Resolve keeps node-a (the roles swap back at a new
+    epoch, node-b is fenced). node-b's writes since the promotion may be
+    missing, no other; the two-primaries check runs through both role changes."""
+    assert [f.kind for f in sim.make_schedule(9, 8.0)] == ["partition", "forced_promote"]
+    ok, trace, stats = sim.run_seed(9)
+    assert ok, "\n".join(trace[-30:])
+    assert stats["forced_promotions"] == 1 and stats["promotions"] == 2, stats
+    assert [(k, d) for k, d, _ in stats["resolves"]] == [("node-a", "node-b")], stats
+    assert any("final: in sync, replicas identical" in line and "primary node-a" in line for line in trace)
+

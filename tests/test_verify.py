@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from deploy.cluster import LocalCluster, free_port
-from syncrep import cli
+from syncrep import cli, rpc
 from syncrep.blockstore import BlockStore, Extent
 from syncrep.client import inject_fault
 from syncrep.verify import VerifyError, VerifyResult, mismatched_extents, verify_volume
@@ -120,6 +120,10 @@ def test_summary_and_extents_differ() -> None:
 
 
 def run_cli(*args: str, timeout: float = 60.0) -> tuple[int, str, str]:
+    if not {"--certs-dir", "--insecure"} & set(args):
+        # The security of the cluster the harness runs now (LocalCluster configures syncrep.rpc as admin).
+        sec = rpc.security
+        args = (*args, *(["--certs-dir", str(sec.certs_dir)] if sec and sec.certs_dir else ["--insecure"]))
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(x for x in (str(REPO), env.get("PYTHONPATH", "")) if x)
     r = subprocess.run(

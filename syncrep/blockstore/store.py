@@ -1,4 +1,7 @@
-"""Block store: a fixed-size volume of blocks with O(1) snapshots and O(changed) diffs.
+"""Block store: a volume of blocks with O(1) snapshots and O(changed) diffs.
+
+Its size is set at create and can only grow (``grow``, issue 13: the data file
+is extended, the descriptor's size updated; the new blocks read as zeros).
 
 On-disk layout (one directory per volume)
 -----------------------------------------
@@ -27,9 +30,15 @@ else the head. ``diff(a, b)`` is the union of C_k for live a <= k < b. Deleting 
 merges C_j into the previous live snapshot (copies it already has are freed), or frees
 it all when there is none. With no snapshot at all, nothing is tracked.
 
+Zeroing (``zero_range``, TRIM and WRITE_ZEROES, issue 14) is a write of zeros
+as far as snapshots and diffs go, but done as a metadata operation: the range
+is punched out of the data file (the volume stays thin), and only the blocks of
+it that hold data at the head get the copy-on-write treatment first (holes
+already read as zeros: zeroing them changes nothing, so they are not tracked).
+
 Durability contract
 -------------------
-* ``durability="sync"``: when ``write``/``write_batch`` (and every other mutating call)
+* ``durability="sync"``: when ``write``/``write_batch``/``zero_range`` (and every other mutating call)
   returns, its data and its change tracking are on stable storage (copies fdatasync'd,
   SQLite ``synchronous=FULL`` commit, data fdatasync'd): it survives SIGKILL, OS crash
   and power loss. One ``write_batch`` is one group commit: at most one sync per file.
@@ -58,6 +67,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import errno
 import fcntl
 import functools
 import heapq
@@ -141,6 +151,44 @@ class SnapshotInfo:
 @functools.lru_cache(maxsize=16)
 def _zeros(n: int) -> bytes:
     return bytes(n)
+
+
+def _data_segments(fd: int, start: int, end: int) -> Iterator[tuple[int, int]]:
+    """The ``[a, b)`` byte ranges of ``[start, end)`` that hold data in file
+    ``fd`` (``SEEK_DATA``/``SEEK_HOLE``); where the filesystem cannot tell,
+    the whole range (everything counts as data: slower, never wrong)."""
+    pos = start
+    while pos < end:
+        try:
+            d = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno == errno.ENXIO:  # no data after pos
+                return
+            if e.errno in (errno.EINVAL, errno.EOPNOTSUPP):
+                yield pos, end
+                return
+            raise
+        if d >= end:
+            return
+        h = os.lseek(fd, d, os.SEEK_HOLE)
+        yield d, min(h, end)
+        pos = h
+
+
+def _is_hole(fd: int, offset: int, length: int) -> bool:
+    """True when ``[offset, offset+length)`` of file ``fd`` holds no data
+    (``SEEK_DATA``); False when it may, or the filesystem cannot tell."""
+    try:
+        return os.lseek(fd, offset, os.SEEK_DATA) >= offset + length
+    except OSError as e:
+        if e.errno == errno.ENXIO:  # no data at or after offset
+            return True
+        return False
+
+
+@functools.lru_cache(maxsize=16)
+def _zeros_crc(n: int) -> int:
+    return int(google_crc32c.value(bytes(n)))
 
 
 def _is_int(v: object) -> bool:
@@ -363,6 +411,14 @@ class BlockStore:
                     f"volume at {p} has format {fmt}, this code reads format {FORMAT_VERSION}"
                 )
             actual = os.fstat(data_fd).st_size
+            if actual > size_bytes and actual % block_size == 0:
+                # A grow that crashed between extending the data file and
+                # committing the new size (``grow``): the extension was never
+                # part of the volume (nothing is written past the descriptor's
+                # size), so it is undone and the volume keeps its old size.
+                os.ftruncate(data_fd, size_bytes)
+                os.fsync(data_fd)
+                actual = size_bytes
             if actual != size_bytes:
                 raise InvalidVolumeError(
                     f"volume at {p} is damaged: {DATA_FILE} is {actual} bytes, descriptor says {size_bytes}"
@@ -605,6 +661,59 @@ class BlockStore:
                 cn |= new
         for off, mv in items:
             pwrite_full(self._data_fd, mv, off)
+        if self.durability == "sync":
+            os.fdatasync(self._data_fd)
+
+    def zero_range(self, offset: int, length: int) -> None:
+        """Make ``[offset, offset+length)`` (block-aligned) read as zeros, as a
+        metadata operation where it can be one (issue 14, TRIM/WRITE_ZEROES):
+
+        * no live snapshot (nothing tracked): the blocks are punched out of the
+          data file (``fallocate(PUNCH_HOLE|KEEP_SIZE)``), one call whatever the
+          length; where punching is not supported, zeros are written instead.
+        * live snapshots: every snapshot keeps reading back as taken, as for a
+          write. The blocks of the range that hold data at the head (found with
+          ``SEEK_DATA``/``SEEK_HOLE``) and are not yet in the newest change set
+          are saved first (their copies, or NULL-slot "was zeros" rows), their
+          rows committed, and only then is the range punched; so the cost is
+          one row (and one copy, if not zeros) per *allocated* block not yet
+          tracked, nothing per hole. A block that is a hole at the head already
+          reads as zeros, so zeroing it changes nothing and it is not recorded:
+          ``diff`` covers exactly the blocks whose content changed.
+
+        Same durability and ordering contract as ``write``: rows before data,
+        and with ``durability="sync"`` the punch is on stable storage (fsync:
+        the file's allocation is metadata) when this returns. A crash midway
+        leaves some blocks punched and others not, all of them tracked."""
+        offset, length = self._check_span("zero_range", offset, length)
+        if length == 0:
+            raise EmptyWriteError(f"zero_range at offset {offset} is empty (zero-length)")
+        with self._mutation():
+            self._apply_zero_range(offset, length)
+
+    def _apply_zero_range(self, offset: int, length: int) -> None:
+        bs = self.block_size
+        end = offset + length
+        if self._ids:
+            newest = self._ids[-1]
+            cn = self._changes[newest]
+            allocated = BitMap()
+            for d_start, d_end in _data_segments(self._data_fd, offset, end):
+                # Outward to whole blocks: a filesystem block can be smaller
+                # than ours (conservative: a hole we miss costs one row).
+                allocated.add_range(d_start // bs, -(-d_end // bs))
+            new = allocated - cn
+            if new:
+                self._copy_on_write(newest, new)
+                cn |= new
+        if self._puncher.punch(self._data_fd, offset, length):
+            if self.durability == "sync":
+                os.fsync(self._data_fd)
+            return
+        # No hole punching here: write the zeros (the space stays allocated).
+        step = max(bs, self.cow_chunk_bytes - self.cow_chunk_bytes % bs)
+        for pos in range(offset, end, step):
+            pwrite_full(self._data_fd, _zeros(min(step, end - pos)), pos)
         if self.durability == "sync":
             os.fdatasync(self._data_fd)
 
@@ -933,7 +1042,23 @@ class BlockStore:
         bs = self.block_size
         out: list[int] = []
         value = google_crc32c.value
-        for _off, data in self._iter_runs([(offset // bs, length // bs)], sid, chunk_bytes):
+        if sid is not None:
+            for _off, data in self._iter_runs([(offset // bs, length // bs)], sid, chunk_bytes):
+                out.append(value(data))
+            return out
+        # The head: a chunk that is all hole in the data file (never written,
+        # or zeroed: ``zero_range``) reads as zeros, so its checksum is known
+        # without reading it (one lseek per chunk, under the lock like a read):
+        # a verify of a thin volume costs what is allocated, not its size.
+        end = offset + length
+        for pos in range(offset, end, chunk_bytes):
+            n = min(chunk_bytes, end - pos)
+            with self._lock:
+                self._check_open()
+                if _is_hole(self._data_fd, pos, n):
+                    out.append(_zeros_crc(n))
+                    continue
+                data = self._read_blocks(None, pos // bs, n // bs)
             out.append(value(data))
         return out
 
@@ -981,6 +1106,59 @@ class BlockStore:
             os.fdatasync(self._cow_fd)
             os.fdatasync(self._data_fd)
             self._conn.execute("PRAGMA wal_checkpoint(FULL)")
+
+    # ------------------------------------------------------------------ growing (issue 13)
+
+    def grow(self, size_bytes: int) -> int:
+        """Grow the volume to ``size_bytes`` (a multiple of the block size, not
+        smaller than now); returns the bytes added (0: already that size). Online:
+        it holds the store's lock like a write, so a write or read runs wholly
+        before or after it. The new blocks read as zeros at the head and at every
+        snapshot (they are in no change set: a snapshot reads the head there, and
+        the first write to one after a snapshot saves its zeros first, as for any
+        block). Shrinking is refused (it would discard the data at the end).
+
+        Order: the data file is extended (and synced) first, then the new size
+        commits in the descriptor; a crash between leaves a data file longer than
+        the descriptor, which ``open`` truncates back (the old size stands)."""
+        if not _is_int(size_bytes):
+            raise InvalidArgumentError(f"new size {size_bytes!r} of volume {self.name!r} is not an integer")
+        with self._mutation():
+            old = self.size_bytes
+            if size_bytes < old:
+                raise InvalidArgumentError(
+                    f"cannot shrink volume {self.name!r} from {old} to {size_bytes} bytes: shrinking would "
+                    "discard data at the end of the volume; not supported"
+                )
+            if size_bytes % self.block_size:
+                raise InvalidArgumentError(
+                    f"new size {size_bytes} of volume {self.name!r} is not a multiple of its "
+                    f"{self.block_size}-byte block size"
+                )
+            if size_bytes // self.block_size > MAX_BLOCKS:
+                raise InvalidArgumentError(
+                    f"new size {size_bytes} of volume {self.name!r} is {size_bytes // self.block_size} blocks, "
+                    f"more than the limit of {MAX_BLOCKS} (2**32) blocks"
+                )
+            if size_bytes == old:
+                return 0
+            os.ftruncate(self._data_fd, size_bytes)
+            os.fsync(self._data_fd)  # the file's size is metadata: fdatasync may not carry it
+            if self.durability != "sync":
+                self._conn.execute("PRAGMA synchronous=FULL")
+            try:
+                with self._txn() as conn:
+                    conn.execute("UPDATE volume SET size_bytes = ? WHERE id = 1", (size_bytes,))
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.ftruncate(self._data_fd, old)
+                raise
+            finally:
+                if self.durability != "sync":
+                    self._conn.execute("PRAGMA synchronous=NORMAL")
+            self.size_bytes = size_bytes
+            self.num_blocks = size_bytes // self.block_size
+            return size_bytes - old
 
     def stats(self) -> dict[str, int]:
         """Space accounting: live snapshots, tracked blocks, copy-on-write slots in use/free."""

@@ -61,6 +61,12 @@ def nack_code_for_errno(err: int | None) -> int:
     return pb.NACK_CODE_IO_ERROR
 
 
+def write_span(w: pb.ReplicatedWrite) -> int:
+    """The bytes of the volume a replicated write covers: its data, or its
+    zero range (``zero_length``, issue 14: TRIM and WRITE_ZEROES, no data)."""
+    return w.zero_length or len(w.data)
+
+
 @dataclass
 class StreamState:
     """Per-stream bookkeeping on the secondary.
@@ -101,10 +107,10 @@ class StreamState:
         """The store refused a group commit: every write in it failed."""
         self.failed = True
         self.failure = message
-        return [Refusal(w.seq, w.offset, len(w.data), code, message) for w in writes]
+        return [Refusal(w.seq, w.offset, write_span(w), code, message) for w in writes]
 
     def _check(self, batch_epoch: int, w: pb.ReplicatedWrite) -> Refusal | None:
-        n = len(w.data)
+        n = write_span(w)
 
         def refuse(code: int, msg: str) -> Refusal:
             return Refusal(w.seq, w.offset, n, code, msg)
@@ -134,6 +140,12 @@ class StreamState:
                 pb.NACK_CODE_OUT_OF_RANGE,
                 f"write seq {w.seq} at offset {w.offset} length {n} is outside or misaligned for "
                 f"volume {self.volume!r} ({self.size_bytes} bytes, {self.block_size}-byte blocks)",
+            )
+        if w.zero_length and w.data:
+            return refuse(
+                pb.NACK_CODE_OUT_OF_RANGE,
+                f"write seq {w.seq} at offset {w.offset} is a zero range of {w.zero_length} bytes "
+                f"that also carries {len(w.data)} bytes of data",
             )
         crc = google_crc32c.value(w.data)
         if crc != w.crc32c:

@@ -36,6 +36,10 @@ Entry points:
   (docs/FAILOVER.md section 2).
 * ``on_start_resync_failed``: StartResync failed (refused or unreachable).
 * ``plan_create_volume`` / ``on_push_failed``: CreateVolume.
+* ``delete_refusal`` / ``plan_delete``: DeleteVolume; ``resize_refusal`` /
+  ``plan_resize``: ResizeVolume, before and after both nodes grew (its
+  ``ResizePair`` is persisted after the pushes: the record never names a size
+  a node lacks). Issue 13.
 * validators that return a ``Problem`` (or a message) or None:
   ``validate_config``, ``validate_register``, ``validate_create_volume``,
   ``validate_report``.
@@ -92,12 +96,16 @@ __all__ = [
     "PushAssignment",
     "ReplicationReport",
     "Report",
+    "ResizePair",
+    "ResolvePlan",
     "SaveGenerations",
     "SaveProgress",
     "SetBackoff",
     "StartResync",
     "VolumeSpec",
     "decide",
+    "delete_refusal",
+    "discard_snapshot_name",
     "lease_remaining_s",
     "leases_for",
     "not_found",
@@ -107,10 +115,16 @@ __all__ = [
     "on_report",
     "on_start_resync_failed",
     "plan_create_volume",
+    "plan_delete",
     "plan_promote",
+    "plan_resize",
+    "plan_resolve",
     "plan_switchover",
+    "resize_refusal",
+    "resolve_merge_discarded",
     "resync_backoff_s",
     "resync_blocker",
+    "split_brain_figures",
     "switchover_refusal",
     "validate_config",
     "validate_create_volume",
@@ -160,6 +174,9 @@ class Problem:
 
     code: Code
     message: str
+    #: A refusal that goes away by itself (a node's next heartbeat): the shell
+    #: may check again after this many seconds, within its own bound.
+    retry_after_s: float | None = None
 
     def __str__(self) -> str:
         return self.message
@@ -482,6 +499,16 @@ class PushAssignment:
     create: bool = False
 
 
+@dataclass(frozen=True)
+class ResizePair:
+    """Persist the pair's new size and its event (``resized``) in one
+    transaction (after both nodes grew: ``plan_resize``)."""
+
+    volume: str
+    size_bytes: int
+    reason: str
+
+
 Command: TypeAlias = (
     NodeSilent
     | ChangePair
@@ -495,6 +522,7 @@ Command: TypeAlias = (
     | CreatePair
     | DeletePair
     | PushAssignment
+    | ResizePair
 )
 
 
@@ -1143,6 +1171,207 @@ def plan_switchover(
     return cmds
 
 
+# ---------------------------------------------------------------- resolve (docs/FAILOVER.md section 6)
+
+
+@dataclass(frozen=True)
+class ResolvePlan:
+    """``syncrep resolve`` on a split-brained pair, decided: the pair record
+    change (persist first), the assignments (the discarded replica's first),
+    and what the discarded replica loses as the reports know it now.
+
+    ``hold``: the address whose (primary) assignment the shell keeps out of
+    heartbeat replies until the discarded old primary applied its demotion or
+    its lease certainly expired ("" = none): two nodes never write at once."""
+
+    commands: list[Command]
+    kept: str
+    discarded: str
+    common: int
+    #: What the discarded replica wrote since the common generation, as reported.
+    discarded_extents: tuple[Extent, ...]
+    #: True when that is final: the discarded replica is the secondary (it
+    #: takes no writes in split brain); a primary may write until it is fenced.
+    exact: bool
+    #: What the kept replica changed since then (an upper bound, from its report).
+    kept_changed_bytes: int
+    primary: str
+    secondary: str
+    #: The snapshot on the discarded replica that keeps its state.
+    snapshot: str = ""
+    hold: str = ""
+    #: Not exact: the discarded primary's out-of-sync bytes so far (an upper
+    #: bound of what it wrote alone; its extents are known once it is fenced).
+    discarded_bytes_estimate: int = 0
+
+
+def discard_snapshot_name(epoch: int, generation: int) -> str:
+    """The snapshot that keeps a discarded replica's state: the resolve's epoch
+    and the generation it discards, so an operator can tell several apart."""
+    return f"split-brain-discarded-e{epoch}-{generation:016x}"
+
+
+def split_brain_figures(
+    pair: PairView, reports: Mapping[tuple[str, str], Report]
+) -> tuple[int, int, int] | None:
+    """In split brain, from the latest reports: (the primary's changed bytes
+    since the common generation (an upper bound), the secondary's (its
+    divergent extents), the common generation); None when not known."""
+    prim, sec = reports.get((pair.primary, pair.name)), reports.get((pair.secondary, pair.name))
+    if prim is None or sec is None or prim.identity is None or sec.identity is None:
+        return None
+    rel = relate(prim.identity, sec.identity)
+    if rel.relation is not Relation.SPLIT_BRAIN:
+        return None
+    return prim.out_of_sync_bytes, _extents_bytes(sec.divergent_extents, pair.size_bytes), rel.common
+
+
+def _extents_bytes(raw: Sequence[tuple[int, int]], size_bytes: int) -> int:
+    return sum(e.length for e in _valid_extents(raw, size_bytes))
+
+
+def _valid_extents(raw: Sequence[tuple[int, int]], size_bytes: int) -> tuple[Extent, ...]:
+    try:
+        ext = [to_extent(e) for e in raw]
+    except ValueError:
+        return ()
+    if not all(e.end <= size_bytes for e in ext):
+        return ()
+    return tuple(derive_failed_extents((), (), ext))
+
+
+def plan_resolve(
+    pair: PairView,
+    liveness: Liveness,
+    reports: Mapping[tuple[str, str], Report],
+    now: float,
+    keep: str,
+    *,
+    policy: Policy,
+) -> Problem | ResolvePlan:
+    """End ``pair``'s split brain, keeping ``keep``'s data.
+
+    * Keep the primary: the secondary reverts to the common generation, its
+      writes since (its divergent extents) kept in a snapshot there and
+      resynced from the primary. Same roles, a new epoch (the secondary's
+      reports of the split-brained epoch no longer count).
+    * Keep the secondary: it is promoted at a new epoch (roles swapped), the
+      old primary demoted, reverting to the common generation with a
+      snapshot of its state; its writes since are its divergent extents at
+      the demotion. The new primary's assignment is held (``hold``) until
+      the old one applied its demotion or its lease certainly expired.
+
+    Either way the pair goes ``degraded`` with the kept side's divergent
+    extents added to its failed extents, and the ordinary resync (changes
+    only) follows."""
+    name = pair.name
+    if pair.state is not PairState.SPLIT_BRAIN:
+        return Problem(
+            Code.FAILED_PRECONDITION,
+            f"volume {name!r} is {pair.state.value} at epoch {pair.epoch}, not in split brain: nothing to resolve",
+        )
+    if keep not in (pair.primary, pair.secondary):
+        return Problem(
+            Code.INVALID_ARGUMENT,
+            f"volume {name!r}: --keep {keep!r} is neither of its nodes: primary {pair.primary}, "
+            f"secondary {pair.secondary} (give the advertise address `syncrep status` shows)",
+        )
+    timeout = policy.node_timeout_s
+    idents: dict[str, Identity] = {}
+    for role, address in (("primary", pair.primary), ("secondary", pair.secondary)):
+        if not liveness.alive(address, now, timeout):
+            return Problem(
+                Code.FAILED_PRECONDITION,
+                f"volume {name!r}: {role} {address} is not alive (silent for {liveness.silent_for(address, now):.1f} s); "
+                "a resolve needs both nodes (the discarded one reverts and keeps a snapshot of its state): start it, "
+                "then retry",
+            )
+        r = reports.get((address, name))
+        if r is None or r.identity is None or not r.has_data:
+            return Problem(
+                Code.FAILED_PRECONDITION,
+                f"volume {name!r}: {role} {address} has not reported data of the pair yet "
+                f"({r.data_problem if r is not None and r.data_problem else 'no report'}); retry after its next heartbeat",
+            )
+        if r.epoch != pair.epoch or (r.role and r.role != role):
+            return Problem(
+                Code.FAILED_PRECONDITION,
+                f"volume {name!r}: {role} {address} reports epoch {r.epoch} as {r.role or 'unknown role'}, the pair is "
+                f"at epoch {pair.epoch}: it has not applied its assignment yet; retry in a moment",
+            )
+        idents[role] = r.identity
+    rel = relate(idents["primary"], idents["secondary"])
+    if rel.relation is not Relation.SPLIT_BRAIN:
+        return Problem(
+            Code.FAILED_PRECONDITION,
+            f"volume {name!r}: primary {pair.primary} ({idents['primary'].short()}) and secondary {pair.secondary} "
+            f"({idents['secondary'].short()}) are not split-brained now ({rel.relation.value}); nothing to resolve",
+        )
+    prim_r, sec_r = reports[(pair.primary, name)], reports[(pair.secondary, name)]
+    sec_divergent = _valid_extents(sec_r.divergent_extents, pair.size_bytes)
+    epoch = pair.epoch + 1
+    common = rel.common
+    if keep == pair.primary:
+        discarded = pair.secondary
+        snap = discard_snapshot_name(epoch, idents["secondary"].current)
+        reason = (
+            f"split brain resolved by the operator: kept primary {pair.primary} (generation "
+            f"{idents['primary'].short()}); secondary {pair.secondary} reverts to the common generation "
+            f"{common:016x}, its writes since ({len(sec_divergent)} extents, {sum(e.length for e in sec_divergent)} "
+            f"bytes) kept in its snapshot {snap!r} and overwritten by the resync"
+        )
+        cmds = _change(
+            pair, PairEvent.RESOLVED, reason, book=Backoff(), now=now, policy=policy, jitter=0.0, epoch=epoch,
+            failed_extents=tuple(derive_failed_extents((), (), [*pair.failed_extents, *sec_divergent])),
+            last_error=reason, secondary_generation=common, revert_generation=common, full_copy_pending=False,
+        )
+        cmds += [PushAssignment(name, pair.secondary), PushAssignment(name, pair.primary)]
+        return ResolvePlan(
+            cmds, kept=keep, discarded=discarded, common=common, discarded_extents=sec_divergent, exact=True,
+            kept_changed_bytes=prim_r.out_of_sync_bytes, primary=pair.primary, secondary=pair.secondary,
+            snapshot=snap,
+        )
+    # Keep the secondary: it becomes the primary; its own writes since the
+    # common generation (its divergent extents) are what the old primary lacks.
+    discarded = pair.primary
+    snap = discard_snapshot_name(epoch, idents["primary"].current)
+    reason = (
+        f"split brain resolved by the operator: kept secondary {pair.secondary} (generation "
+        f"{idents['secondary'].short()}), promoted to primary at epoch {epoch}; primary {pair.primary} is demoted, "
+        f"reverts to the common generation {common:016x}, its writes since kept in its snapshot {snap!r} and "
+        "overwritten by the resync"
+    )
+    cmds = _change(
+        pair, PairEvent.RESOLVED, reason, book=Backoff(), now=now, policy=policy, jitter=0.0, epoch=epoch,
+        primary=pair.secondary, secondary=pair.primary,
+        failed_extents=tuple(derive_failed_extents((), (), [*pair.failed_extents, *sec_divergent])),
+        fault_snapshot_id=0, last_error=reason, progress=Progress(), generation=idents["secondary"].current,
+        secondary_generation=common, revert_generation=common, full_copy_pending=False,
+    )
+    cmds += [ClearBackoff(name), PushAssignment(name, pair.primary), PushAssignment(name, pair.secondary)]
+    return ResolvePlan(
+        cmds, kept=keep, discarded=discarded, common=common, discarded_extents=(), exact=False,
+        kept_changed_bytes=sum(e.length for e in sec_divergent), primary=pair.secondary, secondary=pair.primary,
+        snapshot=snap, hold=pair.secondary, discarded_bytes_estimate=prim_r.out_of_sync_bytes,
+    )
+
+
+def resolve_merge_discarded(
+    pair: PairView, extents: Sequence[tuple[int, int]], why: str, *, now: float, policy: Policy
+) -> list[Command]:
+    """The discarded replica's writes since the common generation, as it
+    answered its resolve assignment: added to the failed extents (the resync
+    overwrites them there). Nothing if they are already there."""
+    ext = _valid_extents(extents, pair.size_bytes)
+    merged = tuple(derive_failed_extents((), (), [*pair.failed_extents, *ext]))
+    if not ext or merged == pair.failed_extents or pair.state is not PairState.DEGRADED:
+        return []
+    return _change(
+        pair, PairEvent.SECONDARY_FAILED, why, book=Backoff(), now=now, policy=policy, jitter=0.0,
+        failed_extents=merged,
+    )
+
+
 def _auto_promotion(
     pair: PairView,
     liveness: Liveness,
@@ -1656,6 +1885,20 @@ def on_report(
         # In sync.
         if pair.state is PairState.IN_SYNC:
             return []  # a retry of a report already applied
+        ident = report.identity
+        if ident is not None and pair.generation and not ident.knows(pair.generation):
+            # A stale report (retried while the coordinator was away) that
+            # lands after a newer one: the coordinator already knows the
+            # primary at a generation this report has never seen, so the
+            # primary went degraded since and wrote alone. Taking it would
+            # mark the pair in sync (and allow an unforced promotion that
+            # loses those writes: simulator seed 1115).
+            return Problem(
+                Code.FAILED_PRECONDITION,
+                f"volume {pair.name!r}: stale in-sync report from {report.reporter} at generation "
+                f"{ident.short()}; the primary is known at generation {pair.generation:016x} since (it went "
+                "degraded after this report was sent); ignored",
+            )
         if pair.state is PairState.DEGRADED and not resync_started:
             return Problem(
                 Code.FAILED_PRECONDITION,
@@ -1721,3 +1964,132 @@ def on_push_failed(
         f"volume {spec.name!r} not created: assigning it to the {spec.role_of(address)} {address} failed "
         f"({error}); check that node {address} is running and reachable, then retry",
     )
+
+
+# ---------------------------------------------------------------- volume lifecycle (issue 13)
+
+
+def delete_refusal(pair: PairView | None, name: str, known: Iterable[str], *, busy: str = "") -> Problem | None:
+    """Why volume ``name`` cannot be deleted now (None: it can). ``busy`` names
+    an operation of the shell still running on it (a creation, switchover,
+    resolve or resize): deleting under it would leave that operation pushing
+    assignments of a pair that is gone. A pair in any state may be deleted:
+    the operator confirmed it (``syncrep volume delete`` asks first)."""
+    if pair is None:
+        return not_found(name, known)
+    if busy:
+        return Problem(
+            Code.FAILED_PRECONDITION,
+            f"volume {name!r}: a {busy} is running on it; wait for its answer, then retry",
+        )
+    return None
+
+
+def plan_delete(pair: PairView) -> list[Command]:
+    """A validated DeleteVolume: the pair record (and its grants) go first, in
+    one transaction with the event; then the shell tells both nodes
+    (``NodeService.DeleteVolume``), the primary first (its write path stops
+    before the secondary's store goes). A node it does not reach is no longer
+    assigned the volume: at its next registration it finds a store no pair
+    claims, keeps it and never serves it."""
+    return [
+        DeletePair(
+            pair.name,
+            f"deleted by the operator at epoch {pair.epoch} ({pair.state.value}): primary {pair.primary}, "
+            f"secondary {pair.secondary}, {pair.size_bytes} bytes, volume uuid {pair.volume_uuid or '(none)'}",
+        )
+    ]
+
+
+def resize_refusal(
+    pair: PairView,
+    size_bytes: int,
+    block_size: int,
+    liveness: Liveness,
+    reports: Mapping[tuple[str, str], Report],
+    now: float,
+    *,
+    policy: Policy,
+) -> Problem | None:
+    """Why ``pair`` cannot grow to ``size_bytes`` now (None: it can, or it
+    already has that size). Online growth only while in sync with both nodes
+    alive at the current epoch: the secondary grows first, then the primary,
+    so a write to the new blocks is only ever accepted where the secondary
+    has them too; a degraded pair's resync would send extents the other side
+    may not have."""
+    name, old = pair.name, pair.size_bytes
+    if size_bytes < old:
+        return Problem(
+            Code.INVALID_ARGUMENT,
+            f"volume {name!r} is {old} bytes; {size_bytes} is smaller: shrinking would discard data at the end "
+            "of the volume; not supported",
+        )
+    if size_bytes % block_size:
+        lower, upper = size_bytes // block_size * block_size, (size_bytes // block_size + 1) * block_size
+        return Problem(
+            Code.INVALID_ARGUMENT,
+            f"size {size_bytes} is not a multiple of the block size {block_size} of volume {name!r} "
+            f"(nearest: {lower} or {upper})",
+        )
+    if size_bytes // block_size > MAX_BLOCKS:
+        return Problem(
+            Code.OUT_OF_RANGE,
+            f"size {size_bytes} is {size_bytes // block_size} blocks of {block_size} bytes; the limit is "
+            f"{MAX_BLOCKS} blocks ({MAX_BLOCKS * block_size} bytes at this block size)",
+        )
+    if size_bytes == old:
+        return None
+    if pair.state is not PairState.IN_SYNC:
+        return Problem(
+            Code.FAILED_PRECONDITION,
+            f"volume {name!r} is {pair.state.value} at epoch {pair.epoch}, not in sync: it grows online only "
+            f"while both replicas hold every write; {_NOT_IN_SYNC_ADVICE[pair.state]}",
+        )
+    for role, address in (("secondary", pair.secondary), ("primary", pair.primary)):
+        if not liveness.alive(address, now, policy.node_timeout_s):
+            return Problem(
+                Code.FAILED_PRECONDITION,
+                f"volume {name!r}: {role} {address} is not alive (silent for "
+                f"{liveness.silent_for(address, now):.1f} s); a resize grows both replicas: start it, then retry",
+            )
+        r = reports.get((address, name))
+        if r is None or r.epoch != pair.epoch:
+            return Problem(
+                Code.FAILED_PRECONDITION,
+                f"volume {name!r}: {role} {address} has not applied epoch {pair.epoch} yet; retry in a moment",
+                retry_after_s=0.2,  # a live node reports every heartbeat; the shell bounds the wait
+            )
+    return None
+
+
+def plan_resize(
+    pair: PairView,
+    size_bytes: int,
+    block_size: int,
+    liveness: Liveness,
+    reports: Mapping[tuple[str, str], Report],
+    now: float,
+    *,
+    epoch: int,
+    policy: Policy,
+) -> Problem | list[Command]:
+    """After both nodes grew to ``size_bytes`` at ``epoch`` (the shell pushed
+    ``NodeService.ResizeVolume`` to the secondary, then the primary): the
+    pair's new size, persisted with its event. Checked again on the pair as
+    it is now: it must still be at that epoch (a failover meanwhile: the
+    nodes grew, the record keeps the old size and the operator retries; a
+    node larger than the record is the same volume, syncrep.volumes)."""
+    if pair.epoch != epoch:
+        return Problem(
+            Code.UNAVAILABLE,
+            f"volume {pair.name!r} moved to epoch {pair.epoch} while it grew at epoch {epoch}: both nodes have "
+            f"{size_bytes} bytes, the pair's size stays {pair.size_bytes}; retry the resize",
+        )
+    problem = resize_refusal(pair, size_bytes, block_size, liveness, reports, now, policy=policy)
+    if problem is not None:
+        return problem
+    if size_bytes == pair.size_bytes:
+        return []
+    return [ResizePair(pair.name, size_bytes,
+                       f"resized online from {pair.size_bytes} to {size_bytes} bytes at epoch {pair.epoch}: "
+                       f"secondary {pair.secondary}, then primary {pair.primary} grew; the new blocks read as zeros")]

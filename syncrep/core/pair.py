@@ -121,10 +121,14 @@ class Degrade:
 
     record: PairRecord
     needs_snapshot: bool
-    # The pair leaves IN_SYNC: the primary starts writing without its peer, so
-    # it starts a new generation (docs/FAILOVER.md section 1), persisted with
-    # the degraded record. degraded -> degraded and resyncing -> degraded stay
-    # in the generation begun when the pair left in sync.
+    # The pair leaves IN_SYNC or RESYNCING: the primary starts writing without
+    # its peer, so it starts a new generation (docs/FAILOVER.md section 1),
+    # persisted with the degraded record. Resyncing too: the secondary adopts
+    # the primary's identity when a final round completes, so writes alone
+    # after a switch-back that failed must be under a generation it never had
+    # (else a forced promote of it looks merely newer, and those writes are
+    # overwritten with no split brain: simulator seed 3947). degraded ->
+    # degraded stays in the generation begun when the pair left in sync.
     new_generation: bool = False
 
 
@@ -142,7 +146,8 @@ def decide_degrade(
     extents = derive_failed_extents(nacked, unacked, [*rec.failed_extents, *unrecorded])
     state = transition(rec.state, PairEvent.SECONDARY_FAILED)
     return Degrade(rec.evolve(state=state, failed_extents=extents, last_error=reason),
-                   needs_snapshot=rec.fault_snapshot_id == 0, new_generation=rec.state is PairState.IN_SYNC)
+                   needs_snapshot=rec.fault_snapshot_id == 0,
+                   new_generation=rec.state in (PairState.IN_SYNC, PairState.RESYNCING))
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,8 @@ primary node imports this same module for its own view of the pair.
     resyncing --PROMOTED----------> degraded   (forced: its pre-resync rollback point)
     degraded  --SPLIT_BRAIN_DETECTED--> split_brain
     resyncing --SPLIT_BRAIN_DETECTED--> split_brain
-    split_brain: no way out by an event of this table (``syncrep resolve``)
+    split_brain --RESOLVED--------> degraded   (``syncrep resolve``: one side's
+                                                data kept, the other's discarded)
 
 A promotion swaps the roles: "degraded" then describes the new primary,
 which writes without its peer (the old primary, down or rebuilt).
@@ -109,6 +110,10 @@ class PairEvent(StrEnum):
     SWITCHED_OVER = "switched_over"
     # Both replicas moved on from a common generation: no automatic resync.
     SPLIT_BRAIN_DETECTED = "split_brain_detected"
+    # An operator picked the surviving replica (``syncrep resolve``): the other
+    # reverts to the common generation (its writes since then kept in a
+    # snapshot there) and is resynced from the kept one.
+    RESOLVED = "resolved"
 
 
 # syncrep.v1.PairState values (protos/syncrep.proto).
@@ -139,6 +144,7 @@ TRANSITIONS: Final[dict[tuple[PairState, PairEvent], PairState]] = {
     (PairState.RESYNCING, PairEvent.PROMOTED): PairState.DEGRADED,
     (PairState.DEGRADED, PairEvent.SPLIT_BRAIN_DETECTED): PairState.SPLIT_BRAIN,
     (PairState.RESYNCING, PairEvent.SPLIT_BRAIN_DETECTED): PairState.SPLIT_BRAIN,
+    (PairState.SPLIT_BRAIN, PairEvent.RESOLVED): PairState.DEGRADED,
 }
 
 

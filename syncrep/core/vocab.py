@@ -50,6 +50,7 @@ __all__ = [
     "common_snapshot_name",
     "fault_snapshot_name",
     "parse_address",
+    "parse_address_list",
     "pre_resync_snapshot_name",
     "resync_final_snapshot_name",
     "resync_snapshot_name",
@@ -193,3 +194,23 @@ def validate_dial_address(address: str) -> str | None:
     if not 1 <= port <= 65535:
         return f"address {address!r} has port {port}, outside 1..65535 (expected host:port)"
     return None
+
+
+def parse_address_list(text: str) -> list[str]:
+    """``"A,B,C"`` (``--coordinator A,B,C``, issue 12) -> the dialable
+    ``host:port`` addresses in order; one address is a list of one.
+
+    Raises ValueError naming the bad entry (empty, not host:port, port 0,
+    listed twice)."""
+    out: list[str] = []
+    for part in text.split(","):
+        address = part.strip()
+        if not address:
+            raise ValueError(f"address list {text!r} has an empty entry (expected HOST:PORT[,HOST:PORT...])")
+        problem = validate_dial_address(address)
+        if problem is not None:
+            raise ValueError(f"address list {text!r}: {problem}")
+        if address in out:
+            raise ValueError(f"address list {text!r} names {address} twice")
+        out.append(address)
+    return out

@@ -7,6 +7,8 @@ so qemu-img, nbdcopy, fio (``--ioengine=nbd``) and nbd-client can use it.
 
 * :mod:`syncrep.nbd.protocol` — constants and message (un)packing, no I/O.
 * :mod:`syncrep.nbd.server` — the asyncio server and its backends.
+* :mod:`syncrep.nbd.tls` — NBD_OPT_STARTTLS contexts from the certs directory
+  (TLS required, client certificates: the CN is the user a grant names).
 """
 
 from syncrep.nbd.server import (
@@ -17,9 +19,11 @@ from syncrep.nbd.server import (
     NodeExports,
     PrimaryBackend,
     StaticExports,
+    is_plaintext_safe,
     nbd_listen_type,
     parse_listen,
 )
+from syncrep.nbd.tls import client_ssl_context, server_ssl_context, write_nbd_client_dir
 
 __all__ = [
     "NBD_MAX_INFLIGHT",
@@ -29,6 +33,10 @@ __all__ = [
     "NodeExports",
     "PrimaryBackend",
     "StaticExports",
+    "client_ssl_context",
+    "is_plaintext_safe",
     "nbd_listen_type",
     "parse_listen",
+    "server_ssl_context",
+    "write_nbd_client_dir",
 ]

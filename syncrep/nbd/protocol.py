@@ -3,9 +3,20 @@
 Follows the protocol document of the reference implementation
 (NetworkBlockDevice/nbd, ``doc/proto.md``): the fixed newstyle handshake,
 option haggling with ``NBD_OPT_EXPORT_NAME``, ``NBD_OPT_ABORT``,
-``NBD_OPT_LIST``, ``NBD_OPT_INFO`` and ``NBD_OPT_GO``, and the transmission
-phase with simple replies (structured replies are not offered). Everything is
-big-endian ("network byte order").
+``NBD_OPT_LIST``, ``NBD_OPT_INFO``, ``NBD_OPT_GO``, ``NBD_OPT_STRUCTURED_REPLY``
+and ``NBD_OPT_LIST_META_CONTEXT`` / ``NBD_OPT_SET_META_CONTEXT`` (the one
+context ``base:allocation``), and the transmission phase with simple replies,
+or structured reply chunks once negotiated (``NBD_REPLY_TYPE_OFFSET_DATA``,
+``OFFSET_HOLE``, ``BLOCK_STATUS``, ``ERROR``). Everything is big-endian
+("network byte order").
+
+The options that change what transmission looks like (structured replies, the
+selected metadata contexts) are per-connection state kept by
+:class:`Negotiation`, a pure state machine the server feeds with option data
+and whose replies it sends: the rules of the document (structured replies
+first, ``NBD_OPT_SET_META_CONTEXT`` replaces the selection even when it fails,
+``NBD_OPT_STARTTLS`` forgets everything, block status only on the export the
+contexts were selected for) are kept in one place and tested as data tables.
 
 Every parser takes exactly the bytes of one message part (the caller reads a
 fixed-size header, then the length it announces) and raises
@@ -21,6 +32,7 @@ exist for tests and tools; the server never uses them.
 from __future__ import annotations
 
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 # ---------------------------------------------------------------- magics
@@ -145,7 +157,47 @@ ALLOWED_CMD_FLAGS = {
     CMD_FLUSH: CMD_FLAG_FUA,
     CMD_TRIM: CMD_FLAG_FUA,
     CMD_WRITE_ZEROES: CMD_FLAG_FUA | CMD_FLAG_NO_HOLE,
+    CMD_BLOCK_STATUS: CMD_FLAG_FUA | CMD_FLAG_REQ_ONE,
 }
+
+# ---------------------------------------------------------------- structured replies
+
+REPLY_FLAG_DONE = 1 << 0
+
+REPLY_TYPE_NONE = 0
+REPLY_TYPE_OFFSET_DATA = 1
+REPLY_TYPE_OFFSET_HOLE = 2
+REPLY_TYPE_BLOCK_STATUS = 5
+REPLY_TYPE_ERROR = (1 << 15) + 1
+REPLY_TYPE_ERROR_OFFSET = (1 << 15) + 2
+REPLY_TYPE_FLAG_ERROR = 1 << 15
+
+REPLY_TYPE_NAMES = {
+    REPLY_TYPE_NONE: "NBD_REPLY_TYPE_NONE",
+    REPLY_TYPE_OFFSET_DATA: "NBD_REPLY_TYPE_OFFSET_DATA",
+    REPLY_TYPE_OFFSET_HOLE: "NBD_REPLY_TYPE_OFFSET_HOLE",
+    REPLY_TYPE_BLOCK_STATUS: "NBD_REPLY_TYPE_BLOCK_STATUS",
+    REPLY_TYPE_ERROR: "NBD_REPLY_TYPE_ERROR",
+    REPLY_TYPE_ERROR_OFFSET: "NBD_REPLY_TYPE_ERROR_OFFSET",
+}
+
+# ---------------------------------------------------------------- metadata contexts
+
+#: The one context this server offers: is a range allocated in the backing file.
+META_BASE_ALLOCATION = "base:allocation"
+#: Its id in NBD_REP_META_CONTEXT replies to NBD_OPT_SET_META_CONTEXT (any value
+#: the server picks; LIST replies carry the reserved 0).
+META_BASE_ALLOCATION_ID = 1
+#: base:allocation flags: not allocated in the backend / reads as all zeroes.
+STATE_HOLE = 1 << 0
+STATE_ZERO = 1 << 1
+#: Most extents in one NBD_REPLY_TYPE_BLOCK_STATUS chunk. The document says
+#: SHOULD NOT exceed 2^20 and lets the server return fewer than asked (the
+#: client asks again from where the reply ended); 16 Ki extents keep a reply
+#: at 128 KiB and the SEEK_DATA/SEEK_HOLE walk behind it short.
+MAX_BLOCK_STATUS_EXTENTS = 16 * 1024
+#: Largest length of one extent (a 32-bit field).
+MAX_EXTENT_BYTES = (1 << 32) - 1
 
 # ---------------------------------------------------------------- errors (reply error field)
 
@@ -196,6 +248,11 @@ _SIMPLE_REPLY = struct.Struct(">IIQ")
 _EXPORT_NAME_REPLY = struct.Struct(">QH")
 _INFO_EXPORT = struct.Struct(">HQH")
 _INFO_BLOCK_SIZE = struct.Struct(">HIII")
+_STRUCTURED_REPLY = struct.Struct(">IHHQI")
+_OFFSET_HOLE = struct.Struct(">QI")
+_U64 = struct.Struct(">Q")
+_EXTENT = struct.Struct(">II")
+_ERROR_PAYLOAD = struct.Struct(">IH")
 
 
 class ProtocolError(Exception):
@@ -497,6 +554,129 @@ def parse_simple_reply(data: bytes) -> tuple[int, int]:
     return int(error), int(handle)
 
 
+def pack_structured_header(flags: int, kind: int, handle: int, length: int) -> bytes:
+    """S: structured reply chunk header: magic, 16-bit flags, 16-bit type,
+    64-bit handle (cookie), 32-bit payload length (the payload follows)."""
+    return _STRUCTURED_REPLY.pack(STRUCTURED_REPLY_MAGIC, flags, kind, handle, length)
+
+
+def pack_offset_data_header(handle: int, offset: int, data_len: int, *, done: bool) -> bytes:
+    """NBD_REPLY_TYPE_OFFSET_DATA up to its data: the chunk header and the
+    64-bit offset. The caller sends the ``data_len`` (>= 1) bytes after it, so
+    the data is never copied into the header."""
+    if data_len < 1:
+        raise ValueError("an NBD_REPLY_TYPE_OFFSET_DATA chunk carries at least one byte")
+    return pack_structured_header(REPLY_FLAG_DONE if done else 0, REPLY_TYPE_OFFSET_DATA, handle,
+                                  8 + data_len) + _U64.pack(offset)
+
+
+def pack_offset_hole(handle: int, offset: int, size: int, *, done: bool) -> bytes:
+    """NBD_REPLY_TYPE_OFFSET_HOLE: ``size`` (1 .. 2^32-1) bytes at ``offset`` read as zeroes."""
+    if not 0 < size <= MAX_EXTENT_BYTES:
+        raise ValueError(f"hole size {size} is outside 1 .. {MAX_EXTENT_BYTES}")
+    return pack_structured_header(REPLY_FLAG_DONE if done else 0, REPLY_TYPE_OFFSET_HOLE, handle,
+                                  _OFFSET_HOLE.size) + _OFFSET_HOLE.pack(offset, size)
+
+
+def pack_block_status(handle: int, context_id: int, extents: Sequence[tuple[int, int]], *,
+                      done: bool = True) -> bytes:
+    """NBD_REPLY_TYPE_BLOCK_STATUS: the context id, then (length, flags) per extent."""
+    if not extents:
+        raise ValueError("a block status chunk carries at least one extent")
+    payload = _U32.pack(context_id) + b"".join(_EXTENT.pack(n, f) for n, f in extents)
+    return pack_structured_header(REPLY_FLAG_DONE if done else 0, REPLY_TYPE_BLOCK_STATUS, handle,
+                                  len(payload)) + payload
+
+
+def pack_structured_error(handle: int, error: int, message: str = "") -> bytes:
+    """NBD_REPLY_TYPE_ERROR, the final chunk: error (nonzero), 16-bit message length, message."""
+    if error == 0:
+        raise ValueError("an error chunk needs a nonzero error")
+    msg = _clip_string(message)
+    return pack_structured_header(REPLY_FLAG_DONE, REPLY_TYPE_ERROR, handle,
+                                  _ERROR_PAYLOAD.size + len(msg)) + _ERROR_PAYLOAD.pack(error, len(msg)) + msg
+
+
+def pack_structured_none(handle: int) -> bytes:
+    """NBD_REPLY_TYPE_NONE with NBD_REPLY_FLAG_DONE: the reply ends, successfully."""
+    return pack_structured_header(REPLY_FLAG_DONE, REPLY_TYPE_NONE, handle, 0)
+
+
+@dataclass(frozen=True)
+class StructuredHeader:
+    flags: int
+    type: int
+    handle: int
+    length: int
+
+    @property
+    def done(self) -> bool:
+        return bool(self.flags & REPLY_FLAG_DONE)
+
+    @property
+    def is_error(self) -> bool:
+        return bool(self.type & REPLY_TYPE_FLAG_ERROR)
+
+
+#: Bytes of a structured reply chunk header.
+STRUCTURED_REPLY_BYTES = _STRUCTURED_REPLY.size
+
+
+def parse_reply_magic(data: bytes) -> int:
+    """Client side: the magic of the next reply (simple or structured), from its first 4 bytes."""
+    _need(data, 4, "reply magic")
+    (magic,) = _U32.unpack(data)
+    if magic not in (SIMPLE_REPLY_MAGIC, STRUCTURED_REPLY_MAGIC):
+        raise ProtocolError(f"bad reply magic 0x{magic:08x}")
+    return int(magic)
+
+
+def parse_structured_header(data: bytes) -> StructuredHeader:
+    """Client side: the 20-byte header of a structured reply chunk."""
+    _need(data, STRUCTURED_REPLY_BYTES, "structured reply header")
+    magic, flags, kind, handle, length = _STRUCTURED_REPLY.unpack(data)
+    if magic != STRUCTURED_REPLY_MAGIC:
+        raise ProtocolError(f"bad structured reply magic 0x{magic:08x}")
+    return StructuredHeader(int(flags), int(kind), int(handle), int(length))
+
+
+def parse_offset_hole(payload: bytes) -> tuple[int, int]:
+    """Client side: (offset, size) of an NBD_REPLY_TYPE_OFFSET_HOLE payload."""
+    _need(payload, _OFFSET_HOLE.size, "NBD_REPLY_TYPE_OFFSET_HOLE payload")
+    offset, size = _OFFSET_HOLE.unpack(payload)
+    if size == 0:
+        raise ProtocolError("NBD_REPLY_TYPE_OFFSET_HOLE of size 0")
+    return int(offset), int(size)
+
+
+def parse_offset_data(payload: bytes) -> tuple[int, bytes]:
+    """Client side: (offset, data) of an NBD_REPLY_TYPE_OFFSET_DATA payload."""
+    if len(payload) < 9:
+        raise ProtocolError(f"NBD_REPLY_TYPE_OFFSET_DATA payload of {len(payload)} bytes (at least 9)")
+    return int(_U64.unpack_from(payload, 0)[0]), payload[8:]
+
+
+def parse_block_status(payload: bytes) -> tuple[int, list[tuple[int, int]]]:
+    """Client side: (context id, [(length, flags), ...]) of an NBD_REPLY_TYPE_BLOCK_STATUS payload."""
+    if len(payload) < 12 or (len(payload) - 4) % 8:
+        raise ProtocolError(f"NBD_REPLY_TYPE_BLOCK_STATUS payload of {len(payload)} bytes is not 4 + 8n (n >= 1)")
+    (ctx,) = _U32.unpack_from(payload, 0)
+    extents = [(int(n), int(f)) for n, f in _EXTENT.iter_unpack(payload[4:])]
+    if any(n == 0 for n, _ in extents):
+        raise ProtocolError("NBD_REPLY_TYPE_BLOCK_STATUS extent of length 0")
+    return int(ctx), extents
+
+
+def parse_structured_error(payload: bytes) -> tuple[int, str]:
+    """Client side: (error, message) of an error chunk."""
+    if len(payload) < _ERROR_PAYLOAD.size:
+        raise ProtocolError(f"error chunk payload of {len(payload)} bytes (at least 6)")
+    error, n = _ERROR_PAYLOAD.unpack_from(payload, 0)
+    if n > len(payload) - _ERROR_PAYLOAD.size:
+        raise ProtocolError(f"error chunk message length {n} overruns the payload")
+    return int(error), payload[6:6 + n].decode("utf-8", "replace")
+
+
 def check_request_flags(req: Request) -> str | None:
     """None when the command flags are acceptable, else why not (-> EINVAL)."""
     allowed = ALLOWED_CMD_FLAGS.get(req.type, 0)
@@ -504,6 +684,222 @@ def check_request_flags(req: Request) -> str | None:
     if bad:
         return f"command flags 0x{bad:04x} are not valid for NBD_CMD_{req.name}"
     return None
+
+
+# ---------------------------------------------------------------- block status and sparse reads
+
+
+def block_status_extents(
+    extents: Sequence[tuple[int, int]], length: int, *, req_one: bool,
+    max_extents: int = MAX_BLOCK_STATUS_EXTENTS,
+) -> list[tuple[int, int]]:
+    """The descriptors of one NBD_REPLY_TYPE_BLOCK_STATUS chunk for a request
+    of ``length`` (> 0) bytes, from what the backend reported (consecutive
+    (length, flags) from the request's offset; it may cover less or more).
+
+    Merges neighbours with equal flags (the document: SHOULD differ), drops
+    empty ones, clips the last to the request's end (so every length fits 32
+    bits and REQ_ONE's "MUST NOT exceed the length" holds), keeps at most
+    ``max_extents`` (1 with ``req_one``). Nothing reported: one extent of
+    status 0 ("allocated or unknown"), which is always correct."""
+    if length <= 0:
+        raise ValueError(f"block status of {length} bytes")
+    limit = 1 if req_one else max_extents
+    out: list[list[int]] = []
+    covered = 0
+    for n, flags in extents:
+        if n <= 0:
+            continue
+        n = min(n, length - covered)
+        if out and out[-1][1] == flags:
+            out[-1][0] += n
+        elif len(out) < limit:
+            out.append([n, flags])
+        else:
+            break
+        covered += n
+        if covered >= length:
+            break
+    if not out:
+        return [(length, 0)]
+    return [(n, f) for n, f in out]
+
+
+def read_plan(
+    offset: int, length: int, extents: Sequence[tuple[int, int]]
+) -> list[tuple[int, int, bool]]:
+    """Content chunks for a structured READ of [offset, offset + length):
+    (offset, length, is_hole) in order, covering the range exactly. A hole
+    chunk is sent for every extent that reads as zeroes (STATE_ZERO); what
+    the extents leave uncovered is data."""
+    out: list[tuple[int, int, bool]] = []
+    pos, end = offset, offset + length
+    for n, flags in extents:
+        if pos >= end:
+            break
+        if n <= 0:
+            continue
+        n = min(n, end - pos)
+        hole = bool(flags & STATE_ZERO)
+        if out and out[-1][2] == hole:
+            o, m, _ = out[-1]
+            out[-1] = (o, m + n, hole)
+        else:
+            out.append((pos, n, hole))
+        pos += n
+    if pos < end:
+        if out and not out[-1][2]:
+            o, m, _ = out[-1]
+            out[-1] = (o, m + end - pos, False)
+        else:
+            out.append((pos, end - pos, False))
+    return out
+
+
+# ---------------------------------------------------------------- negotiation state
+
+
+@dataclass(frozen=True)
+class MetaContextRequest:
+    """NBD_OPT_LIST_META_CONTEXT / NBD_OPT_SET_META_CONTEXT data."""
+
+    name: str
+    queries: tuple[str, ...]
+
+
+def parse_meta_context_request(data: bytes) -> MetaContextRequest:
+    """32-bit name length, name, 32-bit query count, per query a 32-bit length
+    and the query (a string that MUST start with a namespace and a colon)."""
+    if len(data) < 8:
+        raise OptionInvalid(f"option data of {len(data)} bytes is too short (at least 8)")
+    (name_len,) = _U32.unpack_from(data, 0)
+    if name_len > len(data) - 8:
+        raise OptionInvalid(f"export name length {name_len} overruns the {len(data)}-byte option data")
+    name = decode_name(data[4:4 + name_len])
+    pos = 4 + name_len
+    (count,) = _U32.unpack_from(data, pos)
+    pos += 4
+    queries: list[str] = []
+    for i in range(count):
+        if pos + 4 > len(data):
+            raise OptionInvalid(f"{count} queries announced, the option data ends after {i}")
+        (n,) = _U32.unpack_from(data, pos)
+        pos += 4
+        if n > len(data) - pos:
+            raise OptionInvalid(f"query {i} of {n} bytes overruns the option data")
+        q = decode_name(data[pos:pos + n], f"query {i}")
+        pos += n
+        ns, colon, _ = q.partition(":")
+        if not colon or not ns:
+            raise OptionInvalid(f"query {q!r} does not start with a namespace and a colon (e.g. base:allocation)")
+        queries.append(q)
+    if pos != len(data):
+        raise OptionInvalid(f"{len(data) - pos} bytes follow the last of {count} queries")
+    return MetaContextRequest(name, tuple(queries))
+
+
+def pack_meta_context_request(name: str, queries: Sequence[str] = ()) -> bytes:
+    """Client side: NBD_OPT_LIST_META_CONTEXT / NBD_OPT_SET_META_CONTEXT data."""
+    raw = name.encode()
+    out = [_U32.pack(len(raw)), raw, _U32.pack(len(queries))]
+    for q in queries:
+        qb = q.encode()
+        out += [_U32.pack(len(qb)), qb]
+    return b"".join(out)
+
+
+def pack_meta_context(context_id: int, name: str) -> bytes:
+    """NBD_REP_META_CONTEXT payload: 32-bit context id, the context's name."""
+    return _U32.pack(context_id) + _clip_string(name)
+
+
+def parse_meta_context(data: bytes) -> tuple[int, str]:
+    """Client side: (context id, name) of an NBD_REP_META_CONTEXT payload."""
+    if len(data) < 4:
+        raise ProtocolError("NBD_REP_META_CONTEXT payload shorter than 4 bytes")
+    return int(_U32.unpack_from(data, 0)[0]), data[4:].decode("utf-8", "replace")
+
+
+def match_meta_contexts(queries: Sequence[str], *, listing: bool) -> list[str]:
+    """The contexts of this server (only ``base:allocation``) that ``queries``
+    name. Listing: no query means every context, ``base:`` is the wildcard of
+    the namespace. Selecting: no query selects nothing, ``base:`` MUST be
+    ignored. Any other leaf of ``base:``, and every other namespace (``qemu:``,
+    ``x-...:``), is ignored, as the document requires: such a query just
+    matches nothing."""
+    if listing and not queries:
+        return [META_BASE_ALLOCATION]
+    for q in queries:
+        if q == META_BASE_ALLOCATION or (listing and q == "base:"):
+            return [META_BASE_ALLOCATION]
+    return []
+
+
+#: One option reply to send: (reply type, payload).
+OptionReply = tuple[int, bytes]
+
+
+@dataclass
+class Negotiation:
+    """Per-connection option state that shapes transmission.
+
+    ``structured``: NBD_OPT_STRUCTURED_REPLY was acknowledged (READ must then
+    be answered with structured chunks). ``meta_export`` / ``meta_contexts``:
+    the export name the last NBD_OPT_SET_META_CONTEXT named and the
+    (id, name) contexts it selected. The server parses, checks that the
+    export exists and may be used, and sends what these methods return; the
+    methods decide, so the rules are tested without sockets."""
+
+    structured: bool = False
+    meta_export: str | None = None
+    meta_contexts: tuple[tuple[int, str], ...] = ()
+
+    def starttls(self) -> None:
+        """After NBD_OPT_STARTTLS succeeds nothing negotiated before it is kept."""
+        self.structured = False
+        self.clear_meta_contexts()
+
+    def clear_meta_contexts(self) -> None:
+        self.meta_export = None
+        self.meta_contexts = ()
+
+    def structured_reply(self, data: bytes) -> OptionReply:
+        """NBD_OPT_STRUCTURED_REPLY: ACK, or INVALID with data or when already on."""
+        if data:
+            return REP_ERR_INVALID, b"NBD_OPT_STRUCTURED_REPLY takes no data"
+        if self.structured:
+            return REP_ERR_INVALID, b"structured replies are already negotiated"
+        self.structured = True
+        return REP_ACK, b""
+
+    def meta_context_request(self, option: int, data: bytes) -> MetaContextRequest:
+        """First step of LIST/SET_META_CONTEXT: the parsed request, or
+        OptionInvalid (malformed, or structured replies not negotiated: a
+        MUST NOT / SHOULD reply INVALID). SET replaces the selection even when
+        it fails, so a SET clears it here, before anything can fail."""
+        if option == OPT_SET_META_CONTEXT:
+            self.clear_meta_contexts()
+        if not self.structured:
+            raise OptionInvalid(f"{OPT_NAMES[option]} needs NBD_OPT_STRUCTURED_REPLY first")
+        return parse_meta_context_request(data)
+
+    def meta_context_replies(self, option: int, req: MetaContextRequest) -> list[OptionReply]:
+        """Second step, for an export that exists and may be used: one
+        NBD_REP_META_CONTEXT per matching context, then NBD_REP_ACK. SET
+        remembers the export and what it selected."""
+        listing = option == OPT_LIST_META_CONTEXT
+        names = match_meta_contexts(req.queries, listing=listing)
+        if listing:
+            return [(REP_META_CONTEXT, pack_meta_context(0, n)) for n in names] + [(REP_ACK, b"")]
+        selected = tuple((META_BASE_ALLOCATION_ID, n) for n in names)
+        self.meta_export = req.name
+        self.meta_contexts = selected
+        return [(REP_META_CONTEXT, pack_meta_context(i, n)) for i, n in selected] + [(REP_ACK, b"")]
+
+    def contexts_for(self, export_name: str) -> tuple[tuple[int, str], ...]:
+        """The contexts BLOCK_STATUS answers on transmission with ``export_name``
+        (as the client named it): those selected for that very name, else none."""
+        return self.meta_contexts if self.meta_export == export_name else ()
 
 
 # ---------------------------------------------------------------- helpers

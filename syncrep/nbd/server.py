@@ -5,9 +5,40 @@
         secondary: LocalBackend    -> LocalVolume.store.read_at (read-only: live copy or a snapshot)
 
 Handshake: fixed newstyle only (``NBD_OPT_EXPORT_NAME``, ``NBD_OPT_GO``,
-``NBD_OPT_INFO``, ``NBD_OPT_LIST``, ``NBD_OPT_ABORT``; every other option is
-answered ``NBD_REP_ERR_UNSUP``/``_POLICY``). Transmission: READ, WRITE, FLUSH,
-DISC, TRIM and WRITE_ZEROES with simple replies, FUA honoured.
+``NBD_OPT_INFO``, ``NBD_OPT_LIST``, ``NBD_OPT_ABORT``, ``NBD_OPT_STARTTLS``,
+``NBD_OPT_STRUCTURED_REPLY``, ``NBD_OPT_LIST_META_CONTEXT`` and
+``NBD_OPT_SET_META_CONTEXT`` with ``base:allocation``; every other option is
+answered ``NBD_REP_ERR_UNSUP``). Transmission: READ, WRITE, FLUSH, DISC, TRIM,
+WRITE_ZEROES and BLOCK_STATUS, FUA honoured; simple replies, or structured
+replies when the client negotiated them (then errors go out as
+``NBD_REPLY_TYPE_ERROR`` chunks with the reason).
+
+Holes (issue 14): ``Backend.extents`` says which ranges read as zeros. For the
+live head (the primary's export and the secondary's live copy) that is the
+layout of the store's sparse data file (``syncrep.blockstore.alloc``,
+SEEK_DATA/SEEK_HOLE): never-written and punched ranges are ``NBD_STATE_HOLE |
+NBD_STATE_ZERO``. A snapshot export reports everything as data (always
+correct). BLOCK_STATUS answers from it, at most
+``protocol.MAX_BLOCK_STATUS_EXTENTS`` extents per reply, so qemu-img convert,
+nbdcopy and ``nbdinfo --map`` skip the holes; a structured READ of at least
+``NBD_SPARSE_READ_MIN_BYTES`` sends ``NBD_REPLY_TYPE_OFFSET_HOLE`` for the
+holes in it instead of their zeros.
+
+TLS and who may use what (issue 11): with a TLS context the server runs in the
+document's FORCEDTLS mode on every listener, TCP and Unix alike: before
+``NBD_OPT_STARTTLS`` every option but ABORT is answered
+``NBD_REP_ERR_TLS_REQD`` and ``NBD_OPT_EXPORT_NAME`` (which cannot be answered
+with an error) ends the session, so no export is even named to a client that
+has not shown a certificate. After ``NBD_REP_ACK`` the TLS handshake runs on
+the same socket (the context requires a client certificate signed by the CA),
+haggling starts over, and the certificate's CN is the user: each export is
+offered only when ``authorize(volume, user, write)`` grants it, read-only when
+only a read-only grant exists. A single server-wide mode (rather than the
+document's SELECTIVETLS) is on purpose: an export reachable both ways is open
+to a downgrade by whoever sits on the path. Without TLS there is no user to
+authorise: plaintext is refused at construction except on a Unix socket or a
+loopback address, where only local processes connect, or when the operator
+asked for it (``--insecure``).
 
 Concurrency: each connection reads requests in order and runs each in its own
 task; replies go out as they complete, in any order (the handle matches them
@@ -40,9 +71,12 @@ import argparse
 import asyncio
 import contextlib
 import errno as _errno
+import ipaddress
 import logging
 import os
+import re
 import socket
+import ssl
 import stat
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
@@ -50,12 +84,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
+from syncrep import certs
+from syncrep.blockstore.alloc import allocation_runs
 from syncrep.blockstore.errors import (
     InvalidArgumentError,
     OutOfRangeError,
     StoreClosedError,
     UnknownSnapshotError,
 )
+from syncrep.blockstore.store import DATA_FILE
 from syncrep.core.pairstate import PairState
 from syncrep.core.vocab import MAX_WRITE_BYTES
 from syncrep.errors import FailedPrecondition, PermissionDenied, SyncrepError, Unavailable
@@ -84,7 +121,7 @@ NBD_MAX_REQUEST_BYTES = 32 * 1024 * 1024
 NBD_MAX_IO_BYTES = MAX_WRITE_BYTES
 #: TRIM/WRITE_ZEROES of a large range: this many zero chunks in flight at once.
 NBD_ZERO_CONCURRENCY = 8
-#: A client must finish option haggling within this long.
+#: A client must finish option haggling (the TLS handshake included) within this long.
 NBD_HANDSHAKE_TIMEOUT_S = 30.0
 #: Options accepted per handshake, and the largest option payload.
 NBD_MAX_OPTIONS = 128
@@ -98,8 +135,18 @@ NBD_STOP_GRACE_S = 5.0
 NBD_PRIMARY_SWITCH_WAIT_S = 10.0
 #: Per connection, this many request errors are logged at WARNING; later ones at DEBUG.
 NBD_LOGGED_ERRORS = 10
+#: A structured READ at least this long asks ``Backend.extents`` first and sends
+#: the holes in it as NBD_REPLY_TYPE_OFFSET_HOLE. Shorter reads skip the
+#: question: it is a trip to a thread for SEEK_DATA/SEEK_HOLE, which costs more
+#: than a few KiB of zeros on the wire, and the clients that copy whole images
+#: (qemu-img convert, nbdcopy) ask BLOCK_STATUS first and never read holes anyway.
+NBD_SPARSE_READ_MIN_BYTES = 64 * 1024
 # StreamReader buffer limit (read-ahead before backpressure).
 _READ_LIMIT = 1024 * 1024
+
+
+#: authorize(volume, user, write) -> None (granted) or why not.
+Authorize = Callable[[str, str, bool], str | None]
 
 
 class NbdError(Exception):
@@ -212,11 +259,25 @@ class Backend:
     async def read(self, offset: int, length: int) -> bytes:
         raise NotImplementedError
 
+    async def extents(self, offset: int, length: int) -> list[tuple[int, int]]:
+        """base:allocation of [offset, offset + length) (inside the export, any
+        alignment): consecutive (length, NBD_STATE_* flags) from ``offset``;
+        they may cover less than asked. This default, "all data" (flags 0), is
+        always correct."""
+        return [(length, 0)]
+
     async def write(self, offset: int, data: bytes) -> None:
         raise PermissionDenied(f"export {self.name!r} is read-only")
 
     async def flush(self) -> None:
         """Make every write acknowledged so far durable."""
+
+    @property
+    def max_zero_bytes(self) -> int:
+        """The longest aligned range one ``zeroes`` or ``trim`` call takes (the
+        server splits longer ones). Writing zero buffers: ``max_io_bytes``; a
+        backend with a zero-range operation takes far more (PrimaryBackend)."""
+        return self.max_io_bytes
 
     async def zeroes(self, offset: int, length: int) -> None:
         """Zero an aligned range (through the ordinary write path)."""
@@ -295,6 +356,30 @@ class PrimaryBackend(Backend):
             return  # every acknowledged write is already durable (fdatasync, group commit)
         await self.lv.run_io(self.lv.store.flush)
 
+    @property
+    def max_zero_bytes(self) -> int:
+        # One replicated zero range per request, whatever its length (an NBD
+        # request is at most 4 GiB): no payload travels, the nodes punch holes.
+        return self.size - self.size % self.block_size
+
+    async def zeroes(self, offset: int, length: int) -> None:
+        """WRITE_ZEROES as one replicated zero range (issue 14): holes punched
+        on both nodes (``PrimaryVolume.zero_range``), nothing allocated. Also
+        with NBD_CMD_FLAG_NO_HOLE: the range is punched anyway. Reads are the
+        same (zeros); the flag asks for the space to stay provisioned, and a
+        syncrep volume is thin by design (no write preallocates), so honouring
+        it would only bring back writing zero buffers through the replicated
+        path (about 80 MiB/s) for no guarantee the store gives elsewhere."""
+        await self._with_primary(lambda pv: pv.zero_range(offset, length))
+
+    async def trim(self, offset: int, length: int) -> None:
+        """TRIM: the same replicated zero range; trimmed blocks read as zeros."""
+        await self._with_primary(lambda pv: pv.zero_range(offset, length))
+
+    async def extents(self, offset: int, length: int) -> list[tuple[int, int]]:
+        # Through _with_primary like read: a node no longer primary answers nothing.
+        return await self._with_primary(lambda pv: live_extents(self.lv, offset, length))
+
 
 class LocalBackend(Backend):
     """Read-only export of this node's copy of a volume (``snapshot_id`` None:
@@ -312,6 +397,27 @@ class LocalBackend(Backend):
 
     async def read(self, offset: int, length: int) -> bytes:
         return await asyncio.to_thread(self.lv.store.read_at, self.snapshot_id, offset, length)
+
+    async def extents(self, offset: int, length: int) -> list[tuple[int, int]]:
+        if self.snapshot_id is not None:  # holes of the head say nothing about a snapshot
+            return await super().extents(offset, length)
+        return await live_extents(self.lv, offset, length)
+
+
+#: base:allocation flags of a hole in the live head's data file: it reads as zeros.
+_HOLE_FLAGS = p.STATE_HOLE | p.STATE_ZERO
+
+
+async def live_extents(lv: LocalVolume, offset: int, length: int) -> list[tuple[int, int]]:
+    """base:allocation of the live head of ``lv``: the holes of its data file,
+    in whole blocks (``syncrep.blockstore.alloc``), at most
+    MAX_BLOCK_STATUS_EXTENTS runs, on a thread (lseek may wait for the disk)."""
+    store = lv.store
+    runs = await asyncio.to_thread(
+        allocation_runs, store.path / DATA_FILE, offset, length, block_size=store.block_size,
+        size=store.size_bytes, max_runs=p.MAX_BLOCK_STATUS_EXTENTS,
+    )
+    return [(n, _HOLE_FLAGS if hole else 0) for n, hole in runs]
 
 
 class ExportLookup(Protocol):
@@ -441,6 +547,12 @@ class _Export:
     backend: Backend
     locks: RangeLock
     flags: int
+    #: The backend's read-only, or a read-only grant on a writable backend.
+    read_only: bool
+
+
+class _TlsFailed(Exception):
+    """The TLS handshake after NBD_REP_ACK failed: the session cannot go on."""
 
 
 @dataclass(eq=False)
@@ -449,6 +561,17 @@ class _Conn:
     writer: asyncio.StreamWriter
     peer: str
     export: _Export | None = None
+    #: After the TLS handshake: the CN of the client's certificate (None: no TLS yet).
+    user: str | None = None
+    #: Options answered NBD_REP_ERR_TLS_REQD (the first is logged at WARNING).
+    tls_refusals: int = 0
+    #: Exports refused to this connection's user (each logged once at WARNING).
+    refused: set[str] = field(default_factory=set)
+    #: Structured replies and metadata contexts as negotiated so far.
+    neg: p.Negotiation = field(default_factory=p.Negotiation)
+    #: In transmission: structured replies on; the (id, name) contexts BLOCK_STATUS answers.
+    structured: bool = False
+    contexts: tuple[tuple[int, str], ...] = ()
     read_task: asyncio.Task[None] | None = None
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
     write_tasks: set[asyncio.Task[None]] = field(default_factory=set)
@@ -458,9 +581,11 @@ class _Conn:
     requests: int = 0
     errors: int = 0
     bytes_read: int = 0
+    #: READ bytes answered with NBD_REPLY_TYPE_OFFSET_HOLE (not shipped).
+    bytes_holes: int = 0
     bytes_written: int = 0
 
-    async def send(self, parts: Sequence[bytes]) -> None:
+    async def send(self, parts: Sequence[bytes | memoryview]) -> None:
         if self.broken:
             return
         try:
@@ -472,15 +597,69 @@ class _Conn:
             log.debug("nbd client %s: reply not delivered: %s", self.peer, e)
 
 
+def is_plaintext_safe(a: ListenAddress) -> bool:
+    """Whether plaintext NBD on ``a`` reaches local processes only: a Unix
+    socket, or a loopback address (127.0.0.0/8, ::1, ::ffff:127.x, localhost).
+    An empty host (every interface) is not."""
+    if a.is_unix:
+        return True
+    if a.host.lower() == "localhost":
+        return True
+    try:
+        ip = ipaddress.ip_address(a.host)
+    except ValueError:
+        return False  # a host name: what it resolves to is not ours to trust
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_loopback
+
+
 class NbdServer:
     """NBD server on ``listen`` (see :func:`parse_listen`), serving the exports
-    that ``backend_lookup`` finds by name."""
+    that ``backend_lookup`` finds by name.
 
-    def __init__(self, listen: str, backend_lookup: ExportLookup, *, max_inflight: int = NBD_MAX_INFLIGHT) -> None:
+    ``tls``: a server context that requires a client certificate
+    (:func:`syncrep.nbd.tls.server_ssl_context`). With it, TLS is required on
+    every listener (FORCEDTLS, see the module docstring) and the client
+    certificate's CN is the user. ``authorize(volume, user, write)`` (with
+    ``tls`` only; None: every certificate of the CA may use every export)
+    returns None when ``user`` may use ``volume`` (``VOLUME@SNAPSHOT`` ->
+    ``VOLUME``) for writing (``write``) or reading, else the reason: a
+    writable export is offered read-write, or read-only when only
+    ``write=False`` is granted, or not at all (NBD_REP_ERR_POLICY with the
+    reason; a closed connection after NBD_OPT_EXPORT_NAME); an exception in
+    it refuses too. Plaintext connections have no user and are not authorised:
+    without ``tls`` the listeners must be Unix sockets or loopback addresses
+    unless ``allow_plaintext`` (``--insecure``), else ValueError."""
+
+    def __init__(
+        self,
+        listen: str,
+        backend_lookup: ExportLookup,
+        *,
+        max_inflight: int = NBD_MAX_INFLIGHT,
+        tls: ssl.SSLContext | None = None,
+        authorize: Authorize | None = None,
+        allow_plaintext: bool = False,
+    ) -> None:
         self.listen = listen
         self.addresses = parse_listen(listen)
         self.lookup = backend_lookup
         self.max_inflight = max_inflight
+        if tls is not None and tls.verify_mode != ssl.CERT_REQUIRED:
+            # Without a client certificate there is no user to authorise.
+            raise ValueError("the NBD server's TLS context must require a client certificate (CERT_REQUIRED); "
+                             "build it with syncrep.nbd.tls.server_ssl_context")
+        if tls is None and not allow_plaintext:
+            exposed = [str(a) for a in self.addresses if not is_plaintext_safe(a)]
+            if exposed:
+                raise ValueError(
+                    f"refusing plaintext NBD on {', '.join(exposed)}: anyone who can reach it could read and "
+                    "write the volumes. Pass --certs-dir DIR to serve NBD over TLS with client certificates, "
+                    "listen on a loopback address or a unix: socket, or pass --insecure to allow plaintext"
+                )
+        self.tls = tls
+        self.authorize = authorize
         self._servers: list[asyncio.AbstractServer] = []
         self._conns: dict[_Conn, asyncio.Task[Any]] = {}
         self._locks: dict[str, RangeLock] = {}
@@ -563,6 +742,8 @@ class NbdServer:
             log.info("nbd client %s: connection closed by server shutdown", peer)
         except p.ProtocolError as e:
             log.warning("nbd client %s: protocol violation: %s; closing this connection", peer, e)
+        except _TlsFailed as e:
+            log.warning("nbd client %s: TLS handshake failed: %s; closing this connection", peer, e)
         except TimeoutError:
             log.warning("nbd client %s: handshake not finished within %.0f s; closing this connection",
                         peer, NBD_HANDSHAKE_TIMEOUT_S)
@@ -588,8 +769,9 @@ class NbdServer:
             return
         conn.export = export
         b = export.backend
-        log.info("nbd client %s: serving export %r (%s, %d bytes, %d-byte blocks)",
-                 conn.peer, b.name, "read-only" if b.read_only else "read-write", b.size, b.block_size)
+        log.info("nbd client %s: serving export %r (%s, %d bytes, %d-byte blocks%s)",
+                 conn.peer, b.name, "read-only" if export.read_only else "read-write", b.size, b.block_size,
+                 "" if conn.user is None else f", TLS, user {conn.user!r}")
         read_task = conn.read_task = asyncio.create_task(self._read_requests(conn), name=f"nbd-read-{conn.peer}")
         try:
             # stop() cancels read_task (asyncio.wait does not raise for that); if this
@@ -603,9 +785,9 @@ class NbdServer:
             # (DISC: "the server MUST handle all outstanding requests").
             if conn.tasks:
                 await asyncio.wait(list(conn.tasks), timeout=NBD_STOP_GRACE_S)
-            log.info("nbd client %s: export %r closed after %d requests (%d bytes read, %d written, "
-                     "%d errors)", conn.peer, b.name, conn.requests, conn.bytes_read, conn.bytes_written,
-                     conn.errors)
+            log.info("nbd client %s: export %r closed after %d requests (%d bytes read, %d more read as "
+                     "holes, %d written, %d errors)", conn.peer, b.name, conn.requests, conn.bytes_read,
+                     conn.bytes_holes, conn.bytes_written, conn.errors)
         if read_task.cancelled():
             raise asyncio.CancelledError
         exc = read_task.exception()
@@ -626,15 +808,24 @@ class NbdServer:
                 raise p.ProtocolError(f"{hdr.name} carries {hdr.length} bytes; the limit is {NBD_MAX_OPTION_BYTES}")
             data = await conn.reader.readexactly(hdr.length) if hdr.length else b""
             if hdr.option == p.OPT_EXPORT_NAME:
+                if self.tls is not None and conn.user is None:
+                    # FORCEDTLS: this option cannot be answered with an error, so the session MUST end.
+                    log.warning("nbd client %s: NBD_OPT_EXPORT_NAME without TLS, but this server requires TLS "
+                                "(NBD_OPT_STARTTLS first, e.g. an nbds:// URI); closing this connection", conn.peer)
+                    return None
                 name = p.parse_export_name_option(data)
-                backend = await self._open(name)
+                backend = await self._open(conn, name)
                 if backend is None:
                     # This option cannot be answered with an error: the session MUST end.
                     raise p.ProtocolError(f"NBD_OPT_EXPORT_NAME asked for unknown export {name!r}")
-                export = self._export(backend)
-                conn.writer.write(p.pack_export_name_reply(backend.size, export.flags, no_zeroes))
+                granted = self._grant(conn, backend)
+                if isinstance(granted, str):
+                    backend.close()
+                    return None  # refused (logged by _grant); no error reply exists for this option
+                conn.writer.write(p.pack_export_name_reply(backend.size, granted.flags, no_zeroes))
                 await conn.writer.drain()
-                return export
+                self._enter_transmission(conn, name)
+                return granted
             if not fixed:
                 raise p.ProtocolError(f"{hdr.name} from a client without NBD_FLAG_C_FIXED_NEWSTYLE")
             if hdr.option == p.OPT_ABORT:
@@ -642,24 +833,159 @@ class NbdServer:
                     await self._reply(conn, hdr.option, p.REP_ACK)
                 log.debug("nbd client %s: aborted the handshake", conn.peer)
                 return None
+            if hdr.option == p.OPT_STARTTLS:
+                await self._starttls(conn, data)
+                continue
+            if self.tls is not None and conn.user is None:
+                await self._tls_required(conn, hdr)
+                continue
             if hdr.option == p.OPT_LIST:
                 if data:
                     await self._error(conn, hdr.option, p.REP_ERR_INVALID, "NBD_OPT_LIST takes no data")
                     continue
-                for name in await self.lookup.names():
+                for name in await self._names(conn):
                     await self._reply(conn, hdr.option, p.REP_SERVER, p.pack_rep_server(name))
                 await self._reply(conn, hdr.option, p.REP_ACK)
                 continue
             if hdr.option in (p.OPT_INFO, p.OPT_GO):
                 chosen = await self._info(conn, hdr.option, data)
                 if chosen is not None and hdr.option == p.OPT_GO:
+                    self._enter_transmission(conn, p.parse_info_request(data).name)
                     return chosen
                 continue
-            if hdr.option == p.OPT_STARTTLS:
-                await self._error(conn, hdr.option, p.REP_ERR_POLICY, "this server does not offer TLS")
+            if hdr.option == p.OPT_STRUCTURED_REPLY:
+                reply_type, msg = conn.neg.structured_reply(data)
+                if reply_type & p.REP_FLAG_ERROR:
+                    await self._error(conn, hdr.option, reply_type, msg.decode())
+                else:
+                    await self._reply(conn, hdr.option, reply_type)
+                continue
+            if hdr.option in (p.OPT_LIST_META_CONTEXT, p.OPT_SET_META_CONTEXT):
+                await self._meta_context(conn, hdr.option, data)
                 continue
             await self._error(conn, hdr.option, p.REP_ERR_UNSUP, f"{hdr.name} is not supported by this server")
         raise p.ProtocolError(f"more than {NBD_MAX_OPTIONS} options without entering transmission")
+
+    def _enter_transmission(self, conn: _Conn, export_name: str) -> None:
+        """Fix what the haggling negotiated; BLOCK_STATUS only when the last
+        SET_META_CONTEXT named this export (as the client spelled it)."""
+        conn.structured = conn.neg.structured
+        conn.contexts = conn.neg.contexts_for(export_name)
+        if conn.structured:
+            log.debug("nbd client %s: structured replies, metadata contexts %s", conn.peer,
+                      ", ".join(n for _, n in conn.contexts) or "none")
+
+    async def _meta_context(self, conn: _Conn, option: int, data: bytes) -> None:
+        """NBD_OPT_LIST_META_CONTEXT / NBD_OPT_SET_META_CONTEXT: the rules are
+        conn.neg's; here the export is looked up and authorised as for NBD_OPT_INFO."""
+        try:
+            req = conn.neg.meta_context_request(option, data)
+        except p.OptionInvalid as e:
+            await self._error(conn, option, p.REP_ERR_INVALID, str(e))
+            return
+        backend = await self._open(conn, req.name)
+        if backend is None:
+            names = await self._names(conn)
+            await self._error(conn, option, p.REP_ERR_UNKNOWN,
+                              f"no export named {req.name!r} here; exports: {', '.join(names) or 'none'}")
+            return
+        try:
+            granted = self._grant(conn, backend)
+        finally:
+            backend.close()
+        if isinstance(granted, str):
+            await self._error(conn, option, p.REP_ERR_POLICY,
+                              f"user {conn.user!r} may not use export {backend.name!r}: {granted}")
+            return
+        for reply_type, payload in conn.neg.meta_context_replies(option, req):
+            await self._reply(conn, option, reply_type, payload)
+
+    async def _starttls(self, conn: _Conn, data: bytes) -> None:
+        """NBD_OPT_STARTTLS: NBD_REP_ACK, then the TLS handshake on the same
+        socket; haggling then starts over inside TLS. The client certificate's
+        CN becomes ``conn.user``. _TlsFailed when the handshake fails (after
+        the ACK there is no way back to plaintext: the session ends)."""
+        option = p.OPT_STARTTLS
+        if self.tls is None:
+            await self._error(conn, option, p.REP_ERR_POLICY,
+                              "this server does not offer TLS (it was started without --certs-dir)")
+            return
+        if conn.user is not None:
+            await self._error(conn, option, p.REP_ERR_INVALID, "TLS is already running on this connection")
+            return
+        if data:
+            await self._error(conn, option, p.REP_ERR_INVALID, "NBD_OPT_STARTTLS takes no data")
+            return
+        await self._reply(conn, option, p.REP_ACK)
+        try:
+            await conn.writer.start_tls(self.tls)
+        except (ssl.SSLError, OSError, EOFError) as e:  # ConnectionResetError: lost mid-handshake
+            raise _TlsFailed(_describe_tls_error(e)) from None
+        ssl_object = conn.writer.get_extra_info("ssl_object")
+        der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+        if not der:  # CERT_REQUIRED makes this unreachable; never serve a connection without a user
+            raise _TlsFailed("the client presented no certificate")
+        try:
+            user = certs.cert_common_name(ssl.DER_cert_to_PEM_cert(der).encode("ascii"))
+        except certs.CertError as e:
+            raise _TlsFailed(f"cannot read the client certificate: {e}") from None
+        if not user:
+            raise _TlsFailed("the client certificate has no CN (make it with `syncrep cert create-client NAME`)")
+        conn.user = user
+        conn.neg.starttls()  # "the server MUST NOT preserve any negotiation state" from before
+        log.info("nbd client %s: %s (%s) as user %r", conn.peer, ssl_object.version(),
+                 (ssl_object.cipher() or ("?",))[0], user)
+
+    async def _tls_required(self, conn: _Conn, hdr: p.OptionHeader) -> None:
+        """FORCEDTLS: any option but STARTTLS and ABORT before TLS -> NBD_REP_ERR_TLS_REQD."""
+        conn.tls_refusals += 1
+        level = logging.WARNING if conn.tls_refusals == 1 else logging.DEBUG
+        log.log(level, "nbd client %s: %s without TLS refused (NBD_REP_ERR_TLS_REQD): this server requires "
+                "NBD_OPT_STARTTLS with a client certificate", conn.peer, hdr.name)
+        conn.writer.write(p.pack_error_reply(
+            hdr.option, p.REP_ERR_TLS_REQD,
+            "this server requires TLS with a client certificate: use an nbds:// URI "
+            "(libnbd: ?tls-certificates=DIR; qemu: tls-creds-x509)"))
+        await conn.writer.drain()
+
+    def _authorize(self, conn: _Conn, volume: str, write: bool) -> str | None:
+        """None when the connection's user may use ``volume`` (for writing if
+        ``write``), else why not. Plaintext connections are not authorised
+        (they exist only on local listeners or with --insecure)."""
+        if conn.user is None or self.authorize is None:
+            return None
+        try:
+            return self.authorize(volume, conn.user, write)
+        except Exception as e:  # fail closed: a broken grant lookup grants nothing
+            log.exception("nbd client %s: authorising user %r on volume %r failed", conn.peer, conn.user, volume)
+            return f"the grant lookup failed ({type(e).__name__}: {e})"
+
+    def _grant(self, conn: _Conn, backend: Backend) -> _Export | str:
+        """The export as this connection may use it (read-write, read-only on a
+        read-only grant), or the reason it may not (logged at WARNING)."""
+        volume = _volume_of(backend.name)
+        if not backend.read_only:
+            if self._authorize(conn, volume, True) is None:
+                return self._export(backend, read_only=False)
+        reason = self._authorize(conn, volume, False)
+        if reason is None:
+            if not backend.read_only:
+                log.info("nbd client %s: user %r may only read volume %r: export %r is read-only for it",
+                         conn.peer, conn.user, volume, backend.name)
+            return self._export(backend, read_only=True)
+        # One WARNING per export and connection: clients ask NBD_OPT_INFO, then NBD_OPT_GO.
+        level = logging.DEBUG if backend.name in conn.refused else logging.WARNING
+        conn.refused.add(backend.name)
+        log.log(level, "nbd client %s: user %r refused export %r of volume %r: %s",
+                conn.peer, conn.user, backend.name, volume, reason)
+        return reason
+
+    async def _names(self, conn: _Conn) -> list[str]:
+        """The export names this connection may see: those its user may read."""
+        names = await self.lookup.names()
+        if conn.user is None or self.authorize is None:
+            return names
+        return [n for n in names if self._authorize(conn, _volume_of(n), False) is None]
 
     async def _info(self, conn: _Conn, option: int, data: bytes) -> _Export | None:
         """NBD_OPT_INFO / NBD_OPT_GO: describe the export (and for GO, use it)."""
@@ -668,13 +994,19 @@ class NbdServer:
         except p.OptionInvalid as e:
             await self._error(conn, option, p.REP_ERR_INVALID, str(e))
             return None
-        backend = await self._open(req.name)
+        backend = await self._open(conn, req.name)
         if backend is None:
-            names = await self.lookup.names()
+            names = await self._names(conn)
             await self._error(conn, option, p.REP_ERR_UNKNOWN,
                               f"no export named {req.name!r} here; exports: {', '.join(names) or 'none'}")
             return None
-        export = self._export(backend)
+        granted = self._grant(conn, backend)
+        if isinstance(granted, str):
+            backend.close()
+            await self._error(conn, option, p.REP_ERR_POLICY,
+                              f"user {conn.user!r} may not use export {backend.name!r}: {granted}")
+            return None
+        export = granted
         minimum, preferred, maximum = p.block_size_constraints(
             backend.block_size, backend.max_io_bytes, client_asked=req.wants_block_size
         )
@@ -690,17 +1022,18 @@ class NbdServer:
             backend.close()
         return export
 
-    async def _open(self, name: str) -> Backend | None:
-        if name == "":  # the "default" export: the only one, if there is exactly one
-            names = [n for n in await self.lookup.names() if "@" not in n]
+    async def _open(self, conn: _Conn, name: str) -> Backend | None:
+        if name == "":  # the "default" export: the only one this client may see, if there is exactly one
+            names = [n for n in await self._names(conn) if "@" not in n]
             if len(names) != 1:
                 return None
             name = names[0]
         return await self.lookup.open(name)
 
-    def _export(self, backend: Backend) -> _Export:
+    def _export(self, backend: Backend, *, read_only: bool) -> _Export:
+        read_only = read_only or backend.read_only
         locks = self._locks.setdefault(backend.lock_key or backend.name, RangeLock())
-        return _Export(backend, locks, p.transmission_flags(backend.read_only))
+        return _Export(backend, locks, p.transmission_flags(read_only), read_only)
 
     async def _reply(self, conn: _Conn, option: int, reply_type: int, data: bytes = b"") -> None:
         conn.writer.write(p.pack_option_reply(option, reply_type, data))
@@ -752,11 +1085,13 @@ class NbdServer:
     ) -> None:
         try:
             error = 0
-            data = b""
+            message = ""
+            data: bytes | list[bytes | memoryview] = b""
             try:
                 data = await self._execute(conn, req, payload, barrier)
             except Exception as e:
                 error = nbd_errno(e)
+                message = str(e) or type(e).__name__
                 conn.errors += 1
                 level = logging.WARNING if conn.errors <= NBD_LOGGED_ERRORS else logging.DEBUG
                 if not isinstance(e, NbdError | SyncrepError | OSError | InvalidArgumentError
@@ -767,15 +1102,22 @@ class NbdServer:
                             req.name, req.length, req.offset, p.ERROR_NAMES.get(error, error), e,
                             " (further errors on this connection are logged at DEBUG)"
                             if conn.errors == NBD_LOGGED_ERRORS else "")
-            header = p.pack_simple_reply(error, req.handle)
-            await conn.send([header, data] if data and not error else [header])
+            if error and conn.structured:  # with the reason, which a simple reply cannot carry
+                await conn.send([p.pack_structured_error(req.handle, error, message)])
+            elif isinstance(data, list):  # structured chunks, the last one marked done
+                await conn.send(data)
+            else:
+                header = p.pack_simple_reply(error, req.handle)
+                await conn.send([header, data] if data and not error else [header])
         finally:
             conn.slots.release(1)
             conn.payload.release(held)
 
     async def _execute(
         self, conn: _Conn, req: p.Request, payload: bytes, barrier: list[asyncio.Task[None]]
-    ) -> bytes:
+    ) -> bytes | list[bytes | memoryview]:
+        """Run one request: the data of a simple READ reply, the chunks of a
+        structured reply, or b"" (a simple reply without data follows)."""
         export = conn.export
         assert export is not None
         b = export.backend
@@ -787,21 +1129,29 @@ class NbdServer:
                 await asyncio.wait(barrier)
             await b.flush()
             return b""
-        if req.type not in (p.CMD_READ, p.CMD_WRITE, p.CMD_TRIM, p.CMD_WRITE_ZEROES):
+        if req.type not in (p.CMD_READ, p.CMD_WRITE, p.CMD_TRIM, p.CMD_WRITE_ZEROES, p.CMD_BLOCK_STATUS):
             raise NbdError(p.EINVAL, f"NBD_CMD_{req.name} is not supported")
-        writing = req.type != p.CMD_READ
-        if writing and b.read_only:
-            raise NbdError(p.EPERM, f"export {b.name!r} is read-only")
+        if req.type == p.CMD_BLOCK_STATUS and not conn.contexts:
+            raise NbdError(p.EINVAL, "NBD_CMD_BLOCK_STATUS without a metadata context: select base:allocation "
+                           "for this export with NBD_OPT_SET_META_CONTEXT (after NBD_OPT_STRUCTURED_REPLY)")
+        writing = req.type not in (p.CMD_READ, p.CMD_BLOCK_STATUS)
+        if writing and export.read_only:
+            raise NbdError(p.EPERM, f"export {b.name!r} is read-only" + (
+                "" if b.read_only else f" for user {conn.user!r} (a read-only grant)"))
         if req.offset + req.length > b.size:
             raise NbdError(
                 p.ENOSPC if writing else p.EINVAL,
                 f"{req.length} bytes at offset {req.offset} end past the end of the export ({b.size} bytes)",
             )
+        if req.type == p.CMD_BLOCK_STATUS:
+            return await self._block_status(conn, b, req)
         if req.length == 0:
-            return b""
+            return [p.pack_structured_none(req.handle)] if conn.structured and req.type == p.CMD_READ else b""
         if req.type == p.CMD_READ:
             if req.length > NBD_MAX_REQUEST_BYTES:
                 raise NbdError(p.EINVAL, f"READ of {req.length} bytes exceeds the {NBD_MAX_REQUEST_BYTES}-byte limit")
+            if conn.structured:
+                return await self._structured_read(conn, b, req)
             data = await read_range(b, req.offset, req.length)
             conn.bytes_read += len(data)
             return data
@@ -813,6 +1163,46 @@ class NbdServer:
         if req.fua:
             await b.flush()
         return b""
+
+
+    async def _block_status(self, conn: _Conn, b: Backend, req: p.Request) -> list[bytes | memoryview]:
+        """One NBD_REPLY_TYPE_BLOCK_STATUS chunk per selected context (only
+        base:allocation exists), bounded by MAX_BLOCK_STATUS_EXTENTS."""
+        if req.length == 0:
+            raise NbdError(p.EINVAL, "NBD_CMD_BLOCK_STATUS of 0 bytes")
+        extents = p.block_status_extents(await b.extents(req.offset, req.length), req.length,
+                                         req_one=bool(req.flags & p.CMD_FLAG_REQ_ONE))
+        last = len(conn.contexts) - 1
+        return [p.pack_block_status(req.handle, cid, extents, done=i == last)
+                for i, (cid, _) in enumerate(conn.contexts)]
+
+    async def _structured_read(self, conn: _Conn, b: Backend, req: p.Request) -> list[bytes | memoryview]:
+        """A READ as content chunks: OFFSET_HOLE for what reads as zeros
+        (Backend.extents, asked for reads of NBD_SPARSE_READ_MIN_BYTES or
+        more), OFFSET_DATA for the rest. The data is read in one pass over the
+        span from the first to the last data byte, before any chunk is sent, so
+        an error is still one NBD_REPLY_TYPE_ERROR and no chunk is marked done
+        too early."""
+        plan = [(req.offset, req.length, False)]
+        if req.length >= NBD_SPARSE_READ_MIN_BYTES:
+            plan = p.read_plan(req.offset, req.length, await b.extents(req.offset, req.length))
+        data_parts = [(o, n) for o, n, hole in plan if not hole]
+        lo = data_parts[0][0] if data_parts else req.offset
+        buf = memoryview(b"")
+        if data_parts:
+            hi = data_parts[-1][0] + data_parts[-1][1]
+            buf = memoryview(await read_range(b, lo, hi - lo))
+        parts: list[bytes | memoryview] = []
+        last = len(plan) - 1
+        for i, (o, n, hole) in enumerate(plan):
+            if hole:
+                parts.append(p.pack_offset_hole(req.handle, o, n, done=i == last))
+                conn.bytes_holes += n
+            else:
+                parts.append(p.pack_offset_data_header(req.handle, o, n, done=i == last))
+                parts.append(buf[o - lo:o - lo + n])
+                conn.bytes_read += n
+        return parts
 
 
 # ---------------------------------------------------------------- the alignment engine
@@ -885,7 +1275,7 @@ async def _write_chunks(b: Backend, first: int, buf: bytes | bytearray) -> None:
 async def zero_range(b: Backend, locks: RangeLock, offset: int, length: int, *, trim: bool = False) -> None:
     """Zero any (offset, length) inside the export: edge blocks by
     read-modify-write, the aligned middle with ``b.zeroes`` (``b.trim``) in
-    chunks of at most ``b.max_io_bytes``, NBD_ZERO_CONCURRENCY at a time."""
+    chunks of at most ``b.max_zero_bytes``, NBD_ZERO_CONCURRENCY at a time."""
     first, last = _span(b, offset, length)
     bs = b.block_size
     end = offset + length
@@ -906,7 +1296,7 @@ async def zero_range(b: Backend, locks: RangeLock, offset: int, length: int, *, 
             block = bytearray(await b.read(blk, bs))
             block[lo:hi] = bytes(hi - lo)
             await b.write(blk, bytes(block))
-        step = b.max_io_bytes
+        step = b.max_zero_bytes
         pieces = [(o, min(step, mid_end - o)) for o in range(mid_start, mid_end, step)]
         sem = asyncio.Semaphore(NBD_ZERO_CONCURRENCY)
         op = b.trim if trim else b.zeroes
@@ -928,6 +1318,22 @@ def _peer_name(writer: asyncio.StreamWriter) -> str:
     sock = writer.get_extra_info("socket")
     fd = sock.fileno() if sock is not None else -1
     return f"unix-socket(fd {fd})"
+
+
+_SSL_SOURCE_RE = re.compile(r"\s*\(_ssl\.c:\d+\)")
+
+
+def _volume_of(export_name: str) -> str:
+    """The volume an export serves: ``VOLUME`` or ``VOLUME@SNAPSHOT`` -> ``VOLUME``."""
+    return export_name.partition("@")[0]
+
+
+def _describe_tls_error(e: BaseException) -> str:
+    """An SSL error as one line, e.g. "[SSL: CERTIFICATE_VERIFY_FAILED] certificate
+    verify failed: unable to get local issuer certificate" (a certificate of
+    another CA), without OpenSSL's source location."""
+    text = _SSL_SOURCE_RE.sub("", str(e)).strip()
+    return text or type(e).__name__
 
 
 def _describe(e: BaseException) -> str:

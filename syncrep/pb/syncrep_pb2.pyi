@@ -256,10 +256,18 @@ class WriteRequest(_message.Message):
     CLIENT_SEQ_FIELD_NUMBER: _builtins.int
     OFFSET_FIELD_NUMBER: _builtins.int
     DATA_FIELD_NUMBER: _builtins.int
+    BATCH_REPLIES_FIELD_NUMBER: _builtins.int
     volume: _builtins.str
     client_seq: _builtins.int
     offset: _builtins.int
     data: _builtins.bytes
+    batch_replies: _builtins.bool
+    """On a Write stream: this client reads more_ok_seqs, so the node may
+    acknowledge several writes in one WriteReply from this request on (set
+    it on the first request of the stream). Why opt-in: a client built
+    before the field would read only client_seq of such a reply and wait
+    forever for the others. Ignored by WriteOne.
+    """
     def __init__(
         self,
         *,
@@ -267,10 +275,11 @@ class WriteRequest(_message.Message):
         client_seq: _builtins.int = ...,
         offset: _builtins.int = ...,
         data: _builtins.bytes = ...,
+        batch_replies: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_seq", b"client_seq", "data", b"data", "offset", b"offset", "volume", b"volume"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_replies", b"batch_replies", "client_seq", b"client_seq", "data", b"data", "offset", b"offset", "volume", b"volume"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -283,20 +292,30 @@ class WriteReply(_message.Message):
     CLIENT_SEQ_FIELD_NUMBER: _builtins.int
     CODE_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
+    MORE_OK_SEQS_FIELD_NUMBER: _builtins.int
     client_seq: _builtins.int
     code: _builtins.int
     """a grpc.StatusCode value; 0 = OK"""
     message: _builtins.str
+    @_builtins.property
+    def more_ok_seqs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Further writes of the stream acknowledged OK by the same message (only
+        to a client that set batch_replies, and only with code 0: a refused or
+        failed write always has a WriteReply of its own, with its code and
+        message). Every write is still answered exactly once in all.
+        """
+
     def __init__(
         self,
         *,
         client_seq: _builtins.int = ...,
         code: _builtins.int = ...,
         message: _builtins.str = ...,
+        more_ok_seqs: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_seq", b"client_seq", "code", b"code", "message", b"message"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_seq", b"client_seq", "code", b"code", "message", b"message", "more_ok_seqs", b"more_ok_seqs"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -426,11 +445,20 @@ class ReplicatedWrite(_message.Message):
     OFFSET_FIELD_NUMBER: _builtins.int
     DATA_FIELD_NUMBER: _builtins.int
     CRC32C_FIELD_NUMBER: _builtins.int
+    ZERO_LENGTH_FIELD_NUMBER: _builtins.int
     seq: _builtins.int
     offset: _builtins.int
     data: _builtins.bytes
     crc32c: _builtins.int
     """crc32c (Castagnoli) of data"""
+    zero_length: _builtins.int
+    """Issue 14 (TRIM, WRITE_ZEROES): when nonzero, this write makes the
+    zero_length bytes at offset read as zeros (the secondary punches them:
+    BlockStore.zero_range); data is then empty and crc32c 0. One op per
+    range, whatever its length. A secondary built before this field sees an
+    empty write and NACKs it (OUT_OF_RANGE): the pair degrades and resyncs,
+    nothing is silently skipped.
+    """
     def __init__(
         self,
         *,
@@ -438,10 +466,11 @@ class ReplicatedWrite(_message.Message):
         offset: _builtins.int = ...,
         data: _builtins.bytes = ...,
         crc32c: _builtins.int = ...,
+        zero_length: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["crc32c", b"crc32c", "data", b"data", "offset", b"offset", "seq", b"seq"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["crc32c", b"crc32c", "data", b"data", "offset", b"offset", "seq", b"seq", "zero_length", b"zero_length"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -515,6 +544,7 @@ class ReplicateReply(_message.Message):
     ACK_FIELD_NUMBER: _builtins.int
     NACK_FIELD_NUMBER: _builtins.int
     MARKER_DONE_FIELD_NUMBER: _builtins.int
+    STOPPING_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def accepted(self) -> Global___StreamAccepted: ...
     @_builtins.property
@@ -523,6 +553,12 @@ class ReplicateReply(_message.Message):
     def nack(self) -> Global___Nack: ...
     @_builtins.property
     def marker_done(self) -> Global___MarkerDone: ...
+    @_builtins.property
+    def stopping(self) -> Global___ReplicaStopping:
+        """Issue 13: the secondary stops on purpose (SIGTERM), the last message of
+        the stream: every write acked so far is durable on it, none after.
+        """
+
     def __init__(
         self,
         *,
@@ -530,12 +566,13 @@ class ReplicateReply(_message.Message):
         ack: Global___Ack | None = ...,
         nack: Global___Nack | None = ...,
         marker_done: Global___MarkerDone | None = ...,
+        stopping: Global___ReplicaStopping | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "ack", b"ack", "kind", b"kind", "marker_done", b"marker_done", "nack", b"nack"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "ack", b"ack", "kind", b"kind", "marker_done", b"marker_done", "nack", b"nack", "stopping", b"stopping"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "ack", b"ack", "kind", b"kind", "marker_done", b"marker_done", "nack", b"nack"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "ack", b"ack", "kind", b"kind", "marker_done", b"marker_done", "nack", b"nack", "stopping", b"stopping"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["accepted", "ack", "nack", "marker_done"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["accepted", "ack", "nack", "marker_done", "stopping"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
@@ -786,7 +823,11 @@ class ResyncTrailer(_message.Message):
     DIGEST_FIELD_NUMBER: _builtins.int
     chunk_count: _builtins.int
     digest: _builtins.bytes
-    """sha256 over (offset, data) of every chunk, in order"""
+    """sha256 over one 28-byte record per chunk applied in this stream, in
+    index order: index, offset, length (u64), crc32c (u32), little-endian
+    (syncrep/core/resync_window.py RoundDigest). Not over the data: each
+    chunk's data is checked against its crc32c before it is applied.
+    """
     def __init__(
         self,
         *,
@@ -1051,6 +1092,8 @@ class VolumeAssignment(_message.Message):
     CREATE_FIELD_NUMBER: _builtins.int
     REVERT_TO_GENERATION_FIELD_NUMBER: _builtins.int
     SWITCHOVER_FIELD_NUMBER: _builtins.int
+    DISCARD_SNAPSHOT_FIELD_NUMBER: _builtins.int
+    GRANTS_FIELD_NUMBER: _builtins.int
     role: Global___Role.ValueType
     epoch: _builtins.int
     peer_address: _builtins.str
@@ -1077,11 +1120,27 @@ class VolumeAssignment(_message.Message):
     no fault snapshot) and replicates to the old one at this epoch; the old
     primary, demoted, has no divergent extents (if it did hand over).
     """
+    discard_snapshot: _builtins.str
+    """`syncrep resolve` (docs/FAILOVER.md section 6), to the replica whose data
+    is discarded, with revert_to_generation = the common generation of the
+    split brain: before reverting, keep the live state in a snapshot of this
+    name (for recovery; never deleted by syncrep), then revert, its writes
+    since the common generation kept as divergent extents (the resync
+    overwrites them). Applied once: only while its generation is not the
+    common one and the common one is in its history. Sent only in
+    assignments at the epoch of the resolve.
+    """
     @_builtins.property
     def spec(self) -> Global___VolumeSpec: ...
     @_builtins.property
     def identity(self) -> Global___Identity:
         """The pair's identity. volume_uuid is always set; current only with create."""
+
+    @_builtins.property
+    def grants(self) -> _containers.RepeatedCompositeFieldContainer[Global___Grant]:
+        """The users granted this volume (every assignment carries the full set):
+        the node lets them use VolumeService and the NBD export of it.
+        """
 
     def __init__(
         self,
@@ -1095,10 +1154,12 @@ class VolumeAssignment(_message.Message):
         create: _builtins.bool = ...,
         revert_to_generation: _builtins.int = ...,
         switchover: _builtins.bool = ...,
+        discard_snapshot: _builtins.str = ...,
+        grants: _abc.Iterable[Global___Grant] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["identity", b"identity", "spec", b"spec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create", b"create", "epoch", b"epoch", "identity", b"identity", "peer_address", b"peer_address", "resync_mode", b"resync_mode", "revert_to_generation", b"revert_to_generation", "role", b"role", "spec", b"spec", "switchover", b"switchover"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create", b"create", "discard_snapshot", b"discard_snapshot", "epoch", b"epoch", "grants", b"grants", "identity", b"identity", "peer_address", b"peer_address", "resync_mode", b"resync_mode", "revert_to_generation", b"revert_to_generation", "role", b"role", "spec", b"spec", "switchover", b"switchover"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1109,15 +1170,46 @@ class AssignVolumeReply(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     MESSAGE_FIELD_NUMBER: _builtins.int
+    DIVERGENT_EXTENTS_FIELD_NUMBER: _builtins.int
+    DISCARD_SNAPSHOT_ID_FIELD_NUMBER: _builtins.int
+    DISCARD_SNAPSHOT_FIELD_NUMBER: _builtins.int
+    IDENTITY_FIELD_NUMBER: _builtins.int
+    FREE_BYTES_FIELD_NUMBER: _builtins.int
+    WARNING_FIELD_NUMBER: _builtins.int
     message: _builtins.str
+    discard_snapshot_id: _builtins.int
+    """After a discard: the snapshot that keeps the discarded state."""
+    discard_snapshot: _builtins.str
+    free_bytes: _builtins.int
+    """Issue 13: free bytes of this node's data directory (statvfs) when the
+    assignment created the store, and a warning when the (thin) volume is
+    larger than that.
+    """
+    warning: _builtins.str
+    @_builtins.property
+    def divergent_extents(self) -> _containers.RepeatedCompositeFieldContainer[Global___Extent]:
+        """After a demotion or a discard (resolve): the extents this replica holds
+        that its peer may lack (its divergent extents), as persisted.
+        """
+
+    @_builtins.property
+    def identity(self) -> Global___Identity:
+        """This replica's identity after the assignment was applied."""
+
     def __init__(
         self,
         *,
         message: _builtins.str = ...,
+        divergent_extents: _abc.Iterable[Global___Extent] | None = ...,
+        discard_snapshot_id: _builtins.int = ...,
+        discard_snapshot: _builtins.str = ...,
+        identity: Global___Identity | None = ...,
+        free_bytes: _builtins.int = ...,
+        warning: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["identity", b"identity"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["message", b"message"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["discard_snapshot", b"discard_snapshot", "discard_snapshot_id", b"discard_snapshot_id", "divergent_extents", b"divergent_extents", "free_bytes", b"free_bytes", "identity", b"identity", "message", b"message", "warning", b"warning"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1323,6 +1415,257 @@ class InjectFaultReply(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___InjectFaultReply: _TypeAlias = InjectFaultReply  # noqa: Y015
+
+@_typing.final
+class Grant(_message.Message):
+    """A user's access to one volume: read-write, or read-only."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USER_FIELD_NUMBER: _builtins.int
+    VOLUME_FIELD_NUMBER: _builtins.int
+    READ_ONLY_FIELD_NUMBER: _builtins.int
+    user: _builtins.str
+    """a client certificate's CN"""
+    volume: _builtins.str
+    read_only: _builtins.bool
+    def __init__(
+        self,
+        *,
+        user: _builtins.str = ...,
+        volume: _builtins.str = ...,
+        read_only: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["read_only", b"read_only", "user", b"user", "volume", b"volume"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Grant: _TypeAlias = Grant  # noqa: Y015
+
+@_typing.final
+class GrantRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USER_FIELD_NUMBER: _builtins.int
+    VOLUME_FIELD_NUMBER: _builtins.int
+    READ_ONLY_FIELD_NUMBER: _builtins.int
+    user: _builtins.str
+    volume: _builtins.str
+    read_only: _builtins.bool
+    def __init__(
+        self,
+        *,
+        user: _builtins.str = ...,
+        volume: _builtins.str = ...,
+        read_only: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["read_only", b"read_only", "user", b"user", "volume", b"volume"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GrantRequest: _TypeAlias = GrantRequest  # noqa: Y015
+
+@_typing.final
+class GrantReply(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    message: _builtins.str
+    def __init__(
+        self,
+        *,
+        message: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["message", b"message"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GrantReply: _TypeAlias = GrantReply  # noqa: Y015
+
+@_typing.final
+class RevokeRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USER_FIELD_NUMBER: _builtins.int
+    VOLUME_FIELD_NUMBER: _builtins.int
+    user: _builtins.str
+    volume: _builtins.str
+    def __init__(
+        self,
+        *,
+        user: _builtins.str = ...,
+        volume: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["user", b"user", "volume", b"volume"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RevokeRequest: _TypeAlias = RevokeRequest  # noqa: Y015
+
+@_typing.final
+class RevokeReply(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    message: _builtins.str
+    def __init__(
+        self,
+        *,
+        message: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["message", b"message"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RevokeReply: _TypeAlias = RevokeReply  # noqa: Y015
+
+@_typing.final
+class ListGrantsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VOLUME_FIELD_NUMBER: _builtins.int
+    volume: _builtins.str
+    """"" = every volume"""
+    def __init__(
+        self,
+        *,
+        volume: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["volume", b"volume"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListGrantsRequest: _TypeAlias = ListGrantsRequest  # noqa: Y015
+
+@_typing.final
+class ListGrantsReply(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GRANTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def grants(self) -> _containers.RepeatedCompositeFieldContainer[Global___Grant]:
+        """by volume, then user"""
+
+    def __init__(
+        self,
+        *,
+        grants: _abc.Iterable[Global___Grant] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["grants", b"grants"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListGrantsReply: _TypeAlias = ListGrantsReply  # noqa: Y015
+
+@_typing.final
+class ResolveRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VOLUME_FIELD_NUMBER: _builtins.int
+    KEEP_FIELD_NUMBER: _builtins.int
+    DRY_RUN_FIELD_NUMBER: _builtins.int
+    volume: _builtins.str
+    keep: _builtins.str
+    """The advertise address of the replica whose data is kept."""
+    dry_run: _builtins.bool
+    """Only say what would be discarded; change nothing."""
+    def __init__(
+        self,
+        *,
+        volume: _builtins.str = ...,
+        keep: _builtins.str = ...,
+        dry_run: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dry_run", b"dry_run", "keep", b"keep", "volume", b"volume"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResolveRequest: _TypeAlias = ResolveRequest  # noqa: Y015
+
+@_typing.final
+class ResolveReply(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STATUS_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    KEPT_FIELD_NUMBER: _builtins.int
+    DISCARDED_FIELD_NUMBER: _builtins.int
+    COMMON_GENERATION_FIELD_NUMBER: _builtins.int
+    DISCARDED_EXTENTS_FIELD_NUMBER: _builtins.int
+    DISCARDED_BYTES_FIELD_NUMBER: _builtins.int
+    DISCARDED_EXACT_FIELD_NUMBER: _builtins.int
+    DISCARD_SNAPSHOT_FIELD_NUMBER: _builtins.int
+    DISCARD_SNAPSHOT_ID_FIELD_NUMBER: _builtins.int
+    KEPT_CHANGED_BYTES_FIELD_NUMBER: _builtins.int
+    PRIMARY_FIELD_NUMBER: _builtins.int
+    SECONDARY_FIELD_NUMBER: _builtins.int
+    message: _builtins.str
+    kept: _builtins.str
+    discarded: _builtins.str
+    common_generation: _builtins.int
+    discarded_bytes: _builtins.int
+    discarded_exact: _builtins.bool
+    discard_snapshot: _builtins.str
+    """The snapshot on the discarded node that keeps its state (not on dry_run)."""
+    discard_snapshot_id: _builtins.int
+    kept_changed_bytes: _builtins.int
+    """What the kept replica changed since the common generation (an upper
+    bound: what the resync sends besides the discarded extents).
+    """
+    primary: _builtins.str
+    """Roles after the resolve (a kept secondary becomes the primary)."""
+    secondary: _builtins.str
+    @_builtins.property
+    def status(self) -> Global___VolumeStatus: ...
+    @_builtins.property
+    def discarded_extents(self) -> _containers.RepeatedCompositeFieldContainer[Global___Extent]:
+        """What the discarded replica wrote since the common generation: the
+        extents the resync overwrites there. Exact when discarded_exact (the
+        discarded replica is the secondary, which takes no writes in split brain,
+        or the real run's figure measured after it was fenced); else what is
+        known so far (a primary still writing: more may follow until it is fenced).
+        """
+
+    def __init__(
+        self,
+        *,
+        status: Global___VolumeStatus | None = ...,
+        message: _builtins.str = ...,
+        kept: _builtins.str = ...,
+        discarded: _builtins.str = ...,
+        common_generation: _builtins.int = ...,
+        discarded_extents: _abc.Iterable[Global___Extent] | None = ...,
+        discarded_bytes: _builtins.int = ...,
+        discarded_exact: _builtins.bool = ...,
+        discard_snapshot: _builtins.str = ...,
+        discard_snapshot_id: _builtins.int = ...,
+        kept_changed_bytes: _builtins.int = ...,
+        primary: _builtins.str = ...,
+        secondary: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["status", b"status"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["common_generation", b"common_generation", "discard_snapshot", b"discard_snapshot", "discard_snapshot_id", b"discard_snapshot_id", "discarded", b"discarded", "discarded_bytes", b"discarded_bytes", "discarded_exact", b"discarded_exact", "discarded_extents", b"discarded_extents", "kept", b"kept", "kept_changed_bytes", b"kept_changed_bytes", "message", b"message", "primary", b"primary", "secondary", b"secondary", "status", b"status"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResolveReply: _TypeAlias = ResolveReply  # noqa: Y015
 
 @_typing.final
 class SwitchoverRequest(_message.Message):
@@ -1844,6 +2187,10 @@ class VolumeStatus(_message.Message):
     SECONDARY_GENERATION_FIELD_NUMBER: _builtins.int
     PRIMARY_DATA_MISSING_FIELD_NUMBER: _builtins.int
     SECONDARY_DATA_MISSING_FIELD_NUMBER: _builtins.int
+    PRIMARY_CHANGED_BYTES_FIELD_NUMBER: _builtins.int
+    SECONDARY_CHANGED_BYTES_FIELD_NUMBER: _builtins.int
+    COMMON_GENERATION_FIELD_NUMBER: _builtins.int
+    WARNINGS_FIELD_NUMBER: _builtins.int
     state: Global___PairState.ValueType
     epoch: _builtins.int
     primary: _builtins.str
@@ -1871,12 +2218,26 @@ class VolumeStatus(_message.Message):
     secondary_generation: _builtins.int
     primary_data_missing: _builtins.bool
     secondary_data_missing: _builtins.bool
+    primary_changed_bytes: _builtins.int
+    """In split brain: what each side changed since their common generation
+    (the primary's: its failed extents plus what it wrote since its
+    fault-recovery snapshot, an upper bound; the secondary's: its divergent
+    extents), and that generation.
+    """
+    secondary_changed_bytes: _builtins.int
+    common_generation: _builtins.int
     @_builtins.property
     def spec(self) -> Global___VolumeSpec: ...
     @_builtins.property
     def failed_extents(self) -> _containers.RepeatedCompositeFieldContainer[Global___Extent]: ...
     @_builtins.property
     def resync(self) -> Global___ResyncProgress: ...
+    @_builtins.property
+    def warnings(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Issue 13: what the operator should know about the request just answered
+        (CreateVolume: a thin volume larger than a node's free space).
+        """
+
     def __init__(
         self,
         *,
@@ -1907,10 +2268,14 @@ class VolumeStatus(_message.Message):
         secondary_generation: _builtins.int = ...,
         primary_data_missing: _builtins.bool = ...,
         secondary_data_missing: _builtins.bool = ...,
+        primary_changed_bytes: _builtins.int = ...,
+        secondary_changed_bytes: _builtins.int = ...,
+        common_generation: _builtins.int = ...,
+        warnings: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["resync", b"resync", "spec", b"spec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["acked_seq", b"acked_seq", "auto_failover", b"auto_failover", "epoch", b"epoch", "failed_bytes", b"failed_bytes", "failed_extents", b"failed_extents", "fault_snapshot_id", b"fault_snapshot_id", "generation", b"generation", "last_error", b"last_error", "last_seq", b"last_seq", "last_stall_ms", b"last_stall_ms", "lease_remaining_s", b"lease_remaining_s", "out_of_sync_bytes", b"out_of_sync_bytes", "primary", b"primary", "primary_alive", b"primary_alive", "primary_data_missing", b"primary_data_missing", "resync", b"resync", "resync_bytes_sent", b"resync_bytes_sent", "resync_chunks_refused", b"resync_chunks_refused", "resync_mode", b"resync_mode", "secondary", b"secondary", "secondary_alive", b"secondary_alive", "secondary_data_missing", b"secondary_data_missing", "secondary_generation", b"secondary_generation", "spec", b"spec", "state", b"state", "state_changed_at", b"state_changed_at", "volume_uuid", b"volume_uuid"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["acked_seq", b"acked_seq", "auto_failover", b"auto_failover", "common_generation", b"common_generation", "epoch", b"epoch", "failed_bytes", b"failed_bytes", "failed_extents", b"failed_extents", "fault_snapshot_id", b"fault_snapshot_id", "generation", b"generation", "last_error", b"last_error", "last_seq", b"last_seq", "last_stall_ms", b"last_stall_ms", "lease_remaining_s", b"lease_remaining_s", "out_of_sync_bytes", b"out_of_sync_bytes", "primary", b"primary", "primary_alive", b"primary_alive", "primary_changed_bytes", b"primary_changed_bytes", "primary_data_missing", b"primary_data_missing", "resync", b"resync", "resync_bytes_sent", b"resync_bytes_sent", "resync_chunks_refused", b"resync_chunks_refused", "resync_mode", b"resync_mode", "secondary", b"secondary", "secondary_alive", b"secondary_alive", "secondary_changed_bytes", b"secondary_changed_bytes", "secondary_data_missing", b"secondary_data_missing", "secondary_generation", b"secondary_generation", "spec", b"spec", "state", b"state", "state_changed_at", b"state_changed_at", "volume_uuid", b"volume_uuid", "warnings", b"warnings"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -2035,3 +2400,393 @@ class ReportReplicationReply(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ReportReplicationReply: _TypeAlias = ReportReplicationReply  # noqa: Y015
+
+@_typing.final
+class WatchEventsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VOLUME_FIELD_NUMBER: _builtins.int
+    NOW_FIELD_NUMBER: _builtins.int
+    volume: _builtins.str
+    """"" = every volume"""
+    now: _builtins.bool
+    """Send the current state of every (matching) volume as events, then end."""
+    def __init__(
+        self,
+        *,
+        volume: _builtins.str = ...,
+        now: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["now", b"now", "volume", b"volume"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchEventsRequest: _TypeAlias = WatchEventsRequest  # noqa: Y015
+
+@_typing.final
+class Event(_message.Message):
+    """One change of a pair, as the coordinator recorded it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TIME_UNIX_S_FIELD_NUMBER: _builtins.int
+    VOLUME_FIELD_NUMBER: _builtins.int
+    EPOCH_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    OLD_FIELD_NUMBER: _builtins.int
+    NEW_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    PROGRESS_FIELD_NUMBER: _builtins.int
+    PRIMARY_FIELD_NUMBER: _builtins.int
+    SECONDARY_FIELD_NUMBER: _builtins.int
+    SEQ_FIELD_NUMBER: _builtins.int
+    time_unix_s: _builtins.float
+    """the coordinator's wall clock when it happened"""
+    volume: _builtins.str
+    epoch: _builtins.int
+    """the pair's epoch after the change"""
+    kind: _builtins.str
+    """state_change, role_change, resync_start, resync_progress, resync_done,
+    nack, promotion, switchover, resolve, split_brain, created, deleted,
+    state (with `now`: the current state), dropped (this subscriber fell
+    behind; its stream ends). New kinds may be added: show them as they come.
+    """
+    old: _builtins.str
+    """e.g. the state before ("in_sync"), "" if none"""
+    new: _builtins.str
+    """e.g. the state after ("degraded")"""
+    message: _builtins.str
+    primary: _builtins.str
+    """the roles after the change"""
+    secondary: _builtins.str
+    seq: _builtins.int
+    """Counts every event the coordinator emitted since it started (a gap in a
+    subscriber's numbers: events it did not get).
+    """
+    @_builtins.property
+    def progress(self) -> Global___ResyncProgress: ...
+    def __init__(
+        self,
+        *,
+        time_unix_s: _builtins.float = ...,
+        volume: _builtins.str = ...,
+        epoch: _builtins.int = ...,
+        kind: _builtins.str = ...,
+        old: _builtins.str = ...,
+        new: _builtins.str = ...,
+        message: _builtins.str = ...,
+        progress: Global___ResyncProgress | None = ...,
+        primary: _builtins.str = ...,
+        secondary: _builtins.str = ...,
+        seq: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["progress", b"progress"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "kind", b"kind", "message", b"message", "new", b"new", "old", b"old", "primary", b"primary", "progress", b"progress", "secondary", b"secondary", "seq", b"seq", "time_unix_s", b"time_unix_s", "volume", b"volume"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Event: _TypeAlias = Event  # noqa: Y015
+
+@_typing.final
+class CoordinatorInfoRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CoordinatorInfoRequest: _TypeAlias = CoordinatorInfoRequest  # noqa: Y015
+
+@_typing.final
+class CoordinatorInfoReply(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ADDRESS_FIELD_NUMBER: _builtins.int
+    IS_LEADER_FIELD_NUMBER: _builtins.int
+    LEADER_FIELD_NUMBER: _builtins.int
+    STORE_FIELD_NUMBER: _builtins.int
+    WHY_NOT_LEADER_FIELD_NUMBER: _builtins.int
+    address: _builtins.str
+    """this coordinator's advertised address"""
+    is_leader: _builtins.bool
+    """it leads now (always, on the SQLite store)"""
+    leader: _builtins.str
+    """the leader's address as this one knows it, "" if none"""
+    store: _builtins.str
+    """"sqlite" or "etcd://HOST:PORT,..." """
+    why_not_leader: _builtins.str
+    """"" when it leads; else why not (etcd unreachable, X leads, ...)"""
+    def __init__(
+        self,
+        *,
+        address: _builtins.str = ...,
+        is_leader: _builtins.bool = ...,
+        leader: _builtins.str = ...,
+        store: _builtins.str = ...,
+        why_not_leader: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "is_leader", b"is_leader", "leader", b"leader", "store", b"store", "why_not_leader", b"why_not_leader"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CoordinatorInfoReply: _TypeAlias = CoordinatorInfoReply  # noqa: Y015
+
+@_typing.final
+class DeleteVolumeRequest(_message.Message):
+    """---------------------------------------------------------------- volume lifecycle (issue 13)"""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteVolumeRequest: _TypeAlias = DeleteVolumeRequest  # noqa: Y015
+
+@_typing.final
+class DeleteVolumeReply(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    REMOVED_ON_FIELD_NUMBER: _builtins.int
+    NOT_REACHED_FIELD_NUMBER: _builtins.int
+    message: _builtins.str
+    @_builtins.property
+    def removed_on(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The nodes that removed their store now, and those that did not answer
+        (they learn it at their next registration).
+        """
+
+    @_builtins.property
+    def not_reached(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        message: _builtins.str = ...,
+        removed_on: _abc.Iterable[_builtins.str] | None = ...,
+        not_reached: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["message", b"message", "not_reached", b"not_reached", "removed_on", b"removed_on"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteVolumeReply: _TypeAlias = DeleteVolumeReply  # noqa: Y015
+
+@_typing.final
+class ResizeVolumeRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    SIZE_BYTES_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    size_bytes: _builtins.int
+    """the new size: larger, a multiple of the block size"""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        size_bytes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "size_bytes", b"size_bytes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResizeVolumeRequest: _TypeAlias = ResizeVolumeRequest  # noqa: Y015
+
+@_typing.final
+class ResizeVolumeReply(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STATUS_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    OLD_SIZE_BYTES_FIELD_NUMBER: _builtins.int
+    WARNINGS_FIELD_NUMBER: _builtins.int
+    message: _builtins.str
+    old_size_bytes: _builtins.int
+    @_builtins.property
+    def status(self) -> Global___VolumeStatus:
+        """with the new size"""
+
+    @_builtins.property
+    def warnings(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """A thin volume now larger than a node's free space, say."""
+
+    def __init__(
+        self,
+        *,
+        status: Global___VolumeStatus | None = ...,
+        message: _builtins.str = ...,
+        old_size_bytes: _builtins.int = ...,
+        warnings: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["status", b"status"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["message", b"message", "old_size_bytes", b"old_size_bytes", "status", b"status", "warnings", b"warnings"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResizeVolumeReply: _TypeAlias = ResizeVolumeReply  # noqa: Y015
+
+@_typing.final
+class NodeDeleteVolumeRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VOLUME_FIELD_NUMBER: _builtins.int
+    EPOCH_FIELD_NUMBER: _builtins.int
+    VOLUME_UUID_FIELD_NUMBER: _builtins.int
+    volume: _builtins.str
+    epoch: _builtins.int
+    """the pair's last epoch"""
+    volume_uuid: _builtins.str
+    """the pair's: a store of another volume is kept"""
+    def __init__(
+        self,
+        *,
+        volume: _builtins.str = ...,
+        epoch: _builtins.int = ...,
+        volume_uuid: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "volume", b"volume", "volume_uuid", b"volume_uuid"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___NodeDeleteVolumeRequest: _TypeAlias = NodeDeleteVolumeRequest  # noqa: Y015
+
+@_typing.final
+class NodeDeleteVolumeReply(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    REMOVED_FIELD_NUMBER: _builtins.int
+    message: _builtins.str
+    removed: _builtins.bool
+    """false: this node held no store of it"""
+    def __init__(
+        self,
+        *,
+        message: _builtins.str = ...,
+        removed: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["message", b"message", "removed", b"removed"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___NodeDeleteVolumeReply: _TypeAlias = NodeDeleteVolumeReply  # noqa: Y015
+
+@_typing.final
+class NodeResizeVolumeRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VOLUME_FIELD_NUMBER: _builtins.int
+    EPOCH_FIELD_NUMBER: _builtins.int
+    SIZE_BYTES_FIELD_NUMBER: _builtins.int
+    volume: _builtins.str
+    epoch: _builtins.int
+    size_bytes: _builtins.int
+    def __init__(
+        self,
+        *,
+        volume: _builtins.str = ...,
+        epoch: _builtins.int = ...,
+        size_bytes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "size_bytes", b"size_bytes", "volume", b"volume"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___NodeResizeVolumeRequest: _TypeAlias = NodeResizeVolumeRequest  # noqa: Y015
+
+@_typing.final
+class NodeResizeVolumeReply(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    SIZE_BYTES_FIELD_NUMBER: _builtins.int
+    OLD_SIZE_BYTES_FIELD_NUMBER: _builtins.int
+    FREE_BYTES_FIELD_NUMBER: _builtins.int
+    WARNING_FIELD_NUMBER: _builtins.int
+    message: _builtins.str
+    size_bytes: _builtins.int
+    """the size now"""
+    old_size_bytes: _builtins.int
+    free_bytes: _builtins.int
+    """free bytes of the data directory (statvfs)"""
+    warning: _builtins.str
+    """the volume is larger than the free space"""
+    def __init__(
+        self,
+        *,
+        message: _builtins.str = ...,
+        size_bytes: _builtins.int = ...,
+        old_size_bytes: _builtins.int = ...,
+        free_bytes: _builtins.int = ...,
+        warning: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["free_bytes", b"free_bytes", "message", b"message", "old_size_bytes", b"old_size_bytes", "size_bytes", b"size_bytes", "warning", b"warning"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___NodeResizeVolumeReply: _TypeAlias = NodeResizeVolumeReply  # noqa: Y015
+
+@_typing.final
+class ReplicaStopping(_message.Message):
+    """A planned stop of the secondary (issue 13), told on its replication stream
+    before it ends: the primary logs a planned stop, not a failure, and still
+    goes degraded (writes stay safe). Fenced: taken only at the stream's epoch.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EPOCH_FIELD_NUMBER: _builtins.int
+    NODE_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    epoch: _builtins.int
+    node: _builtins.str
+    """the secondary's advertised address"""
+    reason: _builtins.str
+    """e.g. "received SIGTERM" """
+    def __init__(
+        self,
+        *,
+        epoch: _builtins.int = ...,
+        node: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "node", b"node", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReplicaStopping: _TypeAlias = ReplicaStopping  # noqa: Y015

@@ -62,7 +62,9 @@ class VolumeServiceServicer:
 
     def Write(self, request_iterator, context):
         """The main write path. The client tags each write with client_seq; the
-        primary answers each one exactly once, in any order.
+        primary answers each one exactly once, in any order. A client that sets
+        WriteRequest.batch_replies may get several OK answers in one WriteReply
+        (more_ok_seqs); a client that does not gets one WriteReply per write.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -386,6 +388,16 @@ class NodeServiceStub:
                 request_serializer=syncrep_dot_pb_dot_syncrep__pb2.PrepareHandoverRequest.SerializeToString,
                 response_deserializer=syncrep_dot_pb_dot_syncrep__pb2.PrepareHandoverReply.FromString,
                 _registered_method=True)
+        self.DeleteVolume = channel.unary_unary(
+                '/syncrep.v1.NodeService/DeleteVolume',
+                request_serializer=syncrep_dot_pb_dot_syncrep__pb2.NodeDeleteVolumeRequest.SerializeToString,
+                response_deserializer=syncrep_dot_pb_dot_syncrep__pb2.NodeDeleteVolumeReply.FromString,
+                _registered_method=True)
+        self.ResizeVolume = channel.unary_unary(
+                '/syncrep.v1.NodeService/ResizeVolume',
+                request_serializer=syncrep_dot_pb_dot_syncrep__pb2.NodeResizeVolumeRequest.SerializeToString,
+                response_deserializer=syncrep_dot_pb_dot_syncrep__pb2.NodeResizeVolumeReply.FromString,
+                _registered_method=True)
 
 
 class NodeServiceServicer:
@@ -468,6 +480,25 @@ class NodeServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DeleteVolume(self, request, context):
+        """Issue 13: the volume was deleted (CoordinatorService.DeleteVolume): stop
+        serving it and remove its store directory. Fenced: refused when this
+        node holds the volume at a newer epoch or with another volume UUID.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResizeVolume(self, request, context):
+        """Issue 13: grow the volume to size_bytes on this node, online
+        (CoordinatorService.ResizeVolume: the secondary first, then the
+        primary). The new blocks read as zeros; idempotent; shrinking refused.
+        Fenced by the epoch.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_NodeServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -520,6 +551,16 @@ def add_NodeServiceServicer_to_server(servicer, server):
                     servicer.PrepareHandover,
                     request_deserializer=syncrep_dot_pb_dot_syncrep__pb2.PrepareHandoverRequest.FromString,
                     response_serializer=syncrep_dot_pb_dot_syncrep__pb2.PrepareHandoverReply.SerializeToString,
+            ),
+            'DeleteVolume': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteVolume,
+                    request_deserializer=syncrep_dot_pb_dot_syncrep__pb2.NodeDeleteVolumeRequest.FromString,
+                    response_serializer=syncrep_dot_pb_dot_syncrep__pb2.NodeDeleteVolumeReply.SerializeToString,
+            ),
+            'ResizeVolume': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResizeVolume,
+                    request_deserializer=syncrep_dot_pb_dot_syncrep__pb2.NodeResizeVolumeRequest.FromString,
+                    response_serializer=syncrep_dot_pb_dot_syncrep__pb2.NodeResizeVolumeReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -806,6 +847,60 @@ class NodeService:
             metadata,
             _registered_method=True)
 
+    @staticmethod
+    def DeleteVolume(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/syncrep.v1.NodeService/DeleteVolume',
+            syncrep_dot_pb_dot_syncrep__pb2.NodeDeleteVolumeRequest.SerializeToString,
+            syncrep_dot_pb_dot_syncrep__pb2.NodeDeleteVolumeReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResizeVolume(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/syncrep.v1.NodeService/ResizeVolume',
+            syncrep_dot_pb_dot_syncrep__pb2.NodeResizeVolumeRequest.SerializeToString,
+            syncrep_dot_pb_dot_syncrep__pb2.NodeResizeVolumeReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
 
 class CoordinatorServiceStub:
     """---------------------------------------------------------------- coordinator
@@ -857,6 +952,46 @@ class CoordinatorServiceStub:
                 '/syncrep.v1.CoordinatorService/Switchover',
                 request_serializer=syncrep_dot_pb_dot_syncrep__pb2.SwitchoverRequest.SerializeToString,
                 response_deserializer=syncrep_dot_pb_dot_syncrep__pb2.SwitchoverReply.FromString,
+                _registered_method=True)
+        self.Resolve = channel.unary_unary(
+                '/syncrep.v1.CoordinatorService/Resolve',
+                request_serializer=syncrep_dot_pb_dot_syncrep__pb2.ResolveRequest.SerializeToString,
+                response_deserializer=syncrep_dot_pb_dot_syncrep__pb2.ResolveReply.FromString,
+                _registered_method=True)
+        self.Grant = channel.unary_unary(
+                '/syncrep.v1.CoordinatorService/Grant',
+                request_serializer=syncrep_dot_pb_dot_syncrep__pb2.GrantRequest.SerializeToString,
+                response_deserializer=syncrep_dot_pb_dot_syncrep__pb2.GrantReply.FromString,
+                _registered_method=True)
+        self.Revoke = channel.unary_unary(
+                '/syncrep.v1.CoordinatorService/Revoke',
+                request_serializer=syncrep_dot_pb_dot_syncrep__pb2.RevokeRequest.SerializeToString,
+                response_deserializer=syncrep_dot_pb_dot_syncrep__pb2.RevokeReply.FromString,
+                _registered_method=True)
+        self.ListGrants = channel.unary_unary(
+                '/syncrep.v1.CoordinatorService/ListGrants',
+                request_serializer=syncrep_dot_pb_dot_syncrep__pb2.ListGrantsRequest.SerializeToString,
+                response_deserializer=syncrep_dot_pb_dot_syncrep__pb2.ListGrantsReply.FromString,
+                _registered_method=True)
+        self.WatchEvents = channel.unary_stream(
+                '/syncrep.v1.CoordinatorService/WatchEvents',
+                request_serializer=syncrep_dot_pb_dot_syncrep__pb2.WatchEventsRequest.SerializeToString,
+                response_deserializer=syncrep_dot_pb_dot_syncrep__pb2.Event.FromString,
+                _registered_method=True)
+        self.CoordinatorInfo = channel.unary_unary(
+                '/syncrep.v1.CoordinatorService/CoordinatorInfo',
+                request_serializer=syncrep_dot_pb_dot_syncrep__pb2.CoordinatorInfoRequest.SerializeToString,
+                response_deserializer=syncrep_dot_pb_dot_syncrep__pb2.CoordinatorInfoReply.FromString,
+                _registered_method=True)
+        self.DeleteVolume = channel.unary_unary(
+                '/syncrep.v1.CoordinatorService/DeleteVolume',
+                request_serializer=syncrep_dot_pb_dot_syncrep__pb2.DeleteVolumeRequest.SerializeToString,
+                response_deserializer=syncrep_dot_pb_dot_syncrep__pb2.DeleteVolumeReply.FromString,
+                _registered_method=True)
+        self.ResizeVolume = channel.unary_unary(
+                '/syncrep.v1.CoordinatorService/ResizeVolume',
+                request_serializer=syncrep_dot_pb_dot_syncrep__pb2.ResizeVolumeRequest.SerializeToString,
+                response_deserializer=syncrep_dot_pb_dot_syncrep__pb2.ResizeVolumeReply.FromString,
                 _registered_method=True)
 
 
@@ -918,6 +1053,74 @@ class CoordinatorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Resolve(self, request, context):
+        """End a split brain (docs/FAILOVER.md section 6): keep one replica's data,
+        discard what the other wrote since their common generation (kept in a
+        snapshot on that node), resync from the kept one with changes only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Grant(self, request, context):
+        """Per-volume grants for users (client certificates; issue 11): what
+        VolumeService and the NBD export let a user other than admin do. Stored
+        by the coordinator, sent to the nodes in every VolumeAssignment.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Revoke(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListGrants(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchEvents(self, request, context):
+        """Follow the coordinator's changes (issue 13, `syncrep events`): state and
+        role changes, epochs, resync start/progress/done, NACKs, promotions,
+        switchovers, resolves, as they are persisted. `now`: the current state of
+        every volume as events, then the stream ends. A subscriber that cannot
+        keep up gets a last event of kind "dropped" and its stream ends (the
+        coordinator never waits for a subscriber).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CoordinatorInfo(self, request, context):
+        """Who this coordinator is and who leads (issue 12): answered by every
+        coordinator, leader or follower (read-only; `syncrep status`).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteVolume(self, request, context):
+        """Issue 13, the volume lifecycle (admin only). DeleteVolume: remove the
+        pair record and its grants, then tell both nodes
+        (NodeService.DeleteVolume); a node that is down learns it at its next
+        registration (no pair claims its store: kept, never served).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResizeVolume(self, request, context):
+        """ResizeVolume: grow the volume online while in sync, the secondary first,
+        then the primary, then the pair's size; shrinking is refused.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -960,6 +1163,46 @@ def add_CoordinatorServiceServicer_to_server(servicer, server):
                     servicer.Switchover,
                     request_deserializer=syncrep_dot_pb_dot_syncrep__pb2.SwitchoverRequest.FromString,
                     response_serializer=syncrep_dot_pb_dot_syncrep__pb2.SwitchoverReply.SerializeToString,
+            ),
+            'Resolve': grpc.unary_unary_rpc_method_handler(
+                    servicer.Resolve,
+                    request_deserializer=syncrep_dot_pb_dot_syncrep__pb2.ResolveRequest.FromString,
+                    response_serializer=syncrep_dot_pb_dot_syncrep__pb2.ResolveReply.SerializeToString,
+            ),
+            'Grant': grpc.unary_unary_rpc_method_handler(
+                    servicer.Grant,
+                    request_deserializer=syncrep_dot_pb_dot_syncrep__pb2.GrantRequest.FromString,
+                    response_serializer=syncrep_dot_pb_dot_syncrep__pb2.GrantReply.SerializeToString,
+            ),
+            'Revoke': grpc.unary_unary_rpc_method_handler(
+                    servicer.Revoke,
+                    request_deserializer=syncrep_dot_pb_dot_syncrep__pb2.RevokeRequest.FromString,
+                    response_serializer=syncrep_dot_pb_dot_syncrep__pb2.RevokeReply.SerializeToString,
+            ),
+            'ListGrants': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListGrants,
+                    request_deserializer=syncrep_dot_pb_dot_syncrep__pb2.ListGrantsRequest.FromString,
+                    response_serializer=syncrep_dot_pb_dot_syncrep__pb2.ListGrantsReply.SerializeToString,
+            ),
+            'WatchEvents': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchEvents,
+                    request_deserializer=syncrep_dot_pb_dot_syncrep__pb2.WatchEventsRequest.FromString,
+                    response_serializer=syncrep_dot_pb_dot_syncrep__pb2.Event.SerializeToString,
+            ),
+            'CoordinatorInfo': grpc.unary_unary_rpc_method_handler(
+                    servicer.CoordinatorInfo,
+                    request_deserializer=syncrep_dot_pb_dot_syncrep__pb2.CoordinatorInfoRequest.FromString,
+                    response_serializer=syncrep_dot_pb_dot_syncrep__pb2.CoordinatorInfoReply.SerializeToString,
+            ),
+            'DeleteVolume': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteVolume,
+                    request_deserializer=syncrep_dot_pb_dot_syncrep__pb2.DeleteVolumeRequest.FromString,
+                    response_serializer=syncrep_dot_pb_dot_syncrep__pb2.DeleteVolumeReply.SerializeToString,
+            ),
+            'ResizeVolume': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResizeVolume,
+                    request_deserializer=syncrep_dot_pb_dot_syncrep__pb2.ResizeVolumeRequest.FromString,
+                    response_serializer=syncrep_dot_pb_dot_syncrep__pb2.ResizeVolumeReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1180,6 +1423,222 @@ class CoordinatorService:
             '/syncrep.v1.CoordinatorService/Switchover',
             syncrep_dot_pb_dot_syncrep__pb2.SwitchoverRequest.SerializeToString,
             syncrep_dot_pb_dot_syncrep__pb2.SwitchoverReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Resolve(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/syncrep.v1.CoordinatorService/Resolve',
+            syncrep_dot_pb_dot_syncrep__pb2.ResolveRequest.SerializeToString,
+            syncrep_dot_pb_dot_syncrep__pb2.ResolveReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Grant(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/syncrep.v1.CoordinatorService/Grant',
+            syncrep_dot_pb_dot_syncrep__pb2.GrantRequest.SerializeToString,
+            syncrep_dot_pb_dot_syncrep__pb2.GrantReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Revoke(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/syncrep.v1.CoordinatorService/Revoke',
+            syncrep_dot_pb_dot_syncrep__pb2.RevokeRequest.SerializeToString,
+            syncrep_dot_pb_dot_syncrep__pb2.RevokeReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListGrants(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/syncrep.v1.CoordinatorService/ListGrants',
+            syncrep_dot_pb_dot_syncrep__pb2.ListGrantsRequest.SerializeToString,
+            syncrep_dot_pb_dot_syncrep__pb2.ListGrantsReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/syncrep.v1.CoordinatorService/WatchEvents',
+            syncrep_dot_pb_dot_syncrep__pb2.WatchEventsRequest.SerializeToString,
+            syncrep_dot_pb_dot_syncrep__pb2.Event.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CoordinatorInfo(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/syncrep.v1.CoordinatorService/CoordinatorInfo',
+            syncrep_dot_pb_dot_syncrep__pb2.CoordinatorInfoRequest.SerializeToString,
+            syncrep_dot_pb_dot_syncrep__pb2.CoordinatorInfoReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteVolume(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/syncrep.v1.CoordinatorService/DeleteVolume',
+            syncrep_dot_pb_dot_syncrep__pb2.DeleteVolumeRequest.SerializeToString,
+            syncrep_dot_pb_dot_syncrep__pb2.DeleteVolumeReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResizeVolume(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/syncrep.v1.CoordinatorService/ResizeVolume',
+            syncrep_dot_pb_dot_syncrep__pb2.ResizeVolumeRequest.SerializeToString,
+            syncrep_dot_pb_dot_syncrep__pb2.ResizeVolumeReply.FromString,
             options,
             channel_credentials,
             insecure,

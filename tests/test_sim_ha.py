@@ -1,0 +1,100 @@
+"""The simulator's ``--coordinators 3`` mode (deploy/sim.py on deploy/simstore.py):
+three real coordinators on the in-memory etcd, their faults drawn by seed,
+the store's audit (every write fenced, one coordinator per term, epochs never
+handed out twice) and the existing end checks all pass; a coordinator that
+writes without its fence is caught."""
+
+from __future__ import annotations
+
+import pytest
+
+from coordinator.etcd_store import EtcdStore
+from deploy import sim
+
+
+def test_ha_schedules_are_a_pure_function_of_the_seed_and_leave_the_base_schedule_alone() -> None:
+    assert sim.make_ha_schedule(42, 8.0) == sim.make_ha_schedule(42, 8.0)
+    kinds = {(f.kind, f.target) for s in range(1, 100) for f in sim.make_ha_schedule(s, 8.0)}
+    assert {("kill_coord", "leader"), ("kill_coord", "follower"), ("cut_store", "leader"),
+            ("cut_store", "follower"), ("pause_store", "store")} <= kinds
+    assert all(f.kind not in sim.HA_KINDS for s in range(1, 100) for f in sim.make_schedule(s, 8.0))
+
+
+# 3: the leader cut from the store (still reaching the nodes: the stale-leader
+# case); 4: the leader killed; 10: the store paused (no quorum); 22: the store
+# paused, then the leader cut from it.
+@pytest.mark.parametrize("seed", [3, 4, 10, 22])
+def test_three_coordinators_pass_their_faults(seed: int) -> None:
+    ok, trace, stats = sim.run_seed(seed, 8.0, coordinators=3)
+    assert ok, "\n".join(trace[-30:])
+    assert stats["acks"] > 0
+    assert stats["leader_changes"] >= 1
+    assert any("final: store audit clean" in line for line in trace)
+
+
+def test_the_leader_cut_from_the_store_is_replaced_and_its_late_writes_are_refused() -> None:
+    """Seed 3: cut_store(leader). Another coordinator leads, and the old one's
+    view expires first (the trace shows who held the key when)."""
+    ok, trace, _ = sim.run_seed(3, 8.0, coordinators=3)
+    assert ok, "\n".join(trace[-30:])
+    held = [line for line in trace if "the election key is held by coord-" in line]
+    assert len({line.split("held by ")[1].split(" ")[0] for line in held}) >= 2, held
+
+
+def test_a_planted_bug_writing_without_the_fence_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fault planted in the product: the etcd store leaves the election fence
+    out of its transactions. The store's audit must fail the schedule."""
+    monkeypatch.setattr(EtcdStore, "_fence_compares", lambda self, what: ([], None))
+    ok, trace, _ = sim.run_seed(4, 8.0, coordinators=3)
+    assert not ok
+    assert "unfenced write" in trace[-1], trace[-1]
+
+
+def test_a_leader_whose_term_lapsed_while_the_store_was_paused_takes_over_again() -> None:
+    """Seed 10 (--coordinators 3): the store is paused (no quorum) long enough
+    for the leader's view to lapse; nodes' heartbeats are refused meanwhile.
+    On resume etcd renews every lease, so the SAME lease wins the key back.
+    Before the fix the leader resumed its old term as is and at once declared
+    both live nodes dead (by the heartbeats it had refused); now it takes over
+    again: reload, every node counted as heard, the lease wait."""
+    ok, trace, _ = sim.run_seed(10, 8.0, coordinators=3)
+    assert ok, "\n".join(trace[-30:])
+    resumed = next(i for i, line in enumerate(trace) if "store: resumed" in line)
+    after = trace[resumed:]
+    assert any("leads now" in line for line in after), "\n".join(after[:20])
+    assert not any("considered dead" in line for line in after[:12]), "\n".join(after[:12])
+
+
+def test_a_planted_bug_a_leader_ignoring_its_lease_expiry_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fault planted in the product: the election's view ignores the lease's
+    expiry (a leader cut from etcd goes on believing it leads). Seed 3 cuts
+    the leader from the store: another coordinator is elected, and the
+    simulator must see two coordinators acting as leader at once; the store
+    refuses the stale one's writes (its fence)."""
+    from coordinator.election import Election
+
+    monkeypatch.setattr(Election, "is_leader", lambda self: self._holds_key)
+    ok, trace, _ = sim.run_seed(3, 8.0, coordinators=3)
+    assert not ok
+    assert "two coordinators act as leader at once" in trace[-1], trace[-1]
+
+
+# Not strict since the election's keepalive retry (session 12) changed the
+# schedules' timing: these seeds may no longer reach the fault (they pass),
+# but the bug is not fixed; keep them until a seed that still reaches it
+# replaces them.
+@pytest.mark.xfail(strict=False, reason="open bug (not fixed here): a switchover whose swap was persisted with "
+                   "its answer lost (etcd cut from the leader) is completed by the next leader from the record, "
+                   "and the pair ends in split_brain instead of back in sync")
+@pytest.mark.parametrize("seed", [1688, 944])
+def test_a_switchover_persisted_with_its_answer_lost_ends_back_in_sync(seed: int) -> None:
+    """Seeds 1688 and 944 (--coordinators 3): the leader is cut from the store
+    while a switchover runs; its CAS saving the swap commits but the answer
+    is lost (StoreUnavailable: 'it changes nothing'), so the old primary keeps
+    its roles (944: a retried Switchover even releases its gate, and it writes
+    on at the old epoch). The next leader reads the swapped record and pushes
+    it: the new primary starts degraded as after a promotion, the old one
+    mints a generation as its stream is superseded, and the coordinator
+    calls it split brain: never back in sync without an operator's resolve."""
+    ok, trace, _ = sim.run_seed(seed, 8.0, coordinators=3)
+    assert ok, trace[-1]
