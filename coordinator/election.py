@@ -56,6 +56,7 @@ from typing import Any
 import aetcd.exceptions  # type: ignore[import-untyped]
 
 from coordinator.etcd_store import DEFAULT_OP_TIMEOUT_S, connect_client
+from syncrep.aio import within
 from syncrep.core.driver import Policy
 
 log = logging.getLogger(__name__)
@@ -312,11 +313,12 @@ class Election:
         return min(self.op_timeout_s, self.ttl_s / 4)
 
     async def _step(self) -> None:
+        # within(), not wait_for: resign() cancels this loop and awaits it (syncrep/aio.py).
         c = self._client
         t = c.transactions
         if self._lease_id is None:
             sent = self._clock()
-            lease = await asyncio.wait_for(c.lease(self.ttl_s), self.op_timeout_s)
+            lease = await within(self.op_timeout_s, c.lease(self.ttl_s))
             self._lease_id = lease.id
             self._value = f"{self.my_address}\n{lease.id:x}".encode()
             self._valid_until = sent + lease.ttl - self.safety_margin_s
@@ -325,7 +327,7 @@ class Election:
             sent = self._clock()
             # Bounded well inside the view's validity: an RPC stuck on a lost
             # member must leave time to retry on the others.
-            reply = await asyncio.wait_for(c.refresh_lease(self._lease_id), self._attempt_timeout_s())
+            reply = await within(self._attempt_timeout_s(), c.refresh_lease(self._lease_id))
             if reply is None or reply.TTL <= 0:
                 # The lease is gone on etcd's side (expired, revoked): so is our key.
                 log.warning("election: %s's lease %x expired or was revoked", self.my_address, self._lease_id)
@@ -335,13 +337,13 @@ class Election:
             self._valid_until = sent + reply.TTL - self.safety_margin_s
             self._keepalive_ok = True
         assert self._value is not None
-        ok, responses = await asyncio.wait_for(
+        ok, responses = await within(
+            self._attempt_timeout_s(),
             c.transaction(
                 compare=[t.create(self.key) == 0],
                 success=[t.put(self.key, self._value, lease=self._lease_id)],
                 failure=[t.get(self.key)],
             ),
-            self._attempt_timeout_s(),
         )
         if ok:
             self._holder = self._value

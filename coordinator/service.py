@@ -50,7 +50,6 @@ failed write leaves memory and disk in agreement.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import io
 import logging
@@ -68,6 +67,7 @@ from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait
 from coordinator.db import DBError, NodeRecord, PairExists, PairRecord, StateChange
 from coordinator.store import NotLeader, Store, StoreConflict, StoreUnavailable
 from syncrep import authz, certs, rpc, volumes
+from syncrep.aio import wait_event
 from syncrep.core import driver
 from syncrep.core.driver import (
     DEFAULT_BLOCK_SIZE,
@@ -531,14 +531,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
 
     async def _background_loop(self) -> None:
         assert self._wake is not None
-        me = asyncio.current_task()
         while True:
-            if me is not None and me.cancelling():
-                # A cancel was swallowed on the way (asyncio.wait_for in
-                # CPython 3.11 returns the result when the awaited event is set
-                # as the cancel arrives, gh-86296): a stop hung on this loop
-                # for 15 s+ in tests/test_coordinator_advertise.py.
-                raise asyncio.CancelledError
             try:
                 await self.tick()
             except asyncio.CancelledError:
@@ -553,8 +546,8 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
                     "coordinator background check failed; retrying in %.1f s", self.resync_check_interval_s
                 )
             self._wake.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=self.resync_check_interval_s)
+            # wait_event, not wait_for: a stop's cancel must end this loop (syncrep/aio.py).
+            await wait_event(self._wake, self.resync_check_interval_s)
 
     # ================================================================ what decide() sees
 

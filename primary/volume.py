@@ -36,6 +36,7 @@ from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt,
 from primary.link import LinkError, Payload, ReplicationLink, Zeros, identity_msg, span, wire_bytes
 from primary.resync import Counters, RateLimiter, ResyncError, RoundSender, round_pieces
 from syncrep import volumes
+from syncrep.aio import wait_event
 from syncrep.blockstore import Extent
 from syncrep.blockstore.extents import merge_extents
 from syncrep.config import NodeOptions
@@ -938,10 +939,7 @@ class PrimaryVolume:
                 left = deadline - now
                 if left <= 0:
                     return self._quorum_loss_message(now, f"waited {timeout_s:.1f} s (--quorum-loss-timeout-s)")
-                try:
-                    await asyncio.wait_for(changed.wait(), left)
-                except TimeoutError:
-                    pass
+                await wait_event(changed, left)  # not wait_for: a cancel must end the wait (syncrep/aio.py)
         finally:
             self._lease_waiters -= 1
 

@@ -31,6 +31,7 @@ from typing import Any, NamedTuple, cast
 import grpc
 
 from syncrep import authz, rpc
+from syncrep.aio import wait_event
 from syncrep.core.classify import (
     STORAGE_ERRORS,
     Refusal,
@@ -170,9 +171,7 @@ class ReplicaServicer(pbg.ReplicaServiceServicer):
         replication stream ended. True when they did."""
         if self._ended is None:
             return not self._inboxes
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._ended.wait(), timeout_s)
-        return self._ended.is_set()
+        return await wait_event(self._ended, timeout_s)  # a cancel ends the wait (syncrep/aio.py)
 
     def accept_stream(
         self, open_: pb.StreamOpen, fence: bool = True, *, check_identity: bool = True
