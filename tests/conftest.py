@@ -29,9 +29,10 @@ import asyncio
 import inspect
 import os
 import random
+import subprocess
 import time
 import zlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -170,3 +171,19 @@ async def vclient(cluster: LocalCluster) -> AsyncIterator[VolumeClient]:
         yield client
     finally:
         await client.close()
+
+
+#: How long a process the ``procs`` fixture killed may take to be reaped.
+PROCS_REAP_TIMEOUT_S = 15.0
+
+
+@pytest.fixture
+def procs() -> Iterator[list[subprocess.Popen[bytes]]]:
+    """Processes a test started itself (append them): any still running at the
+    end is SIGKILLed and reaped, whether the test passed or not."""
+    started: list[subprocess.Popen[bytes]] = []
+    yield started
+    for p in started:
+        if p.poll() is None:
+            p.kill()
+            p.wait(PROCS_REAP_TIMEOUT_S)

@@ -13,7 +13,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -43,16 +42,6 @@ def test_bad_advertise_refused_before_start(tmp_path: Path, argv: list[str], fra
     assert r.returncode in (1, 2), r
     assert fragment in r.stderr, r.stderr
     assert not any(tmp_path.iterdir()), "a refused start wrote to its data dir"
-
-
-@pytest.fixture
-def procs() -> Iterator[list[subprocess.Popen[bytes]]]:
-    started: list[subprocess.Popen[bytes]] = []
-    yield started
-    for p in started:
-        if p.poll() is None:
-            p.kill()
-            p.wait(STOP_TIMEOUT_S)
 
 
 def _start_coordinator(tmp_path: Path, i: int, port: int, store: str, env: dict[str, str]) -> subprocess.Popen[bytes]:

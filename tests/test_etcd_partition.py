@@ -54,7 +54,6 @@ import datetime as dt
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -66,6 +65,8 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 if __name__ == "__main__":  # run as the scenario script on the client host
     sys.path.insert(0, str(REPO))
+
+from etcd_fixture import etcd_binary  # noqa: E402
 
 from deploy import netns  # noqa: E402
 
@@ -112,16 +113,6 @@ IPT_OK, IPT_WHY = netns.iptables_available()
 # ================================================================ the pytest side
 
 
-def _etcd_binary() -> str:
-    path = shutil.which("etcd")
-    if path is None:
-        reason = "the etcd binary is missing (scripts/setup.sh installs Debian's etcd-server)"
-        if os.environ.get("CI"):
-            pytest.fail(f"{reason}; CI must install it", pytrace=False)
-        pytest.skip(reason)
-    return path
-
-
 def _logs(tmp_path: Path, lines: int = 40) -> str:
     out = []
     files = [tmp_path / "cluster" / f"{n}.log" for n in (*COORDINATORS, "primary", "secondary")]
@@ -134,7 +125,7 @@ def _logs(tmp_path: Path, lines: int = 40) -> str:
 
 
 def _run_scenario(tmp_path: Path, seed: int) -> dict[str, Any]:
-    etcd = _etcd_binary()
+    etcd = etcd_binary()
     with netns.TestNet(HOSTS) as net:
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(x for x in (str(REPO), env.get("PYTHONPATH", "")) if x)
