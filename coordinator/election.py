@@ -302,12 +302,27 @@ class Election:
                     # Unreachable for long enough (is_leader() is False from the
                     # clock alone): say why in why_not_leader().
                     self._last_error = error
+                self._let_expired_lease_go(now)
             self._notify()
             # A leader renews its lease well within its TTL; a follower campaigns again;
             # a failed attempt is retried soon (another etcd member may answer).
             interval = self.retry_interval_s if failed else min(self.campaign_interval_s, self.ttl_s / 3)
             await asyncio.sleep(interval)
             self._notify()  # the view may have expired while sleeping
+
+    def _let_expired_lease_go(self, now: float) -> None:
+        """After a failed step: once the view has expired, stop refreshing the lease.
+
+        A keepalive that reaches etcd while its answer is lost (a one-way cut)
+        would otherwise keep the lease, and the election key with it, alive for
+        as long as the cut lasts: no coordinator could lead. Dropped, it expires
+        within its TTL; the next step campaigns with a new lease."""
+        if self._lease_id is None or now < self._valid_until:
+            return
+        log.warning("election: %s: no keepalive answered while its view lasted; letting lease %x expire",
+                    self.my_address, self._lease_id)
+        self._lease_id = self._value = None
+        self._holds_key = self._keepalive_ok = False
 
     def _attempt_timeout_s(self) -> float:
         return min(self.op_timeout_s, self.ttl_s / 4)
