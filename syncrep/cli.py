@@ -204,6 +204,10 @@ def _coordinator_list(text: str) -> str:
 
 _WILDCARD_HOSTS = {"0.0.0.0", "::", "[::]", "*", ""}
 
+def _add_coordinator_flag(p: argparse.ArgumentParser, help: str = "the coordinator's address") -> None:
+    """``--coordinator HOST:PORT[,...]`` (required), as every client command takes it."""
+    p.add_argument("--coordinator", required=True, type=_coordinator_list, metavar="HOST:PORT[,...]", help=help)
+
 
 def check_advertise(address: str, *, flag: str = "--advertise") -> str:
     """Reject addresses other processes cannot dial (wildcard host, port 0)."""
@@ -499,8 +503,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="address to serve on (e.g. 127.0.0.1:7001, or 0.0.0.0:7001 with --advertise)")
         p.add_argument("--data-dir", required=True, type=Path, metavar="DIR",
                        help="directory for volume data, snapshots and metadata (created if missing)")
-        p.add_argument("--coordinator", required=True, type=_coordinator_list, metavar="HOST:PORT[,...]",
-                       help="the coordinator's address")
+        _add_coordinator_flag(p)
         p.add_argument("--advertise", type=_listen_address, default=None, metavar="HOST:PORT",
                        help="the address other processes dial to reach this node; it is the node's "
                             "name (default: the --listen address; must not be 0.0.0.0 or port 0)")
@@ -527,8 +530,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="advertise address of the node that takes the primary role")
     p.add_argument("--secondary", required=True, type=_dial_address, metavar="HOST:PORT",
                    help="advertise address of the node that takes the secondary role")
-    p.add_argument("--coordinator", required=True, type=_coordinator_list, metavar="HOST:PORT[,...]",
-                   help="the coordinator's address")
+    _add_coordinator_flag(p)
     p.add_argument("--block-size", type=_positive_size, default="4096", metavar="N",
                    help="block size in bytes (the unit of writes and of change tracking)")
     p.add_argument("--resync-mode", choices=tuple(RESYNC_MODES), default=None,
@@ -550,8 +552,7 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[common, secure],
         formatter_class=_Formatter,
     )
-    p.add_argument("--coordinator", required=True, type=_coordinator_list, metavar="HOST:PORT[,...]",
-                   help="the coordinator's address")
+    _add_coordinator_flag(p)
     p.add_argument("--json", action="store_true",
                    help='print JSON: {"volumes": [{"name", "size_bytes", "block_size", "state", "primary", '
                         '"secondary"}, ...]}')
@@ -568,8 +569,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=_Formatter,
     )
     p.add_argument("name", metavar="NAME", help="volume name")
-    p.add_argument("--coordinator", required=True, type=_coordinator_list, metavar="HOST:PORT[,...]",
-                   help="the coordinator's address")
+    _add_coordinator_flag(p)
     p.add_argument("--yes", action="store_true", help="do not ask for confirmation (scripts)")
     p.set_defaults(func=cmd_volume_delete, role="client")
     p = vsub.add_parser(
@@ -586,8 +586,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", metavar="NAME", help="volume name")
     p.add_argument("--size", required=True, type=_volume_size, metavar="SIZE",
                    help="the new size, larger than now, e.g. 2GiB (a multiple of the block size)")
-    p.add_argument("--coordinator", required=True, type=_coordinator_list, metavar="HOST:PORT[,...]",
-                   help="the coordinator's address")
+    _add_coordinator_flag(p)
     p.add_argument("--json", action="store_true", help="print the reply and the volume's new status as JSON")
     p.set_defaults(func=cmd_volume_resize, role="client")
 
@@ -603,8 +602,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", metavar="NAME", help="volume name")
     p.add_argument("--offset", required=True, type=_size, metavar="N",
                    help="byte offset to write at (size suffixes allowed, e.g. 4KiB)")
-    p.add_argument("--coordinator", required=True, type=_coordinator_list, metavar="HOST:PORT[,...]",
-                   help="the coordinator's address (used to find the primary)")
+    _add_coordinator_flag(p, "the coordinator's address (used to find the primary)")
     p.add_argument("--input", type=Path, default=None, metavar="FILE", help="read from FILE (default: stdin)")
     p.add_argument("--write-size", type=_positive_size, default="1MiB", metavar="SIZE",
                    help=f"largest single write (at most {size_text(MAX_WRITE_BYTES)})")
@@ -624,8 +622,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--offset", required=True, type=_size, metavar="N", help="byte offset (e.g. 0, 4KiB)")
     p.add_argument("--length", required=True, type=_positive_size, metavar="N",
                    help="number of bytes to read (e.g. 4096, 1MiB)")
-    p.add_argument("--coordinator", required=True, type=_coordinator_list, metavar="HOST:PORT[,...]",
-                   help="the coordinator's address (used to find the primary)")
+    _add_coordinator_flag(p, "the coordinator's address (used to find the primary)")
     p.add_argument("--output", type=Path, default=None, metavar="FILE", help="write to FILE (default: stdout)")
     p.set_defaults(func=cmd_read, role="client")
 
@@ -643,8 +640,7 @@ def build_parser() -> argparse.ArgumentParser:
         "is silent; nobody serves the volume: bring it back or 'syncrep promote'), split_brain\n"
         "(both sides wrote without each other after a forced promote; nothing is resynced).",
     )
-    p.add_argument("--coordinator", required=True, type=_coordinator_list, metavar="HOST:PORT[,...]",
-                   help="the coordinator's address")
+    _add_coordinator_flag(p)
     p.add_argument("--json", action="store_true", help="print JSON: {\"volumes\": [...]}")
     # Issue 13: one volume, the rich table on a terminal, and a live view.
     p.add_argument("volume", nargs="?", default=None, metavar="VOLUME",
@@ -667,8 +663,7 @@ def build_parser() -> argparse.ArgumentParser:
         "old -> new, and the message. If the coordinator goes away, says so and reconnects\n"
         "with backoff. --now prints the current state and exits.",
     )
-    p.add_argument("--coordinator", required=True, type=_coordinator_list, metavar="HOST:PORT[,...]",
-                   help="the coordinator's address")
+    _add_coordinator_flag(p)
     p.add_argument("--now", action="store_true", help="print the current state of every volume and exit")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     p.add_argument("--volume", default="", metavar="VOLUME", help="only this volume's events (default: every volume)")
@@ -692,8 +687,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Exit status: 0 = promoted; 1 = refused or failed (the reason is on stderr).",
     )
     p.add_argument("name", metavar="NAME", help="volume name")
-    p.add_argument("--coordinator", required=True, type=_coordinator_list, metavar="HOST:PORT[,...]",
-                   help="the coordinator's address")
+    _add_coordinator_flag(p)
     p.add_argument("--force", action="store_true",
                    help="promote even when the secondary is not current (loses the writes it lacks)")
     p.add_argument("--json", action="store_true", help="print the volume's new status as JSON")
@@ -715,8 +709,7 @@ def build_parser() -> argparse.ArgumentParser:
         "stays as it was).",
     )
     p.add_argument("name", metavar="NAME", help="volume name")
-    p.add_argument("--coordinator", required=True, type=_coordinator_list, metavar="HOST:PORT[,...]",
-                   help="the coordinator's address")
+    _add_coordinator_flag(p)
     p.add_argument("--handover-timeout-s", type=float, default=0.0, metavar="S",
                    help="how long the old primary holds writes at its gate waiting for the swap "
                         "(default: the coordinator's, 5 s)")
@@ -739,8 +732,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("grantee", metavar="USER", help="the user: a client certificate's CN")
     p.add_argument("--volume", required=True, metavar="V", help="the volume")
     p.add_argument("--read-only", action="store_true", help="reads only (writes are refused)")
-    p.add_argument("--coordinator", required=True, type=_coordinator_list, metavar="HOST:PORT[,...]",
-                   help="the coordinator's address")
+    _add_coordinator_flag(p)
     p.set_defaults(func=cmd_grant, role="client")
 
     p = add(
@@ -753,8 +745,7 @@ def build_parser() -> argparse.ArgumentParser:
     # dest "grantee": "user" is --user's, the user this command runs as.
     p.add_argument("grantee", metavar="USER", help="the user: a client certificate's CN")
     p.add_argument("--volume", required=True, metavar="V", help="the volume")
-    p.add_argument("--coordinator", required=True, type=_coordinator_list, metavar="HOST:PORT[,...]",
-                   help="the coordinator's address")
+    _add_coordinator_flag(p)
     p.set_defaults(func=cmd_revoke, role="client")
 
     p = add(
@@ -764,8 +755,7 @@ def build_parser() -> argparse.ArgumentParser:
         "use every volume, is not listed). Only admin may list them.",
     )
     p.add_argument("--volume", default="", metavar="V", help="only this volume's grants")
-    p.add_argument("--coordinator", required=True, type=_coordinator_list, metavar="HOST:PORT[,...]",
-                   help="the coordinator's address")
+    _add_coordinator_flag(p)
     p.add_argument("--json", action="store_true",
                    help='print JSON: {"grants": [{"volume", "user", "read_only"}, ...]}')
     p.set_defaults(func=cmd_grants, role="client")
@@ -791,8 +781,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", metavar="NAME", help="volume name")
     p.add_argument("--keep", required=True, type=_dial_address, metavar="HOST:PORT",
                    help="the advertise address of the replica whose data is kept ('syncrep status' shows both)")
-    p.add_argument("--coordinator", required=True, type=_coordinator_list, metavar="HOST:PORT[,...]",
-                   help="the coordinator's address")
+    _add_coordinator_flag(p)
     p.add_argument("--json", action="store_true",
                    help="print the result as one JSON object (the ResolveReply's fields)")
     p.set_defaults(func=cmd_resolve, role="client")
@@ -817,8 +806,7 @@ def build_parser() -> argparse.ArgumentParser:
         "2 = verify could not run (unreachable node or coordinator, unknown volume, bad argument).",
     )
     p.add_argument("name", metavar="NAME", help="volume name")
-    p.add_argument("--coordinator", required=True, type=_coordinator_list, metavar="HOST:PORT[,...]",
-                   help="the coordinator's address (used to find the primary and the secondary)")
+    _add_coordinator_flag(p, "the coordinator's address (used to find the primary and the secondary)")
     p.add_argument("--repair", action="store_true",
                    help="re-send the mismatching extents from the primary to the secondary, then verify "
                         "again (the pair must be in_sync)")
