@@ -40,8 +40,10 @@ LEASE_S = 2.0
 LEASE_DRIFT_S = 0.2
 NODE_TIMEOUT_S = 1.5
 ELECTION_TTL_S = 2
-COORDINATOR = ["--lease-s", str(LEASE_S), "--lease-drift-s", str(LEASE_DRIFT_S), "--node-timeout-s",
-               str(NODE_TIMEOUT_S), "--election-ttl-s", str(ELECTION_TTL_S)]
+#: The coordinators' flags, but for the election TTL (``make_cluster``'s ``election_ttl_s``).
+COORDINATOR_BASE = ["--lease-s", str(LEASE_S), "--lease-drift-s", str(LEASE_DRIFT_S), "--node-timeout-s",
+                    str(NODE_TIMEOUT_S)]
+COORDINATOR = [*COORDINATOR_BASE, "--election-ttl-s", str(ELECTION_TTL_S)]
 #: A dead leader's election lease expires within its TTL; a follower
 #: campaigns every 0.5 s (coordinator/election.py); a loaded 2-core box.
 FAILOVER_BOUND_S = 2 * ELECTION_TTL_S + 4.0
@@ -49,8 +51,9 @@ SYNC_TIMEOUT_S = 90.0
 
 
 async def make_cluster(cluster_factory: Any, etcd: EtcdCluster, *, create: bool = True,
-                       size: int = SIZE) -> LocalCluster:
-    c: LocalCluster = cluster_factory(coordinator_args=COORDINATOR, coordinators=3, store=etcd.url)
+                       size: int = SIZE, election_ttl_s: int = ELECTION_TTL_S) -> LocalCluster:
+    args = [*COORDINATOR_BASE, "--election-ttl-s", str(election_ttl_s)]
+    c: LocalCluster = cluster_factory(coordinator_args=args, coordinators=3, store=etcd.url)
     await c.start()
     if create:
         await c.create_volume(VOL, size, BLOCK)
