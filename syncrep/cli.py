@@ -481,7 +481,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "with an etcd lease) while the others answer status and redirect the rest")
     p.add_argument("--election-ttl-s", type=_election_ttl, default=5, metavar="S",
                    help="with --store etcd://: the TTL of the leader's election lease, whole seconds; a "
-                        "dead leader is replaced within about twice this")
+                        "dead leader is replaced within about twice this. The leader holds through half of "
+                        "it with no keepalive answered, so keep half of it above the time etcd takes to "
+                        "elect a raft leader (about 2x etcd's --election-timeout, more on a loaded host), "
+                        "or losing etcd's raft leader interrupts the coordinators' leadership")
     p.epilog = (
         "Moving an existing SQLite state to etcd (the target prefix must be empty):\n"
         "  syncrep coordinator migrate --from DIR --to etcd://HOST:PORT[,...]"
