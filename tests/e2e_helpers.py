@@ -24,6 +24,7 @@ test may add its own writes to it).
 from __future__ import annotations
 
 import asyncio
+import signal
 import time
 
 from deploy import workload as wl
@@ -133,3 +134,89 @@ async def check_model(cluster: LocalCluster, volume: str, model: dict[int, bytes
             f"holds {wl.describe_block(read.get(b, b''), b * BLOCK, BLOCK)}, "
             f"expected {wl.describe_block(model[b], b * BLOCK, BLOCK)}"
         )
+
+
+class EventsProcess:
+    """A ``syncrep events ARGS`` subprocess against ``cluster``: its stdout
+    lines (``lines``) and stderr lines (``err``) collected as they come, both
+    pipes read all along (an unread pipe that fills would block the process,
+    and with it its Ctrl-C). ``close()`` in a ``finally`` ends it."""
+
+    #: How long the process may take to exit after SIGINT/SIGTERM: generous,
+    #: as a loaded 2-core box can take seconds to tear down grpc's threads;
+    #: a process that never exits still fails.
+    EXIT_TIMEOUT_S = 60.0
+
+    def __init__(self, cluster: LocalCluster, *args: str) -> None:
+        self.cluster = cluster
+        self.args = args
+        self.lines: list[str] = []
+        self.err: list[str] = []
+        self.proc: asyncio.subprocess.Process | None = None
+        self._readers: list[asyncio.Task[None]] = []
+
+    async def start(self, first_line_timeout_s: float | None = None) -> EventsProcess:
+        """Spawn it; with ``first_line_timeout_s``, also wait for its first stdout line."""
+        self.proc = await asyncio.create_subprocess_exec(
+            *self.cluster.cli_command("events", *self.args),
+            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            env=self.cluster._environ(), cwd=str(self.cluster.workdir),
+        )
+        self._readers = [asyncio.create_task(_read_lines(self.proc.stdout, self.lines)),
+                         asyncio.create_task(_read_lines(self.proc.stderr, self.err))]
+        if first_line_timeout_s is not None:
+            deadline = time.monotonic() + first_line_timeout_s
+            while not self.lines:
+                if self.proc.returncode is not None or time.monotonic() >= deadline:
+                    raise AssertionError(
+                        f"no first line from syncrep events {' '.join(self.args)} within "
+                        f"{first_line_timeout_s:g} s (exit code {self.proc.returncode}); stderr: {self.err}")
+                await asyncio.sleep(0.05)  # the poll's period
+        return self
+
+    @property
+    def returncode(self) -> int | None:
+        return None if self.proc is None else self.proc.returncode
+
+    async def _end(self, sig: int) -> tuple[int, str]:
+        assert self.proc is not None
+        if self.proc.returncode is None:
+            self.proc.send_signal(sig)
+        rc = await asyncio.wait_for(self.proc.wait(), self.EXIT_TIMEOUT_S)
+        for r in self._readers:
+            await asyncio.wait_for(r, 10.0)
+        return rc, "\n".join(self.err)
+
+    async def interrupt(self) -> tuple[int, str]:
+        """Ctrl-C (SIGINT): the exit code and the whole stderr."""
+        return await self._end(signal.SIGINT)
+
+    async def terminate(self) -> tuple[int, str]:
+        """SIGTERM: the exit code and the whole stderr."""
+        return await self._end(signal.SIGTERM)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.kill()
+
+    async def close(self) -> None:
+        """The end of every test that started it (in a ``finally``): SIGTERM if
+        it still runs (SIGKILL if it does not exit in time), readers ended."""
+        if self.proc is None:
+            return
+        try:
+            if self.proc.returncode is None:
+                await self.terminate()
+        except TimeoutError:
+            self.kill()
+            raise
+        finally:
+            for r in self._readers:
+                r.cancel()
+
+
+async def _read_lines(stream: asyncio.StreamReader | None, into: list[str]) -> None:
+    """Every line of a subprocess's pipe, as it comes, into ``into``."""
+    assert stream is not None
+    while line := await stream.readline():
+        into.append(line.decode(errors="replace").rstrip("\n"))

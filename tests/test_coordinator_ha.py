@@ -22,7 +22,14 @@ from typing import Any
 import grpc
 import pytest
 from conftest import wait_until
-from e2e_helpers import Workload, assert_replicas_identical, check_model, check_no_lost_writes, write_blocks
+from e2e_helpers import (
+    EventsProcess,
+    Workload,
+    assert_replicas_identical,
+    check_model,
+    check_no_lost_writes,
+    write_blocks,
+)
 from etcd_fixture import EtcdCluster, fixture_etcd, fixture_etcd_cluster3  # noqa: F401
 
 from deploy.cluster import LocalCluster
@@ -306,13 +313,6 @@ async def test_resize_on_etcd_under_writes_then_leader_kill9(
         assert "Traceback" not in c.log_tail(name, 2000), name
 
 
-async def _lines(stream: asyncio.StreamReader | None, into: list[str]) -> None:
-    """Every line of a subprocess's pipe, as it comes, into ``into``."""
-    assert stream is not None
-    while line := await stream.readline():
-        into.append(line.decode(errors="replace").rstrip("\n"))
-
-
 @pytest.mark.parametrize("seed", [1215], indirect=True)
 async def test_events_and_watch_follow_the_leader_after_kill9(
     cluster_factory: Any, etcd: EtcdCluster, seed: int
@@ -335,13 +335,8 @@ async def test_events_and_watch_follow_the_leader_after_kill9(
     await w.start()
     await w.wait_acked(50)
     old = await c.leader()
-    proc = await asyncio.create_subprocess_exec(
-        *c.cli_command("events", "--json"), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, env=c._environ(), cwd=str(c.workdir),
-    )
-    out: list[str] = []
-    err: list[str] = []
-    readers = [asyncio.ensure_future(_lines(proc.stdout, out)), asyncio.ensure_future(_lines(proc.stderr, err))]
+    proc = await EventsProcess(c, "--json").start()
+    out, err = proc.lines, proc.err
     screen = io.StringIO()
     viewer = asyncio.ensure_future(watch.watch(
         c.coordinator_addr, interval_s=0.5, console=Console(file=screen, force_terminal=True, width=240)))
@@ -382,11 +377,7 @@ async def test_events_and_watch_follow_the_leader_after_kill9(
         viewer.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await viewer
-        if proc.returncode is None:
-            proc.terminate()
-        await asyncio.wait_for(proc.wait(), 10.0)
-        for r in readers:
-            await asyncio.wait_for(r, 10.0)
+        await proc.close()
     print(f"events: {len(out)} lines; stderr: {err}")
     await c.start_process("secondary")
     await w.wait_acked(50, timeout_s=60)
@@ -409,13 +400,8 @@ async def test_events_follow_a_new_leader_when_the_old_one_is_frozen(
     await w.start()
     await w.wait_acked(50)
     old = await c.leader()
-    proc = await asyncio.create_subprocess_exec(
-        *c.cli_command("events", "--json"), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, env=c._environ(), cwd=str(c.workdir),
-    )
-    out: list[str] = []
-    err: list[str] = []
-    readers = [asyncio.ensure_future(_lines(proc.stdout, out)), asyncio.ensure_future(_lines(proc.stderr, err))]
+    proc = await EventsProcess(c, "--json").start()
+    out, err = proc.lines, proc.err
     try:
         await wait_until(lambda: any(json.loads(line)["kind"] == "state" for line in out),
                          "the events process printed the current state", timeout_s=30.0, interval_s=0.1)
@@ -438,11 +424,7 @@ async def test_events_follow_a_new_leader_when_the_old_one_is_frozen(
         await wait_until(lambda: _follows(c, old), f"{old} follows once resumed", timeout_s=20.0, interval_s=0.2)
         assert proc.returncode is None, (proc.returncode, err)
     finally:
-        if proc.returncode is None:
-            proc.terminate()
-        await asyncio.wait_for(proc.wait(), 10.0)
-        for r in readers:
-            await asyncio.wait_for(r, 10.0)
+        await proc.close()
     print(f"events: {len(out)} lines; stderr: {err}")
     await c.start_process("secondary")
     await w.wait_acked(50, timeout_s=60)

@@ -21,13 +21,12 @@ import asyncio
 import contextlib
 import json
 import re
-import signal
 from pathlib import Path
 from typing import Any
 
 import pytest
 from conftest import wait_until
-from e2e_helpers import assert_replicas_identical, check_model, wait_state, write_blocks
+from e2e_helpers import EventsProcess, assert_replicas_identical, check_model, wait_state, write_blocks
 
 from coordinator.db import CoordinatorDB
 from coordinator.service import EVENT_QUEUE_EVENTS, CoordinatorServicer, _Subscriber
@@ -46,48 +45,6 @@ PLAIN_LINE = re.compile(
 )
 #: How long a spawned ``syncrep events`` may take to print its first line.
 FIRST_LINE_TIMEOUT_S = 30.0
-
-
-class EventsProcess:
-    """A ``syncrep events ARGS`` subprocess against ``cluster``, its stdout
-    lines collected as they come (stderr kept for the end)."""
-
-    def __init__(self, cluster: LocalCluster, *args: str) -> None:
-        self.cluster = cluster
-        self.args = args
-        self.lines: list[str] = []
-        self.proc: asyncio.subprocess.Process | None = None
-        self._reader: asyncio.Task[None] | None = None
-
-    async def start(self) -> EventsProcess:
-        self.proc = await asyncio.create_subprocess_exec(
-            *self.cluster.cli_command("events", *self.args),
-            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-            env=self.cluster._environ(), cwd=str(self.cluster.workdir),
-        )
-        self._reader = asyncio.create_task(self._read())
-        await wait_until(lambda: bool(self.lines), f"a first line from syncrep events {' '.join(self.args)}",
-                         timeout_s=FIRST_LINE_TIMEOUT_S)
-        return self
-
-    async def _read(self) -> None:
-        assert self.proc is not None and self.proc.stdout is not None
-        async for raw in self.proc.stdout:
-            self.lines.append(raw.decode().rstrip("\n"))
-
-    async def interrupt(self, timeout_s: float = 15.0) -> tuple[int, str]:
-        """Ctrl-C (SIGINT); the exit code and stderr."""
-        assert self.proc is not None and self.proc.stderr is not None
-        self.proc.send_signal(signal.SIGINT)
-        rc = await asyncio.wait_for(self.proc.wait(), timeout_s)
-        err = (await self.proc.stderr.read()).decode()
-        if self._reader is not None:
-            await self._reader
-        return rc, err
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.returncode is None:
-            self.proc.kill()
 
 
 def _json_events(lines: list[str]) -> list[dict[str, Any]]:
@@ -112,8 +69,8 @@ async def test_secondary_sigkill_and_restart_stream_state_change_resync_and_done
     await c.create_volume(VOL, SIZE, BLOCK)
     cl = await c.connect(VOL)
     model: dict[int, bytes] = {}
-    ev_json = await EventsProcess(c, "--json").start()
-    ev_plain = await EventsProcess(c).start()
+    ev_json = await EventsProcess(c, "--json").start(FIRST_LINE_TIMEOUT_S)
+    ev_plain = await EventsProcess(c).start(FIRST_LINE_TIMEOUT_S)
     try:
         await write_blocks(cl, 0, 256, 16, seed=seed, model=model)
         c.kill("secondary")
@@ -132,8 +89,8 @@ async def test_secondary_sigkill_and_restart_stream_state_change_resync_and_done
         rc_json, err_json = await ev_json.interrupt()
         rc_plain, err_plain = await ev_plain.interrupt()
     finally:
-        ev_json.kill()
-        ev_plain.kill()
+        await ev_json.close()
+        await ev_plain.close()
     (Path(c.workdir) / "events.jsonl").write_text("\n".join(ev_json.lines) + "\n")
     (Path(c.workdir) / "events.txt").write_text("\n".join(ev_plain.lines) + "\n")
     print("\n".join(ev_plain.lines))  # the captured run, for the closing note (pytest -s)
@@ -221,7 +178,7 @@ async def test_coordinator_sigkill_is_reported_once_and_events_reconnect(cluster
     back and streams the current state again. Seeded writes: ``seed``."""
     cl = await cluster.connect(VOL)
     model: dict[int, bytes] = {}
-    ev = await EventsProcess(cluster).start()
+    ev = await EventsProcess(cluster).start(FIRST_LINE_TIMEOUT_S)
     try:
         first = len(ev.lines)
         cluster.kill("coordinator")
@@ -235,7 +192,7 @@ async def test_coordinator_sigkill_is_reported_once_and_events_reconnect(cluster
         await write_blocks(cl, 0, 64, 8, seed=seed, model=model)
         rc, err = await ev.interrupt()
     finally:
-        ev.kill()
+        await ev.close()
     assert rc == 130 and "Traceback" not in err, (rc, err)
     assert err.count("retrying with backoff") == 1, err
     assert err.count("is back after") == 1, err

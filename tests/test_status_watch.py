@@ -68,8 +68,10 @@ class PtyProcess:
     def output(self) -> str:
         return b"".join(self.chunks).decode(errors="replace")
 
-    def interrupt(self, timeout_s: float = 15.0) -> int:
-        """Ctrl-C, as the terminal sends it (SIGINT to the process); the exit code."""
+    def interrupt(self, timeout_s: float = 60.0) -> int:
+        """Ctrl-C, as the terminal sends it (SIGINT to the process); the exit code.
+        ``timeout_s`` is generous: under load (CI once, load ~8) the exit took
+        longer than 15 s; a view that never exits still fails."""
         self.proc.send_signal(signal.SIGINT)
         rc = self.proc.wait(timeout=timeout_s)
         self._thread.join(timeout=5.0)
