@@ -55,7 +55,7 @@ from typing import Any
 
 import aetcd.exceptions  # type: ignore[import-untyped]
 
-from coordinator.etcd_store import DEFAULT_OP_TIMEOUT_S, connect_client
+from coordinator.etcd_store import DEFAULT_OP_TIMEOUT_S, EtcdTls, connect_client
 from syncrep.aio import within
 from syncrep.core.driver import Policy
 
@@ -102,8 +102,8 @@ def longest_lease_wait_s(policy: Policy, election_ttl_s: float = DEFAULT_TTL_S) 
 class Election:
     """One coordinator's campaign for the key ``key`` on etcd.
 
-    ``etcd``: endpoints ("host:port", a list or comma-separated) or an aetcd
-    client created on the loop that runs this election. ``on_change(is_leader,
+    ``etcd``: endpoints ("host:port", a list or comma-separated; ``tls``: TLS
+    to them) or an aetcd client created on the loop that runs this election. ``on_change(is_leader,
     leader_address)`` is called (on the loop) whenever either changes.
     ``start()`` campaigns in a task; ``resign()`` gives the key up and stops.
     """
@@ -122,6 +122,7 @@ class Election:
         retry_interval_s: float = DEFAULT_RETRY_INTERVAL_S,
         on_change: Callable[[bool, str | None], None] | None = None,
         clock: Callable[[], float] | None = None,
+        tls: EtcdTls | None = None,
     ) -> None:
         if not isinstance(ttl_s, int) or ttl_s < 1:
             raise ValueError(
@@ -149,6 +150,7 @@ class Election:
         else:
             self._client = etcd
         self._own_client = self._client is None
+        self._tls = tls
         self.my_address = my_address
         self.key = key.encode()
         self.ttl_s = ttl_s
@@ -218,7 +220,7 @@ class Election:
             raise RuntimeError("election already started")
         if self._client is None:
             assert self._endpoints is not None
-            self._client = connect_client(self._endpoints, self.op_timeout_s)
+            self._client = connect_client(self._endpoints, self.op_timeout_s, self._tls)
         self._task = asyncio.get_running_loop().create_task(self._campaign_loop(), name="election")
 
     async def resign(self) -> None:

@@ -55,11 +55,13 @@ import threading
 import time
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import quote, unquote
 
 import aetcd  # type: ignore[import-untyped]
 import aetcd.exceptions  # type: ignore[import-untyped]
+import grpc
 from aetcd import rpc as etcd_rpc  # type: ignore[import-untyped]
 from aetcd import watcher as etcd_watcher  # type: ignore[import-untyped]
 from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_exponential_jitter
@@ -86,8 +88,10 @@ __all__ = [
     "DEFAULT_START_TIMEOUT_S",
     "ETCD_SCHEMA_VERSION",
     "EtcdStore",
+    "EtcdTls",
     "Fence",
     "connect_client",
+    "default_server_name",
     "grpc_target",
 ]
 
@@ -144,21 +148,68 @@ def grpc_target(endpoints: Sequence[str]) -> str:
     return "ipv4:" + ",".join(v4) if v4 else "ipv6:" + ",".join(v6)
 
 
+@dataclass(frozen=True)
+class EtcdTls:
+    """TLS to etcd (``--store etcds://``): ``ca_crt`` verifies every member's
+    certificate, ``cert``/``key`` are presented as the client certificate
+    (etcd's ``--client-cert-auth``), ``server_name`` is the name every
+    member's certificate must carry. Why one name for all: one gRPC channel
+    balances over the members (round_robin) and checks each handshake
+    against the channel's single target name, so a member's own host name
+    cannot be checked per member; give every member's certificate a shared
+    name (a cluster DNS name, or the addresses of all members)."""
+
+    ca_crt: bytes
+    cert: bytes
+    key: bytes
+    server_name: str
+    source: str = ""  # where the files came from, for messages
+
+    @classmethod
+    def from_certs_dir(cls, certs_dir: Path, server_name: str) -> EtcdTls:
+        """``certs_dir`` laid out as syncrep's: ca.crt, node.crt, node.key
+        (certs.CertError naming the missing or broken file)."""
+        from syncrep import certs
+
+        files = certs.load_node_tls(Path(certs_dir))
+        return cls(files.ca_crt, files.cert, files.key, server_name, str(certs_dir))
+
+    def describe(self) -> str:
+        return f"TLS (certificates from {self.source or '?'}, etcd's certificates checked for {self.server_name!r})"
+
+
+def default_server_name(endpoints: Sequence[str]) -> str:
+    """The host of the first endpoint (brackets of an IPv6 address removed)."""
+    host = endpoints[0].rpartition(":")[0]
+    return host.strip("[]")
+
+
 class _Client(aetcd.Client):  # type: ignore[misc]
     """aetcd's client on a gRPC target of our choice (several endpoints, round_robin):
-    aetcd's own ``connect`` dials exactly one ``host:port``."""
+    aetcd's own ``connect`` dials exactly one ``host:port``. With ``tls``, a
+    secure channel (aetcd's own TLS takes files and one endpoint)."""
 
-    def __init__(self, target: str, timeout_s: float) -> None:
+    def __init__(self, target: str, timeout_s: float, tls: EtcdTls | None = None) -> None:
+        options: dict[str, Any] = {"grpc.lb_policy_name": "round_robin", "grpc.enable_retries": 0}
+        if tls is not None:
+            options["grpc.ssl_target_name_override"] = tls.server_name
         super().__init__(
             timeout=timeout_s,  # type: ignore[arg-type]  # every RPC's deadline (a float is fine for gRPC)
-            options={"grpc.lb_policy_name": "round_robin", "grpc.enable_retries": 0},
+            options=options,
         )
         self._target = target
+        self._tls = tls
 
     async def connect(self) -> None:
         if self._connected.is_set():
             return
-        self.channel = etcd_rpc.insecure_channel(self._target, options=list(self._options.items()))
+        if self._tls is None:
+            self.channel = etcd_rpc.insecure_channel(self._target, options=list(self._options.items()))
+        else:
+            creds = grpc.ssl_channel_credentials(
+                root_certificates=self._tls.ca_crt, private_key=self._tls.key, certificate_chain=self._tls.cert
+            )
+            self.channel = etcd_rpc.secure_channel(self._target, creds, options=list(self._options.items()))
         self.kvstub = etcd_rpc.KVStub(self.channel)
         self.clusterstub = etcd_rpc.ClusterStub(self.channel)
         self.leasestub = etcd_rpc.LeaseStub(self.channel)
@@ -169,9 +220,11 @@ class _Client(aetcd.Client):  # type: ignore[misc]
         self._connected.set()
 
 
-def connect_client(endpoints: Sequence[str], timeout_s: float = DEFAULT_OP_TIMEOUT_S) -> Any:
-    """An aetcd client over ``endpoints`` (connected on first use, on the running loop)."""
-    return _Client(grpc_target(endpoints), timeout_s)
+def connect_client(endpoints: Sequence[str], timeout_s: float = DEFAULT_OP_TIMEOUT_S,
+                   tls: EtcdTls | None = None) -> Any:
+    """An aetcd client over ``endpoints`` (connected on first use, on the running
+    loop); plaintext, or TLS with ``tls``."""
+    return _Client(grpc_target(endpoints), timeout_s, tls)
 
 
 def _unavailable_errors() -> tuple[type[BaseException], ...]:
@@ -294,6 +347,7 @@ class EtcdStore:
         start_timeout_s: float = DEFAULT_START_TIMEOUT_S,
         clock: Callable[[], float] | None = None,
         client: Any = None,
+        tls: EtcdTls | None = None,
     ) -> None:
         if isinstance(endpoints, str):
             endpoints = [e.strip() for e in endpoints.split(",") if e.strip()]
@@ -309,6 +363,7 @@ class EtcdStore:
         self.cluster = cluster
         self.op_timeout_s = op_timeout_s
         self.start_timeout_s = start_timeout_s
+        self.tls = tls
         self._wall: Callable[[], float] = clock if clock is not None else (lambda: time.time())
         self._cache: dict[str, _Cached] = {}
         self._closed = False
@@ -334,10 +389,19 @@ class EtcdStore:
     # ------------------------------------------------------------ plumbing
 
     async def _make_client(self) -> Any:
-        return connect_client(self.endpoints, self.op_timeout_s)
+        return connect_client(self.endpoints, self.op_timeout_s, self.tls)
 
     def _where(self) -> str:
         return f"etcd at {','.join(self.endpoints)} (prefix {self.prefix})"
+
+    def _unreachable_hint(self) -> str:
+        """What to check when etcd does not answer: a TLS mismatch looks the
+        same as a dead member to a gRPC client (UNAVAILABLE)."""
+        if self.tls is None:
+            return " (if etcd serves TLS, use --store etcds://)"
+        return (f" (over TLS with the certificates from {self.tls.source or '?'}: is each member's "
+                f"certificate signed by that ca.crt and does it name {self.tls.server_name!r} "
+                "(--etcd-server-name)? does etcd trust that client certificate? does it serve https?)")
 
     def _run(self, what: str, coro: Coroutine[Any, Any, T]) -> T:
         """Run ``coro`` on the store's loop; wait at most ``op_timeout_s``."""
@@ -360,6 +424,7 @@ class EtcdStore:
         except _unavailable_errors() as e:
             raise StoreUnavailable(
                 f"{self._where()} is unreachable or has no quorum ({what}): {type(e).__name__}: {e}"
+                + self._unreachable_hint()
             ) from None
         except aetcd.exceptions.ClientError as e:
             raise DBError(f"{self._where()}: {what} failed: {type(e).__name__}: {e}") from None
@@ -505,8 +570,10 @@ class EtcdStore:
                 with attempt:
                     self._run("the schema check", self._check_schema())
         except StoreUnavailable as e:
+            last = str(e).removeprefix(self._where() + " ")  # said once, not twice
             raise StoreUnavailable(
-                f"{self._where()} still unreachable after {self.start_timeout_s:g} s (start_timeout_s): {e}"
+                f"{self._where()} still unreachable after {self.start_timeout_s:g} s (start_timeout_s); "
+                f"last: {last}"
             ) from None
         if warned:
             log.info("%s: reachable, schema version %d", self._where(), ETCD_SCHEMA_VERSION)

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from coordinator.db import DB_FILENAME, CoordinatorDB, DBError, EventRecord
-from coordinator.etcd_store import EtcdStore
+from coordinator.etcd_store import EtcdStore, EtcdTls
 from coordinator.store import parse_store_url
 
 log = logging.getLogger(__name__)
@@ -78,9 +78,9 @@ def _existing(store: EtcdStore) -> list[str]:
 
 
 def migrate(source: Path | str, target: str, *, prefix: str = "/syncrep/v1/", op_timeout_s: float = 5.0,
-            start_timeout_s: float = 10.0) -> MigrateReport:
+            start_timeout_s: float = 10.0, tls: EtcdTls | None = None) -> MigrateReport:
     """Copy the SQLite state in ``source`` (a coordinator's --data-dir) to the
-    etcd store ``target`` ("etcd://h:p,..."). Raises MigrateError."""
+    etcd store ``target`` ("etcd://h:p,..."; "etcds://..." needs ``tls``). Raises MigrateError."""
     source = Path(source)
     path = source / DB_FILENAME
     if not path.is_file():
@@ -90,7 +90,9 @@ def migrate(source: Path | str, target: str, *, prefix: str = "/syncrep/v1/", op
     except ValueError as e:
         raise MigrateError(str(e)) from None
     if spec.kind != "etcd":
-        raise MigrateError(f"--to {target!r}: the target must be an etcd store (etcd://HOST:PORT[,...])")
+        raise MigrateError(f"--to {target!r}: the target must be an etcd store (etcd[s]://HOST:PORT[,...])")
+    if spec.tls and tls is None:
+        raise MigrateError(f"--to {target!r}: TLS to etcd needs certificates (--etcd-certs-dir or --certs-dir)")
     db = CoordinatorDB(path)
     try:
         pairs, nodes, grants = db.list_pairs(), db.list_nodes(), db.list_grants()
@@ -98,7 +100,8 @@ def migrate(source: Path | str, target: str, *, prefix: str = "/syncrep/v1/", op
     finally:
         db.close()
     try:
-        store = EtcdStore(spec.endpoints, prefix=prefix, op_timeout_s=op_timeout_s, start_timeout_s=start_timeout_s)
+        store = EtcdStore(spec.endpoints, prefix=prefix, op_timeout_s=op_timeout_s, start_timeout_s=start_timeout_s,
+                          tls=tls if spec.tls else None)
     except DBError as e:
         raise MigrateError(f"cannot use {spec.url} as the target: {e}") from None
     report = MigrateReport(source, spec.url)

@@ -81,6 +81,7 @@ class Coordinator:
         etcd_start_timeout_s: float = 30.0,
         advertise: str | None = None,
         etcd_client: Callable[[str], Any] | None = None,
+        etcd_tls: Any = None,
         **servicer_opts: Any,
     ) -> None:
         self.listen = listen
@@ -94,6 +95,12 @@ class Coordinator:
         self.etcd_op_timeout_s = etcd_op_timeout_s
         self.etcd_start_timeout_s = etcd_start_timeout_s
         self.etcd_client = etcd_client
+        # TLS to etcd (coordinator.etcd_store.EtcdTls; --store etcds://): the
+        # store's client and the election's.
+        self.etcd_tls = etcd_tls
+        if self.store_spec.kind == "etcd" and self.store_spec.tls and etcd_tls is None and etcd_client is None:
+            raise ValueError(f"--store {self.store_spec.url}: TLS to etcd needs certificates "
+                             "(--etcd-certs-dir, or the coordinator's --certs-dir)")
         self.election: Any = None
         self.metrics_listen = metrics_listen
         self.metrics: metrics.MetricsServer | None = None
@@ -198,6 +205,7 @@ class Coordinator:
                 endpoints, fence=fence, op_timeout_s=self.etcd_op_timeout_s,
                 start_timeout_s=self.etcd_start_timeout_s,
                 client=make_client("store") if make_client is not None else None,
+                tls=self.etcd_tls,
             )
         )
         server: rpc.Server | None = None
@@ -226,7 +234,7 @@ class Coordinator:
 
             election = Election(
                 make_client("election") if make_client is not None else list(endpoints), address, ttl_s=self.election_ttl_s, op_timeout_s=self.etcd_op_timeout_s,
-                on_change=on_change,
+                on_change=on_change, tls=self.etcd_tls,
             )
             leadership.election = election
             await asyncio.to_thread(db.start_election, election)
@@ -240,8 +248,15 @@ class Coordinator:
         await servicer.start_background()
         if self.metrics_listen:
             await self._start_metrics(servicer)
-        log.info("coordinator %s on %s: campaigning for leadership (election TTL %d s)",
-                 address, self.store_spec.url, self.election_ttl_s)
+        log.info("coordinator %s on %s over %s: campaigning for leadership (election TTL %d s)",
+                 address, self.store_spec.url,
+                 self.etcd_tls.describe() if self.etcd_tls is not None else "plaintext", self.election_ttl_s)
+        if self.etcd_tls is None and self.etcd_client is None and rpc.security is not None \
+                and not rpc.security.insecure:
+            log.warning("coordinator %s: the traffic to etcd (%s) is plaintext and unauthenticated while "
+                        "this coordinator's own is mutual TLS: anyone who reaches etcd can read and change "
+                        "every volume's record. Serve etcd over TLS and use --store etcds:// (docs/HA.md)",
+                        address, self.store_spec.url)
         return port
 
     async def stop(self, grace_s: float = rpc.SHUTDOWN_GRACE_S) -> None:

@@ -116,30 +116,36 @@ STORE_METHODS: tuple[str, ...] = tuple(
 
 @dataclass(frozen=True)
 class StoreSpec:
-    """A parsed ``--store``: ``kind`` "sqlite" (under ``--data-dir``) or "etcd" (``endpoints``)."""
+    """A parsed ``--store``: ``kind`` "sqlite" (under ``--data-dir``) or "etcd"
+    (``endpoints``; ``tls``: ``etcds://``, TLS to every member)."""
 
     kind: str
     endpoints: tuple[str, ...] = ()
+    tls: bool = False
 
     @property
     def url(self) -> str:
-        return "sqlite" if self.kind == "sqlite" else "etcd://" + ",".join(self.endpoints)
+        if self.kind == "sqlite":
+            return "sqlite"
+        return ("etcds://" if self.tls else "etcd://") + ",".join(self.endpoints)
 
 
 _STORE_HELP = (
-    "expected 'sqlite' or 'etcd://HOST:PORT[,HOST:PORT...]' (e.g. etcd://10.0.0.1:2379,10.0.0.2:2379)"
+    "expected 'sqlite', 'etcd://HOST:PORT[,HOST:PORT...]' or, with TLS to etcd, 'etcds://HOST:PORT[,...]' "
+    "(e.g. etcds://10.0.0.1:2379,10.0.0.2:2379)"
 )
 
 
 def parse_store_url(text: str) -> StoreSpec:
-    """``"sqlite"`` or ``"etcd://h1:2379,h2:2379"`` (a port defaults to 2379) -> a StoreSpec.
+    """``"sqlite"``, ``"etcd://h1:2379,h2:2379"`` or ``"etcds://..."`` (TLS; a
+    port defaults to 2379) -> a StoreSpec.
 
     ValueError, saying what a valid value looks like, for anything else."""
     value = text.strip()
     if value == "sqlite":
         return StoreSpec("sqlite")
     scheme, sep, rest = value.partition("://")
-    if not sep or scheme != "etcd":
+    if not sep or scheme not in ("etcd", "etcds"):
         raise ValueError(f"--store {text!r}: unknown store; {_STORE_HELP}")
     rest = rest.rstrip("/")
     if not rest:
@@ -172,4 +178,4 @@ def parse_store_url(text: str) -> StoreSpec:
         if norm in endpoints:
             raise ValueError(f"--store {text!r}: endpoint {norm} is listed twice")
         endpoints.append(norm)
-    return StoreSpec("etcd", tuple(endpoints))
+    return StoreSpec("etcd", tuple(endpoints), tls=scheme == "etcds")

@@ -257,7 +257,7 @@ class LocalCluster:
         coordinators: int = 1,
         store: str = "sqlite",
     ) -> None:
-        if coordinators < 1 or (coordinators > 1 and not store.startswith("etcd://")):
+        if coordinators < 1 or (coordinators > 1 and not store.startswith(("etcd://", "etcds://"))):
             raise ValueError(f"coordinators={coordinators} with store={store!r}: several coordinators need an "
                              "etcd store (store='etcd://HOST:PORT,...')")
         self.store = store

@@ -7,6 +7,13 @@ start waits (bounded: ``START_TIMEOUT_S``) until etcd's ``/health`` says
 ``"health":"true"``. Raft timings are short (50 ms heartbeats, 500 ms
 election timeout) so that a lost member is noticed in about a second.
 The pytest fixtures are in tests/etcd_fixture.py.
+
+``make(..., tls=True)``: the members serve clients over TLS and require a
+client certificate (``--client-cert-auth``), from a PKI of their own made
+with syncrep's cert code under ``root/pki`` (ca.crt, node.crt for
+127.0.0.1/localhost, node.key: serverAuth and clientAuth, so the same files
+serve a coordinator as ``--etcd-certs-dir``); ``url`` is then ``etcds://``.
+Peer traffic between the members stays plaintext on loopback.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import ssl
 import subprocess
 import time
 import urllib.error
@@ -23,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from deploy.cluster import free_port
+from syncrep import certs
 
 __all__ = ["HOST", "START_TIMEOUT_S", "STOP_TIMEOUT_S", "EtcdCluster", "EtcdMember"]
 
@@ -41,10 +50,23 @@ class EtcdMember:
     peer_port: int
     log_path: Path
     proc: subprocess.Popen[bytes] | None = None
+    #: TLS to clients: the PKI directory (ca.crt, node.crt, node.key), or None.
+    certs_dir: Path | None = None
 
     @property
     def endpoint(self) -> str:
         return f"{HOST}:{self.client_port}"
+
+    @property
+    def client_url(self) -> str:
+        return f"{'https' if self.certs_dir is not None else 'http'}://{self.endpoint}"
+
+    def _open(self, req: urllib.request.Request | str) -> Any:
+        ctx = None
+        if self.certs_dir is not None:
+            ctx = ssl.create_default_context(cafile=str(self.certs_dir / certs.CA_CERT_FILE))
+            ctx.load_cert_chain(str(self.certs_dir / certs.NODE_CERT_FILE), str(self.certs_dir / certs.NODE_KEY_FILE))
+        return urllib.request.urlopen(req, timeout=1.0, context=ctx)
 
     @property
     def peer_url(self) -> str:
@@ -58,15 +80,15 @@ class EtcdMember:
     def healthy(self) -> bool:
         """etcd's /health says true (it has a leader and answers a quorum read)."""
         try:
-            with urllib.request.urlopen(f"http://{self.endpoint}/health", timeout=1.0) as r:
+            with self._open(f"{self.client_url}/health") as r:
                 return bool(json.loads(r.read()).get("health") in ("true", True))
         except (OSError, urllib.error.URLError, ValueError):
             return False
 
     def status(self) -> dict[str, Any]:
         """etcd's Maintenance.Status over its JSON gateway: ``header.member_id``, ``leader``, ..."""
-        req = urllib.request.Request(f"http://{self.endpoint}/v3/maintenance/status", data=b"{}", method="POST")
-        with urllib.request.urlopen(req, timeout=1.0) as r:
+        req = urllib.request.Request(f"{self.client_url}/v3/maintenance/status", data=b"{}", method="POST")
+        with self._open(req) as r:
             return dict(json.loads(r.read()))
 
     def pause(self) -> None:
@@ -91,13 +113,21 @@ class EtcdCluster:
     root: Path
     members: list[EtcdMember] = field(default_factory=list)
 
+    #: With TLS: the PKI directory the members and their clients use.
+    certs_dir: Path | None = None
+
     @classmethod
-    def make(cls, binary: str, root: Path, size: int) -> EtcdCluster:
+    def make(cls, binary: str, root: Path, size: int, *, tls: bool = False) -> EtcdCluster:
         c = cls(binary, root)
+        if tls:
+            c.certs_dir = root / "pki"
+            if not (c.certs_dir / certs.NODE_CERT_FILE).exists():
+                certs.create_all(c.certs_dir, root / "pki-ca.key", [HOST, "localhost"], users=())
         for i in range(size):
             name = f"etcd{i}"
             c.members.append(
-                EtcdMember(name, root / name, free_port(HOST), free_port(HOST), root / f"{name}.log")
+                EtcdMember(name, root / name, free_port(HOST), free_port(HOST), root / f"{name}.log",
+                           certs_dir=c.certs_dir)
             )
         return c
 
@@ -108,7 +138,12 @@ class EtcdCluster:
     @property
     def url(self) -> str:
         """The coordinator's ``--store`` value for this cluster."""
-        return "etcd://" + ",".join(self.endpoints)
+        return ("etcds://" if self.certs_dir is not None else "etcd://") + ",".join(self.endpoints)
+
+    @property
+    def coordinator_args(self) -> list[str]:
+        """The flags a coordinator needs besides ``--store url`` (TLS: the client certificate)."""
+        return [] if self.certs_dir is None else ["--etcd-certs-dir", str(self.certs_dir)]
 
     def _initial_cluster(self) -> str:
         return ",".join(f"{m.name}={m.peer_url}" for m in self.members)
@@ -122,8 +157,8 @@ class EtcdCluster:
             self.binary,
             "--name", m.name,
             "--data-dir", str(m.data_dir),
-            "--listen-client-urls", f"http://{m.endpoint}",
-            "--advertise-client-urls", f"http://{m.endpoint}",
+            "--listen-client-urls", m.client_url,
+            "--advertise-client-urls", m.client_url,
             "--listen-peer-urls", m.peer_url,
             "--initial-advertise-peer-urls", m.peer_url,
             "--initial-cluster", self._initial_cluster(),
@@ -133,6 +168,13 @@ class EtcdCluster:
             "--heartbeat-interval", "50",
             "--election-timeout", "500",
         ]  # fmt: skip
+        if m.certs_dir is not None:
+            argv += [
+                "--cert-file", str(m.certs_dir / certs.NODE_CERT_FILE),
+                "--key-file", str(m.certs_dir / certs.NODE_KEY_FILE),
+                "--trusted-ca-file", str(m.certs_dir / certs.CA_CERT_FILE),
+                "--client-cert-auth",
+            ]  # fmt: skip
         # A restart rejoins with its data directory ("existing"); a first start bootstraps.
         state = "existing" if (m.data_dir / "member").exists() else "new"
         argv += ["--initial-cluster-state", state]

@@ -475,10 +475,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="serve Prometheus metrics at http://HOST:PORT/metrics (plain HTTP without "
                         "authentication: a management network or loopback; default: off)")
     # -- coordinator on etcd (issue 12)
-    p.add_argument("--store", type=_store_url, default="sqlite", metavar="sqlite|etcd://HOST:PORT[,...]",
+    p.add_argument("--store", type=_store_url, default="sqlite",
+                   metavar="sqlite|etcd://HOST:PORT[,...]|etcds://HOST:PORT[,...]",
                    help="where the state lives: 'sqlite' under --data-dir (one coordinator; the default), "
                         "or an etcd cluster shared by several coordinators, one of which leads (elected "
-                        "with an etcd lease) while the others answer status and redirect the rest")
+                        "with an etcd lease) while the others answer status and redirect the rest; "
+                        "etcds:// talks TLS to etcd (see --etcd-certs-dir), etcd:// plaintext")
+    _add_etcd_tls_flags(p)
     p.add_argument("--election-ttl-s", type=_election_ttl, default=5, metavar="S",
                    help="with --store etcd://: the TTL of the leader's election lease, whole seconds; a "
                         "dead leader is replaced within about twice this. The leader holds through half of "
@@ -949,11 +952,50 @@ def _load_serve(module: str, what: str) -> Callable[..., Coroutine[Any, Any, Non
     return serve
 
 
+def _add_etcd_tls_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--etcd-certs-dir", type=Path, default=None, metavar="DIR",
+                   help="with etcds://: a directory laid out as --certs-dir is (ca.crt, node.crt, node.key): "
+                        "ca.crt verifies etcd's certificates, node.crt is this process's client "
+                        "certificate for etcd's --client-cert-auth (default: --certs-dir, the same CA)")
+    p.add_argument("--etcd-server-name", default=None, metavar="NAME",
+                   help="with etcds://: the name every etcd member's certificate must carry (one channel "
+                        "balances over all members, so one name is checked for all; default: the host of "
+                        "the first endpoint)")
+
+
+def _etcd_tls(args: argparse.Namespace, store_url: str) -> Any:
+    """The ``EtcdTls`` of ``store_url`` (None: not etcds://); CliError naming
+    what is missing or broken, before anything starts."""
+    from coordinator.etcd_store import EtcdTls, default_server_name
+    from coordinator.store import parse_store_url
+
+    spec = parse_store_url(store_url)
+    if not spec.tls:
+        for flag, value in (("--etcd-certs-dir", args.etcd_certs_dir), ("--etcd-server-name",
+                                                                        args.etcd_server_name)):
+            if value is not None:
+                raise CliError(f"{flag} is for TLS to etcd: give the store as etcds://..., not {store_url}")
+        return None
+    certs_dir = args.etcd_certs_dir
+    if certs_dir is None:
+        sec = rpc.security
+        certs_dir = sec.certs_dir if sec is not None else None
+    if certs_dir is None:
+        raise CliError(f"--store {store_url}: TLS to etcd needs certificates: pass --etcd-certs-dir DIR "
+                       "(ca.crt, node.crt, node.key), or run with --certs-dir instead of --insecure")
+    name = args.etcd_server_name or default_server_name(spec.endpoints)
+    try:
+        return EtcdTls.from_certs_dir(certs_dir, name)
+    except certs.CertError as e:
+        raise CliError(f"--etcd-certs-dir: {e}") from None
+
+
 def cmd_coordinator(args: argparse.Namespace) -> int:
     serve = _load_serve("coordinator.server", "the coordinator")
     from coordinator.server import listens_on_wildcard
 
-    if args.advertise is None and args.store.startswith("etcd://") and listens_on_wildcard(args.listen):
+    etcd_tls = _etcd_tls(args, args.store)
+    if args.advertise is None and args.store.startswith("etcd") and listens_on_wildcard(args.listen):
         raise CliError(
             f"--listen {args.listen} with --store etcd://...: pass --advertise HOST:PORT, the address the "
             "other hosts dial to reach this coordinator (followers redirect commands and nodes to the "
@@ -977,6 +1019,7 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
             store=args.store,
             election_ttl_s=args.election_ttl_s,
             advertise=args.advertise,
+            etcd_tls=etcd_tls,
         )
     )
     return EXIT_OK
@@ -1021,8 +1064,9 @@ def _add_coordinator_migrate(add: Callable[[str, str, str], argparse.ArgumentPar
     )
     p.add_argument("--from", dest="source", required=True, type=Path, metavar="DIR",
                    help="the SQLite coordinator's --data-dir (the coordinator must be stopped)")
-    p.add_argument("--to", dest="target", required=True, type=_store_url, metavar="etcd://HOST:PORT[,...]",
+    p.add_argument("--to", dest="target", required=True, type=_store_url, metavar="etcd[s]://HOST:PORT[,...]",
                    help="the etcd cluster the coordinators will use (--store)")
+    _add_etcd_tls_flags(p)
     p.set_defaults(func=cmd_coordinator_migrate, role="migrate")
 
 
@@ -1039,10 +1083,11 @@ def _migrate_argv(argv: list[str]) -> list[str]:
 def cmd_coordinator_migrate(args: argparse.Namespace) -> int:
     from coordinator.migrate import MigrateError, migrate
 
-    if not args.target.startswith("etcd://"):
-        raise CliError(f"--to {args.target!r}: the target must be an etcd store (etcd://HOST:PORT[,...])")
+    if not args.target.startswith(("etcd://", "etcds://")):
+        raise CliError(f"--to {args.target!r}: the target must be an etcd store (etcd[s]://HOST:PORT[,...])")
+    tls = _etcd_tls(args, args.target)
     try:
-        report = migrate(args.source, args.target)
+        report = migrate(args.source, args.target, tls=tls)
     except MigrateError as e:
         raise CliError(str(e)) from None
     print(report.text())

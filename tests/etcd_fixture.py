@@ -5,6 +5,9 @@ the processes themselves are deploy/etcd.py's ``EtcdCluster``.
   directory under ``tmp_path``; killed at teardown.
 * ``etcd_cluster3`` fixture: a 3-member cluster (the quorum-loss tests stop
   2 of its 3 members).
+* ``etcd_tls3`` fixture: a 3-member cluster serving clients over TLS with
+  client-certificate authentication (``.url`` is ``etcds://``,
+  ``.coordinator_args`` the ``--etcd-certs-dir`` a coordinator needs).
 
 Both wait until every member answers etcd's ``/health`` with ``"health":"true"``
 (bounded: ``START_TIMEOUT_S``). They skip, saying why, only when the ``etcd``
@@ -35,6 +38,7 @@ __all__ = [
     "etcd_binary",
     "fixture_etcd",
     "fixture_etcd_cluster3",
+    "fixture_etcd_tls3",
 ]
 
 
@@ -49,8 +53,8 @@ def etcd_binary() -> str:
     return path
 
 
-def _cluster(tmp_path: Path, size: int) -> Iterator[EtcdCluster]:
-    c = EtcdCluster.make(etcd_binary(), tmp_path / f"etcd-{size}", size)
+def _cluster(tmp_path: Path, size: int, *, tls: bool = False) -> Iterator[EtcdCluster]:
+    c = EtcdCluster.make(etcd_binary(), tmp_path / f"etcd-{size}{'-tls' if tls else ''}", size, tls=tls)
     try:
         c.start()
         yield c
@@ -68,3 +72,9 @@ def fixture_etcd(tmp_path: Path) -> Iterator[EtcdCluster]:
 def fixture_etcd_cluster3(tmp_path: Path) -> Iterator[EtcdCluster]:
     """A 3-member etcd cluster."""
     yield from _cluster(tmp_path, 3)
+
+
+@pytest.fixture(name="etcd_tls3")
+def fixture_etcd_tls3(tmp_path: Path) -> Iterator[EtcdCluster]:
+    """A 3-member etcd cluster on TLS with client-certificate authentication."""
+    yield from _cluster(tmp_path, 3, tls=True)

@@ -59,7 +59,7 @@ SYNC_TIMEOUT_S = 90.0
 
 async def make_cluster(cluster_factory: Any, etcd: EtcdCluster, *, create: bool = True,
                        size: int = SIZE, election_ttl_s: int = ELECTION_TTL_S) -> LocalCluster:
-    args = [*COORDINATOR_BASE, "--election-ttl-s", str(election_ttl_s)]
+    args = [*COORDINATOR_BASE, "--election-ttl-s", str(election_ttl_s), *etcd.coordinator_args]
     c: LocalCluster = cluster_factory(coordinator_args=args, coordinators=3, store=etcd.url)
     await c.start()
     if create:
@@ -145,7 +145,12 @@ async def test_leader_kill9_under_load_then_secondary_lost(
     sync: no lease needed); the secondary's loss is handled by the new leader
     (degraded, the primary's failure report accepted), and when the secondary
     returns it is resynced to in_sync. The writers' seed is the test's ``seed``."""
-    c = await make_cluster(cluster_factory, etcd)
+    await leader_kill9_then_secondary_lost(await make_cluster(cluster_factory, etcd), seed)
+
+
+async def leader_kill9_then_secondary_lost(c: LocalCluster, seed: int) -> None:
+    """The scenario of test_leader_kill9_under_load_then_secondary_lost on the
+    cluster ``c`` (also run over TLS to etcd: tests/test_etcd_tls.py)."""
     w = Workload(c, VOL, SIZE, writers=4, seed=seed)
     await w.start()
     await w.wait_acked(100)

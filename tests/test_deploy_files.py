@@ -20,7 +20,8 @@ what they claim about the processes holds.
   which the dynamic loader does not do.)
 * Kubernetes: ``kubernetes-validate -k 1.30.0 --strict`` (unknown fields are
   errors) on every manifest, then what the validator cannot know: the
-  anti-affinity, the probes, the PVCs, the PDB, resources on every container.
+  anti-affinity, the probes, the PVCs, the PDB, resources on every container,
+  etcd's TLS (clients and peers) and the coordinators' etcds:// store.
 * The Containerfile is not built (no container daemon in CI): its
   instructions are known ones, its HEALTHCHECK runs a module that exists, and
   it copies every package the build needs.
@@ -348,16 +349,34 @@ def test_kubernetes_objects_are_all_there() -> None:
     assert set(_by_kind("Service")) == set(sts)
     for name, svc in _by_kind("Service").items():
         assert svc["spec"]["clusterIP"] == "None", f"{name}: headless, for stable DNS names"
-    assert {"syncrep-coordinator-certs", "syncrep-primary-certs", "syncrep-secondary-certs"} == set(
-        _by_kind("Secret"))
+    assert {"syncrep-coordinator-certs", "syncrep-primary-certs", "syncrep-secondary-certs",
+            "syncrep-etcd-certs"} == set(_by_kind("Secret"))
     for name, secret in _by_kind("Secret").items():
         assert "data" not in secret and "stringData" not in secret, f"{name}: a placeholder holds no key"
     # Three coordinators on the 3-member etcd; the nodes are given all three.
     coord = sts["syncrep-coordinator"]
     assert coord["spec"]["replicas"] == 3
     (c,) = _pod(coord)["containers"]
-    store = c["args"][c["args"].index("--store") + 1]
-    assert store.startswith("etcd://") and store.count(":2379") == 3, store
+    args = c["args"]
+    store = args[args.index("--store") + 1]
+    assert store.startswith("etcds://") and store.count(":2379") == 3, store
+    # TLS to etcd: every member is checked for the etcd service's name.
+    server_name = args[args.index("--etcd-server-name") + 1]
+    assert server_name == "syncrep-etcd.$(POD_NAMESPACE).svc.cluster.local", server_name
+    from syncrep.cli import build_parser
+
+    parsed = build_parser().parse_args(
+        [a.replace("$(SYNCREP_ADVERTISE)", "x.example:7000").replace("$(POD_NAMESPACE)", "syncrep")
+         for a in args])
+    assert parsed.store == store.replace("$(POD_NAMESPACE)", "syncrep")
+    assert parsed.etcd_server_name == "syncrep-etcd.syncrep.svc.cluster.local"
+    # No --etcd-certs-dir: the coordinators' own certificates (--certs-dir), the syncrep CA.
+    assert parsed.etcd_certs_dir is None and parsed.certs_dir == Path("/etc/syncrep/certs")
+    # The store names the members as they advertise themselves.
+    etcd_flags = _etcd_flags()
+    member = etcd_flags["--advertise-client-urls"].removeprefix("https://")
+    assert set(store.removeprefix("etcds://").split(",")) == {
+        member.replace("$(POD_NAME)", f"syncrep-etcd-{i}") for i in range(3)}
     coordinators = {f"syncrep-coordinator-{i}.syncrep-coordinator.$(POD_NAMESPACE).svc.cluster.local:7000"
                     for i in range(3)}
     for role in ("primary", "secondary"):
@@ -371,6 +390,53 @@ def test_kubernetes_objects_are_all_there() -> None:
 
 def _pod(sts: dict[str, Any]) -> dict[str, Any]:
     return dict(sts["spec"]["template"]["spec"])
+
+
+def _etcd_container() -> dict[str, Any]:
+    (c,) = _pod(_by_kind("StatefulSet")["syncrep-etcd"])["containers"]
+    return dict(c)
+
+
+def _etcd_flags() -> dict[str, str]:
+    """etcd's command line: ``--flag=value`` -> {flag: value}; a bare ``--flag`` -> ""."""
+    command = _etcd_container()["command"]
+    assert command[0] == "etcd", command
+    flags: dict[str, str] = {}
+    for word in command[1:]:
+        flag, _, value = word.partition("=")
+        assert flag.startswith("--") and flag not in flags, word
+        flags[flag] = value
+    return flags
+
+
+def test_kubernetes_etcd_speaks_tls_to_clients_and_peers() -> None:
+    flags = _etcd_flags()
+    member = "$(POD_NAME).syncrep-etcd.$(POD_NAMESPACE).svc.cluster.local"
+    assert flags["--listen-client-urls"] == "https://0.0.0.0:2379"
+    assert flags["--advertise-client-urls"] == f"https://{member}:2379"
+    assert flags["--listen-peer-urls"] == "https://0.0.0.0:2380"
+    assert flags["--initial-advertise-peer-urls"] == f"https://{member}:2380"
+    cluster = dict(entry.split("=", 1) for entry in flags["--initial-cluster"].split(","))
+    assert cluster == {f"syncrep-etcd-{i}": "https://" + member.replace("$(POD_NAME)", f"syncrep-etcd-{i}") + ":2380"
+                       for i in range(3)}, cluster
+    # Client certificates required on both sides.
+    assert flags["--client-cert-auth"] == "" and flags["--peer-client-cert-auth"] == ""
+    # Only the metrics listener, which the probes use, is plain HTTP.
+    assert flags["--listen-metrics-urls"] == "http://0.0.0.0:2381"
+    c = _etcd_container()
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert c[probe]["httpGet"]["port"] == "metrics", probe
+    # The certificate files are those of the syncrep-etcd-certs Secret, mounted read-only.
+    (mount,) = [m for m in c["volumeMounts"] if m["name"] == "certs"]
+    assert mount.get("readOnly") is True
+    (volume,) = [v for v in _pod(_by_kind("StatefulSet")["syncrep-etcd"])["volumes"] if v["name"] == "certs"]
+    assert volume["secret"]["secretName"] == "syncrep-etcd-certs"
+    assert "syncrep-etcd-certs" in _by_kind("Secret")
+    files = {f"{mount['mountPath']}/{item['path']}": item["key"] for item in volume["secret"]["items"]}
+    for prefix in ("--", "--peer-"):
+        assert files[flags[f"{prefix}cert-file"]] == "node.crt", prefix
+        assert files[flags[f"{prefix}key-file"]] == "node.key", prefix
+        assert files[flags[f"{prefix}trusted-ca-file"]] == "ca.crt", prefix
 
 
 def test_kubernetes_nodes_never_share_a_machine() -> None:

@@ -1,0 +1,147 @@
+"""TLS to etcd (``--store etcds://``, issues 11 and 12), real etcd processes.
+
+The etcd members serve clients only over TLS and require a client
+certificate (``--client-cert-auth``), from a PKI of their own
+(deploy/etcd.py ``make(tls=True)``): the coordinators present it with
+``--etcd-certs-dir``. A plaintext client, or one whose certificate another
+CA signed, is refused with a message saying what to check; bad flags are
+refused before anything starts. The cluster test ends in sync, replicas
+compared block for block, every acknowledged write checked.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+from etcd_fixture import EtcdCluster, fixture_etcd, fixture_etcd_tls3  # noqa: F401
+from test_coordinator_ha import leader_kill9_then_secondary_lost, make_cluster
+
+from coordinator.db import PairRecord
+from coordinator.etcd_store import EtcdStore, EtcdTls
+from coordinator.store import StoreUnavailable, parse_store_url
+from syncrep import certs
+
+pytestmark = pytest.mark.e2e
+
+
+def _pair(name: str) -> PairRecord:
+    return PairRecord(name=name, size_bytes=1 << 20, block_size=4096, primary="127.0.0.1:1",
+                      secondary="127.0.0.1:2", epoch=1)
+
+
+def test_store_url_etcds_parses_as_tls() -> None:
+    """etcds:// is TLS, etcd:// plaintext; both keep their scheme in ``url``."""
+    spec = parse_store_url("etcds://10.0.0.1,10.0.0.2:2380")
+    assert spec.tls and spec.endpoints == ("10.0.0.1:2379", "10.0.0.2:2380")
+    assert spec.url == "etcds://10.0.0.1:2379,10.0.0.2:2380"
+    assert not parse_store_url("etcd://10.0.0.1").tls
+    with pytest.raises(ValueError, match="etcds://"):
+        parse_store_url("https://10.0.0.1:2379")
+
+
+def test_tls_etcd_refuses_plaintext_and_a_foreign_certificate(
+    etcd_tls3: EtcdCluster, tmp_path: Path
+) -> None:
+    """Bad input: a plaintext client, and a client whose certificate another CA
+    signed, against etcd members that require TLS client certificates. Each
+    is refused within its bound, with a hint at what to check; the right
+    certificates work (a pair written and read back)."""
+    etcd = etcd_tls3
+    assert etcd.certs_dir is not None and etcd.url.startswith("etcds://")
+    # The members really speak TLS only: plain HTTP to a client port fails.
+    with pytest.raises((urllib.error.URLError, OSError)):
+        urllib.request.urlopen(f"http://{etcd.endpoints[0]}/health", timeout=2.0).read()
+
+    def plaintext() -> None:
+        EtcdStore(etcd.endpoints, op_timeout_s=1.0, start_timeout_s=1.0).close()
+
+    with pytest.raises(StoreUnavailable, match=r"use --store etcds://"):
+        plaintext()
+
+    other = tmp_path / "other-pki"
+    certs.create_all(other, tmp_path / "other-ca.key", ["127.0.0.1"], users=())
+
+    def foreign() -> None:
+        EtcdStore(etcd.endpoints, op_timeout_s=1.0, start_timeout_s=1.0,
+                  tls=EtcdTls.from_certs_dir(other, "127.0.0.1")).close()
+
+    with pytest.raises(StoreUnavailable, match=r"signed by that ca\.crt"):
+        foreign()
+
+    def right() -> PairRecord | None:
+        store = EtcdStore(etcd.endpoints, op_timeout_s=2.0, start_timeout_s=10.0,
+                          tls=EtcdTls.from_certs_dir(etcd.certs_dir, "127.0.0.1"))
+        try:
+            store.create_pair(_pair("tls-vol"), "created over TLS")
+            return store.get_pair("tls-vol")
+        finally:
+            store.close()
+
+    got = right()
+    assert got is not None and got.name == "tls-vol" and got.epoch == 1
+
+
+def _coordinator_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "syncrep", "coordinator", *args],
+                          capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        # etcds:// with no certificates at all (--insecure, no --etcd-certs-dir).
+        (["--store", "etcds://127.0.0.1:1", "--insecure"], "TLS to etcd needs certificates"),
+        # The TLS flags with a plaintext store.
+        (["--store", "etcd://127.0.0.1:1", "--insecure", "--etcd-certs-dir", "/nowhere"],
+         "give the store as etcds://"),
+        (["--store", "sqlite", "--insecure", "--etcd-server-name", "etcd"], "give the store as etcds://"),
+        # A certs dir without the files.
+        (["--store", "etcds://127.0.0.1:1", "--insecure", "--etcd-certs-dir", "/nowhere"], "--etcd-certs-dir"),
+    ],
+)
+def test_etcd_tls_flags_refuse_bad_input(tmp_path: Path, args: list[str], needle: str) -> None:
+    """Bad input: refused at start with one line naming the flag, nothing started."""
+    r = _coordinator_cli("--listen", "127.0.0.1:0", "--data-dir", str(tmp_path / "c"), *args)
+    assert r.returncode != 0, (r.stdout, r.stderr)
+    assert needle in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert "campaigning" not in r.stderr, r.stderr
+
+
+def test_migrate_to_etcds_without_certificates_is_refused(tmp_path: Path) -> None:
+    """Bad input: ``coordinator migrate --to etcds://`` with --insecure and no
+    --etcd-certs-dir: refused before reading anything."""
+    r = subprocess.run([sys.executable, "-m", "syncrep", "coordinator", "migrate", "--from", str(tmp_path),
+                        "--to", "etcds://127.0.0.1:1", "--insecure"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and "TLS to etcd needs certificates" in r.stderr, r.stderr
+
+
+async def test_three_coordinators_on_tls_etcd_leader_kill9_then_secondary_lost(
+    cluster_factory: Any, etcd_tls3: EtcdCluster, seed: int
+) -> None:
+    """Faults: kill -9 of the leading coordinator under a 4-writer load, then
+    kill -9 of the secondary (test_coordinator_ha's scenario), with every
+    coordinator talking TLS to a 3-member etcd that requires client
+    certificates. The coordinators say they use TLS; no plaintext warning.
+    Replicas compared, every acknowledged write checked. Seed: ``seed``."""
+    c = await make_cluster(cluster_factory, etcd_tls3)
+    for name in c.coordinator_names:
+        log = c.log_tail(name, 400)
+        assert "over TLS (certificates from" in log, log
+        assert "plaintext and unauthenticated" not in log, log
+    await leader_kill9_then_secondary_lost(c, seed)
+
+
+async def test_a_tls_coordinator_on_plaintext_etcd_warns(cluster_factory: Any, etcd: EtcdCluster) -> None:
+    """No fault: a coordinator whose own traffic is mutual TLS, on a plaintext
+    ``etcd://``, says at start that the etcd traffic is plaintext and what to
+    use instead (the default stays plaintext for compatibility: docs/HA.md)."""
+    c = await make_cluster(cluster_factory, etcd, create=False)
+    for name in c.coordinator_names:
+        log = c.log_tail(name, 400)
+        assert "plaintext and unauthenticated" in log and "etcds://" in log, log
