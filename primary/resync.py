@@ -38,7 +38,7 @@ import grpc
 
 from primary.link import identity_msg
 from syncrep import rpc
-from syncrep.blockstore import BlockStore, Extent
+from syncrep.blockstore import BlockStore, Extent, zeros, zeros_crc32c
 from syncrep.core.identity import Identity
 from syncrep.core.resync_plan import ResyncPlan, RoundSpec, plan_pieces
 from syncrep.core.resync_window import ResyncSendWindow, ResyncWindowError, SendLimits
@@ -92,7 +92,10 @@ class RateLimiter:
 
 @dataclass
 class Counters:
+    #: The bytes the resync covered (zero chunks at their length).
     bytes_sent: int = 0
+    #: Of those, the zeros sent as a length without a payload (issue 14).
+    zero_bytes_sent: int = 0
     chunks_refused: int = 0
     # Test hook: corrupt the next N chunks sent (checksum computed over the
     # original data, then a byte flipped), so the secondary must refuse them.
@@ -143,12 +146,18 @@ class RoundSender:
         off, n = self.pieces[i]
         snap = self.spec.target or None
         data = self.store.read_at(snap, off, n)
-        crc = google_crc32c.value(data)
         if self.counters.corrupt_next > 0:
+            crc = google_crc32c.value(data)
             self.counters.corrupt_next -= 1
             data = bytes([data[0] ^ 0xFF]) + data[1:]
             log.warning("resync chunk %d at offset %d deliberately corrupted (fault injection)", i, off)
-        return pb.ResyncChunk(index=i, offset=off, data=data, crc32c=crc)
+            return pb.ResyncChunk(index=i, offset=off, data=data, crc32c=crc)
+        if data == zeros(n):
+            # A hole or a zeroed range (issue 14): one memcmp tells, and it
+            # travels without its payload; the secondary punches it. A full
+            # copy of a mostly empty volume then ships metadata, not zeros.
+            return pb.ResyncChunk(index=i, offset=off, zero_length=n, crc32c=zeros_crc32c(n))
+        return pb.ResyncChunk(index=i, offset=off, data=data, crc32c=google_crc32c.value(data))
 
     def _read_many(self, first: int, end: int) -> list[pb.ResyncChunk]:
         return [self._read(i) for i in range(first, end)]
@@ -257,17 +266,20 @@ class RoundSender:
                     chunks = await asyncio.to_thread(self._read_many, batch.start, batch.stop)
                     for c in chunks:
                         # upb copies the payload on every read of c.data: once.
-                        n = len(c.data)
+                        wire = len(c.data)
+                        n = c.zero_length or wire
                         # The window keeps (length, crc32c) for the round
                         # digest (RoundDigest): the crc32c over the data as
                         # read, the one the secondary checks before applying.
                         window.sent(c.index, n, c.crc32c)
-                        await self.limiter.take(n)
+                        # The cap is on bandwidth: zeros sent as a length use none.
+                        await self.limiter.take(wire)
                         # Bounded like the replies: a write blocked on flow
                         # control (a stalled connection) must fail the round,
                         # not hang it until TCP gives up.
                         await asyncio.wait_for(call.write(pb.ResyncRequest(chunk=c)), REPLY_TIMEOUT_S)
                         self.counters.bytes_sent += n
+                        self.counters.zero_bytes_sent += c.zero_length
                     while not replies.empty():
                         handle(replies.get_nowait())
                     continue

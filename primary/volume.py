@@ -213,6 +213,7 @@ class PrimaryVolume:
         self._resync_task: asyncio.Task[None] | None = None
         self._resync_t0 = 0.0
         self._resync_sent0 = 0
+        self._resync_zero0 = 0
         self._resync_refused0 = 0
         self._snapshot_lock = asyncio.Lock()
         # A new generation minted but not yet durable: every _persist carries
@@ -1071,6 +1072,7 @@ class PrimaryVolume:
                     log.info("volume %s: snapshot %d of the dropped plan: %s", self.lv.name, sid, e)
         self._resync_t0 = time.monotonic()
         self._resync_sent0 = self.counters.bytes_sent
+        self._resync_zero0 = self.counters.zero_bytes_sent
         self._resync_refused0 = self.counters.chunks_refused
         self.stats.resync_started()
         self._resync_task = self._spawn(self._resync_main(epoch), "resync")
@@ -1248,9 +1250,11 @@ class PrimaryVolume:
             self.last_stall_s = stall
             self.stats.stall.observe(stall)
             log.info("volume %s: back in sync at epoch %d after %.1f s; resync sent %d bytes in %d rounds "
-                     "(%d chunks refused and re-sent); switch-back write stall %.1f ms",
+                     "(%d of them zeros sent as a length; %d chunks refused and re-sent); switch-back write "
+                     "stall %.1f ms",
                      self.lv.name, epoch, time.monotonic() - self._resync_t0,
                      self.counters.bytes_sent - self._resync_sent0, plan.rounds_done + 1,
+                     self.counters.zero_bytes_sent - self._resync_zero0,
                      self.counters.chunks_refused - self._resync_refused0, stall * 1000)
         finally:
             if not released:

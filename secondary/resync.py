@@ -69,7 +69,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import functools
 import logging
 from dataclasses import replace
 from typing import Any
@@ -78,12 +77,13 @@ import google_crc32c
 import grpc
 
 from secondary.replica import EOF_MARK, first_message, read_ahead
+from syncrep.blockstore import zeros, zeros_crc32c
 from syncrep.core import receiver as core
 from syncrep.core.classify import STORAGE_ERRORS, storage_errno, storage_error_text
 from syncrep.core.identity import Identity
 from syncrep.core.receiver import ChunkVerdict, Header, Opening, Snapshot
 from syncrep.core.resync_window import RoundDigest
-from syncrep.core.vocab import META_NODE_DIVERGENT, META_SECONDARY_RESYNC
+from syncrep.core.vocab import MAX_WRITE_BYTES, META_NODE_DIVERGENT, META_SECONDARY_RESYNC
 from syncrep.errors import FailedPrecondition, SyncrepError
 from syncrep.pb import syncrep_pb2 as pb
 from syncrep.volumes import LocalVolume, VolumeRegistry
@@ -96,11 +96,6 @@ GROUP_MAX_BYTES = 8 * 1024 * 1024
 # primary's resync window (primary/resync.py WINDOW_BYTES) bounds the bytes.
 READ_AHEAD_MESSAGES = 256
 HEADER_TIMEOUT_S = 10.0
-
-
-@functools.lru_cache(maxsize=8)
-def _zero_buffer(n: int) -> bytes:
-    return bytes(n)
 
 
 class ResyncState(core.ResyncState):
@@ -375,14 +370,25 @@ class ResyncReceiver:
             m: Any = msg
             while True:
                 c = m.chunk
-                data = c.data  # upb copies on every read: once here
-                n = len(data)
+                malformed = False
+                if c.zero_length:
+                    # Zeros sent without their payload (issue 14): checked
+                    # against the crc32c of that many zeros. Data as well, or
+                    # more than one write's worth, is a malformed chunk.
+                    n = c.zero_length
+                    malformed = bool(c.data) or n > MAX_WRITE_BYTES
+                    crc = 0 if malformed else zeros_crc32c(n)
+                else:
+                    data = c.data  # upb copies on every read: once here
+                    n = len(data)
+                    crc = google_crc32c.value(data)
                 # lv.store.size_bytes, not the size at the stream's start: an
                 # online resize (issue 13) grows this secondary first. The
                 # crc32c is checked here, before anything is applied: the
                 # digest's records rely on it.
-                v = core.check_chunk(c.index, c.offset, n, c.crc32c, google_crc32c.value(data),
-                                     expected + len(group), bs, max(size, lv.store.size_bytes))
+                v = ChunkVerdict.REFUSE if malformed else core.check_chunk(
+                    c.index, c.offset, n, c.crc32c, crc, expected + len(group), bs,
+                    max(size, lv.store.size_bytes))
                 if v is ChunkVerdict.REFUSE:
                     refused = c
                     break
@@ -427,17 +433,21 @@ class ResyncReceiver:
         # the primary's (one memcmp per chunk to tell); adjacent ones are one
         # zero_range (one sync). The chunks of a round never overlap.
         writes: list[tuple[int, bytes]] = []
-        zeros: list[list[int]] = []  # [offset, length] runs
+        holes: list[list[int]] = []  # [offset, length] runs
         for c in group:
-            data = c.data  # upb copies on every read: once
-            if data and data == _zero_buffer(len(data)):
-                if zeros and zeros[-1][0] + zeros[-1][1] == c.offset:
-                    zeros[-1][1] += len(data)
-                else:
-                    zeros.append([c.offset, len(data)])
+            if c.zero_length:  # sent as zeros without a payload (checked above)
+                n = c.zero_length
             else:
-                writes.append((c.offset, data))
-        for off, n in zeros:
+                data = c.data  # upb copies on every read: once
+                n = len(data)
+                if not data or data != zeros(n):
+                    writes.append((c.offset, data))
+                    continue
+            if holes and holes[-1][0] + holes[-1][1] == c.offset:
+                holes[-1][1] += n
+            else:
+                holes.append([c.offset, n])
+        for off, n in holes:
             lv.store.zero_range(off, n)
         if writes:
             lv.store.write_batch(writes)

@@ -17,7 +17,7 @@ from .errors import (
     VolumeBusyError,
 )
 from .extents import Extent, blocks_to_extents, extents_to_blocks, merge_extents
-from .store import BlockStore, Durability, SnapshotInfo
+from .store import BlockStore, Durability, SnapshotInfo, zeros, zeros_crc32c
 
 __all__ = [
     "BlockStore",
@@ -38,4 +38,6 @@ __all__ = [
     "blocks_to_extents",
     "extents_to_blocks",
     "merge_extents",
+    "zeros",
+    "zeros_crc32c",
 ]

@@ -149,7 +149,9 @@ class SnapshotInfo:
 
 
 @functools.lru_cache(maxsize=16)
-def _zeros(n: int) -> bytes:
+def zeros(n: int) -> bytes:
+    """A shared all-zero buffer of ``n`` bytes (16 sizes cached): to compare
+    with (one memcmp tells a zero chunk) or to write."""
     return bytes(n)
 
 
@@ -187,8 +189,9 @@ def _is_hole(fd: int, offset: int, length: int) -> bool:
 
 
 @functools.lru_cache(maxsize=16)
-def _zeros_crc(n: int) -> int:
-    return int(google_crc32c.value(bytes(n)))
+def zeros_crc32c(n: int) -> int:
+    """crc32c of ``n`` zero bytes (16 sizes cached)."""
+    return int(google_crc32c.value(zeros(n)))
 
 
 def _is_int(v: object) -> bool:
@@ -713,7 +716,7 @@ class BlockStore:
         # No hole punching here: write the zeros (the space stays allocated).
         step = max(bs, self.cow_chunk_bytes - self.cow_chunk_bytes % bs)
         for pos in range(offset, end, step):
-            pwrite_full(self._data_fd, _zeros(min(step, end - pos)), pos)
+            pwrite_full(self._data_fd, zeros(min(step, end - pos)), pos)
         if self.durability == "sync":
             os.fdatasync(self._data_fd)
 
@@ -730,7 +733,7 @@ class BlockStore:
             while pos < end:
                 n = min(per, end - pos)
                 buf = pread_full(self._data_fd, n * bs, pos * bs)
-                if buf == _zeros(n * bs):
+                if buf == zeros(n * bs):
                     rows.extend((snap_id, b, None) for b in range(pos, pos + n))
                 else:
                     for i in range(n):
@@ -964,7 +967,7 @@ class BlockStore:
                     n = min(per, end - pos)
                     content = self._read_blocks(sid, pos, n)
                     # Blocks that were zero at the snapshot become holes again (keeps the volume sparse).
-                    if content == _zeros(n * bs) and self._puncher.punch(self._data_fd, pos * bs, n * bs):
+                    if content == zeros(n * bs) and self._puncher.punch(self._data_fd, pos * bs, n * bs):
                         punched = True
                     else:
                         pwrite_full(self._data_fd, content, pos * bs)
@@ -1056,7 +1059,7 @@ class BlockStore:
             with self._lock:
                 self._check_open()
                 if _is_hole(self._data_fd, pos, n):
-                    out.append(_zeros_crc(n))
+                    out.append(zeros_crc32c(n))
                     continue
                 data = self._read_blocks(None, pos // bs, n // bs)
             out.append(value(data))

@@ -92,7 +92,7 @@ from syncrep.blockstore.errors import (
     StoreClosedError,
     UnknownSnapshotError,
 )
-from syncrep.blockstore.store import DATA_FILE
+from syncrep.blockstore.store import DATA_FILE, zeros
 from syncrep.core.pairstate import PairState
 from syncrep.core.vocab import MAX_WRITE_BYTES
 from syncrep.errors import FailedPrecondition, PermissionDenied, SyncrepError, Unavailable
@@ -281,7 +281,7 @@ class Backend:
 
     async def zeroes(self, offset: int, length: int) -> None:
         """Zero an aligned range (through the ordinary write path)."""
-        await self.write(offset, _zeros(length))
+        await self.write(offset, zeros(length))
 
     async def trim(self, offset: int, length: int) -> None:
         """TRIM: this server has no thin provisioning; trimmed blocks read as zeros."""
@@ -289,19 +289,6 @@ class Backend:
 
     def close(self) -> None:
         """The connection using this backend is gone."""
-
-
-_ZEROS: dict[int, bytes] = {}
-
-
-def _zeros(n: int) -> bytes:
-    """A shared all-zero buffer of ``n`` bytes (a few distinct sizes are cached)."""
-    z = _ZEROS.get(n)
-    if z is None:
-        z = bytes(n)
-        if len(_ZEROS) < 16:
-            _ZEROS[n] = z
-    return z
 
 
 class PrimaryBackend(Backend):

@@ -795,10 +795,17 @@ class ResyncChunk(_message.Message):
     OFFSET_FIELD_NUMBER: _builtins.int
     DATA_FIELD_NUMBER: _builtins.int
     CRC32C_FIELD_NUMBER: _builtins.int
+    ZERO_LENGTH_FIELD_NUMBER: _builtins.int
     index: _builtins.int
     offset: _builtins.int
     data: _builtins.bytes
     crc32c: _builtins.int
+    """crc32c of the chunk's bytes: of ``data``, or of ``zero_length`` zeros."""
+    zero_length: _builtins.int
+    """Set instead of ``data``: the chunk is this many zero bytes (a hole or a
+    zeroed range on the primary), sent without its payload and applied on
+    the secondary as a punched hole (issue 14). Never both.
+    """
     def __init__(
         self,
         *,
@@ -806,10 +813,11 @@ class ResyncChunk(_message.Message):
         offset: _builtins.int = ...,
         data: _builtins.bytes = ...,
         crc32c: _builtins.int = ...,
+        zero_length: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["crc32c", b"crc32c", "data", b"data", "index", b"index", "offset", b"offset"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["crc32c", b"crc32c", "data", b"data", "index", b"index", "offset", b"offset", "zero_length", b"zero_length"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
