@@ -145,3 +145,27 @@ async def test_a_tls_coordinator_on_plaintext_etcd_warns(cluster_factory: Any, e
     for name in c.coordinator_names:
         log = c.log_tail(name, 400)
         assert "plaintext and unauthenticated" in log and "etcds://" in log, log
+
+
+def test_etcds_defaults_to_the_coordinators_own_certificates(tmp_path: Path) -> None:
+    """No --etcd-certs-dir: the coordinator's --certs-dir (its node.crt, the
+    syncrep CA) is what it presents to etcd and checks etcd's certificates
+    with; the server name defaults to the first endpoint's host."""
+    import argparse
+
+    from syncrep import cli, rpc
+
+    certs.create_all(tmp_path / "certs", tmp_path / "ca.key", ["127.0.0.1"], users=())
+    saved = rpc.security
+    rpc.configure(rpc.Security(tmp_path / "certs"))
+    try:
+        args = argparse.Namespace(etcd_certs_dir=None, etcd_server_name=None)
+        tls = cli._etcd_tls(args, "etcds://etcd-0.example:2379,etcd-1.example:2379")
+        assert tls.source == str(tmp_path / "certs") and tls.server_name == "etcd-0.example"
+        assert tls.cert == (tmp_path / "certs" / certs.NODE_CERT_FILE).read_bytes()
+        assert tls.ca_crt == (tmp_path / "certs" / certs.CA_CERT_FILE).read_bytes()
+        args = argparse.Namespace(etcd_certs_dir=None, etcd_server_name="etcd.example")
+        assert cli._etcd_tls(args, "etcds://[::1]:2379").server_name == "etcd.example"
+        assert cli._etcd_tls(argparse.Namespace(etcd_certs_dir=None, etcd_server_name=None), "etcd://h:1") is None
+    finally:
+        rpc.configure(saved)
