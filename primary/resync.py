@@ -145,6 +145,10 @@ class RoundSender:
     def _read(self, i: int) -> pb.ResyncChunk:
         off, n = self.pieces[i]
         snap = self.spec.target or None
+        if self.counters.corrupt_next <= 0 and self.store.reads_as_zeros(snap, off, n):
+            # A hole (issue 14): known without reading it (reading a hole
+            # still costs the kernel a zeroed page per block).
+            return pb.ResyncChunk(index=i, offset=off, zero_length=n, crc32c=zeros_crc32c(n))
         data = self.store.read_at(snap, off, n)
         if self.counters.corrupt_next > 0:
             crc = google_crc32c.value(data)
@@ -271,7 +275,7 @@ class RoundSender:
                         # The window keeps (length, crc32c) for the round
                         # digest (RoundDigest): the crc32c over the data as
                         # read, the one the secondary checks before applying.
-                        window.sent(c.index, n, c.crc32c)
+                        window.sent(c.index, n, c.crc32c, payload_bytes=wire)
                         # The cap is on bandwidth: zeros sent as a length use none.
                         await self.limiter.take(wire)
                         # Bounded like the replies: a write blocked on flow

@@ -163,3 +163,56 @@ def test_checksums_of_holes_equal_checksums_of_zeros(tmp_path: Path) -> None:
             assert s.checksums(0, 0, MIB, snapshot_id=sid) == expect
         odd = [google_crc32c.value(s.read(o, min(3 * MIB, 64 * MIB - o))) for o in range(0, 64 * MIB, 3 * MIB)]
         assert s.checksums(0, 0, 3 * MIB) == odd
+
+
+def test_reads_as_zeros_is_never_wrong_and_sees_holes(tmp_path: Path) -> None:
+    """``reads_as_zeros`` (what a resync uses to send a hole without reading
+    it): over random writes, zero ranges and snapshots (seed 14), whenever it
+    says True for a range at the head or any snapshot, that range reads as
+    zeros there; and it does say True for never-written and zeroed ranges."""
+    rng = random.Random(14)
+    nblocks = 256
+    with BlockStore.create(tmp_path / "v", nblocks * BS, BS, durability="os") as s:
+        snaps: list[int] = []
+        for step in range(120):
+            op = rng.random()
+            first = rng.randrange(nblocks)
+            n = rng.randint(1, min(16, nblocks - first))
+            if op < 0.45:
+                s.write(first * BS, rng.randbytes(n * BS))
+            elif op < 0.75:
+                s.zero_range(first * BS, n * BS)
+            elif op < 0.85 or not snaps:
+                snaps.append(s.create_snapshot(f"s{step}").id)
+            else:
+                s.delete_snapshot(snaps.pop(rng.randrange(len(snaps))))
+            for view in [None, *snaps]:
+                for _ in range(4):
+                    a = rng.randrange(nblocks)
+                    m = rng.randint(1, nblocks - a)
+                    if s.reads_as_zeros(view, a * BS, m * BS):
+                        assert s.read_at(view, a * BS, m * BS) == bytes(m * BS), (step, view, a, m)
+        s.zero_range(0, nblocks * BS)
+        for sid in list(snaps):
+            s.delete_snapshot(sid)
+        assert s.reads_as_zeros(None, 0, nblocks * BS)
+        sid = s.create_snapshot("after").id
+        assert s.reads_as_zeros(sid, 0, nblocks * BS)
+        s.write(3 * BS, b"x" * BS)  # after the snapshot: the head holds data there, the snapshot zeros
+        assert not s.reads_as_zeros(None, 0, 8 * BS)
+        assert s.reads_as_zeros(None, 4 * BS, 4 * BS)
+        assert not s.reads_as_zeros(sid, 0, 8 * BS)  # not told without reading: the block changed since
+        assert s.read_at(sid, 0, 8 * BS) == bytes(8 * BS)
+
+
+def test_reads_as_zeros_of_a_snapshot_whose_data_was_zeroed_since(tmp_path: Path) -> None:
+    """Data written, a snapshot taken, then the range zeroed at the head: the
+    head reads as zeros (a hole) but the snapshot still holds the data, so
+    for the snapshot the answer must be False."""
+    with BlockStore.create(tmp_path / "v", 64 * BS, BS, durability="os") as s:
+        s.write(0, b"d" * 8 * BS)
+        sid = s.create_snapshot("before").id
+        s.zero_range(0, 8 * BS)
+        assert s.reads_as_zeros(None, 0, 8 * BS)
+        assert not s.reads_as_zeros(sid, 0, 8 * BS)
+        assert s.read_at(sid, 0, 8 * BS) == b"d" * 8 * BS

@@ -142,6 +142,27 @@ def test_in_flight_accounting() -> None:
     assert (w.inflight_chunks, w.inflight_bytes) == (1, 300)
 
 
+def test_zeros_sent_as_a_length_hold_no_window_bytes() -> None:
+    """Chunks sent without a payload (zero chunks, issue 14) count 0 bytes in
+    flight: a run of them is bounded by window_chunks alone, and the bytes
+    come back exactly on apply and on refusal (no drift)."""
+    w = ResyncSendWindow(pieces_of([100] * 10), 0, limits(chunks=6, nbytes=150, batch=2))
+    for _ in range(3):  # batches of 2: the byte bound never closes the window
+        batch = w.next_batch()
+        assert len(batch) == 2, batch
+        for i in batch:
+            w.sent(i, 100, crc_of(i, 100), payload_bytes=0)
+    assert (w.inflight_chunks, w.inflight_bytes) == (6, 0)
+    assert not w.next_batch()  # window_chunks reached
+    w.on_applied(2)
+    w.sent(6, 100, crc_of(6, 100))  # a chunk with its payload
+    assert w.inflight_bytes == 100
+    w.on_refused(5, "bad")  # chunks 5 and 6 go back
+    assert (w.inflight_chunks, w.inflight_bytes) == (3, 0)
+    with pytest.raises(AssertionError):
+        w.sent(5, 100, 0, payload_bytes=101)  # more payload than the chunk's length
+
+
 def test_chunks_are_sent_in_order_only() -> None:
     w = ResyncSendWindow(pieces_of([100] * 3), 0, limits())
     with pytest.raises(AssertionError):

@@ -80,22 +80,20 @@ def test_a_planted_bug_a_leader_ignoring_its_lease_expiry_is_caught(monkeypatch:
     assert "two coordinators act as leader at once" in trace[-1], trace[-1]
 
 
-# Not strict since the election's keepalive retry (session 12) changed the
-# schedules' timing: these seeds may no longer reach the fault (they pass),
-# but the bug is not fixed; keep them until a seed that still reaches it
-# replaces them.
-@pytest.mark.xfail(strict=False, reason="open bug (not fixed here): a switchover whose swap was persisted with "
-                   "its answer lost (etcd cut from the leader) is completed by the next leader from the record, "
-                   "and the pair ends in split_brain instead of back in sync")
-@pytest.mark.parametrize("seed", [1688, 944])
+@pytest.mark.parametrize("seed", [3029, 3051, 1688, 944])
 def test_a_switchover_persisted_with_its_answer_lost_ends_back_in_sync(seed: int) -> None:
-    """Seeds 1688 and 944 (--coordinators 3): the leader is cut from the store
-    while a switchover runs; its CAS saving the swap commits but the answer
-    is lost (StoreUnavailable: 'it changes nothing'), so the old primary keeps
-    its roles (944: a retried Switchover even releases its gate, and it writes
-    on at the old epoch). The next leader reads the swapped record and pushes
-    it: the new primary starts degraded as after a promotion, the old one
-    mints a generation as its stream is superseded, and the coordinator
-    calls it split brain: never back in sync without an operator's resolve."""
+    """Seeds 3029 and 3051 (--coordinators 3; 1688 and 944 found it first,
+    before timing changes made them miss it): the leader is cut from the
+    store while a switchover runs; its CAS saving the swap commits but the
+    answer is lost (StoreUnavailable), a retried PrepareHandover is refused
+    ("already in progress") and the gate reopens, the old primary writes on
+    at the old epoch. The next leader reads the swapped record and pushes it
+    without the handover: the new primary is promoted the conservative way,
+    the old one goes degraded as its stream is superseded (minting a
+    generation) and is demoted. Before the fix the coordinator called that
+    split brain, never back in sync without an operator's resolve. Now the
+    switchover's record carries the shared generation as the revert point
+    (no lease let the old primary write alone): it reverts, its divergent
+    extents are resynced, the pair ends in sync, identical."""
     ok, trace, _ = sim.run_seed(seed, 8.0, coordinators=3)
     assert ok, trace[-1]

@@ -813,6 +813,29 @@ class BlockStore:
                 return b""
             return self._read_blocks(sid, offset // self.block_size, length // self.block_size)
 
+    def reads_as_zeros(self, snapshot_id: int | None, offset: int, length: int) -> bool:
+        """True when ``[offset, offset+length)`` certainly reads as zeros at the
+        head or snapshot ``snapshot_id``, told without reading it: the data
+        file holds a hole there (never written, or ``zero_range``) and, for a
+        snapshot, no block of the range changed since it was taken (so the
+        snapshot's content is the live file's). False when it may hold data.
+        Why: reading a hole still costs the kernel a zeroed page per 4 KiB
+        (about 3.5 ms per MiB on a cold file here), which dominated a resync
+        of a mostly empty volume (issue 14). One lseek and a few bitmap range
+        checks, under the lock like a read."""
+        offset, length = self._check_span("read", offset, length)
+        with self._lock:
+            self._check_open()
+            sid = None if snapshot_id is None else self._check_snapshot(snapshot_id)
+            if length == 0 or not _is_hole(self._data_fd, offset, length):
+                return length == 0
+            if sid is None:
+                return True
+            first, end = offset // self.block_size, (offset + length) // self.block_size
+            ids = self._ids
+            return all(self._changes[k].range_cardinality(first, end) == 0
+                       for k in ids[bisect.bisect_left(ids, sid):])
+
     def _iter_runs(
         self, runs: Iterable[tuple[int, int]], snapshot_id: int | None, chunk_bytes: int
     ) -> Iterator[tuple[int, bytes]]:

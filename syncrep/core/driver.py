@@ -1165,7 +1165,17 @@ def plan_switchover(
         generation=handover.identity.current,
         secondary_generation=handover.identity.current,
         full_copy_pending=False,
-        revert_generation=0,
+        # As after an unforced promotion (plan_auto_failover): the pair is in
+        # sync, so no lease let the old primary write alone, and a generation
+        # it mints after this one acknowledged nothing. That happens when this
+        # record commits but its answer is lost (a leader cut from etcd): the
+        # old primary's gate reopens, the next leader pushes the swap without
+        # the handover, the old primary goes degraded as its stream is
+        # superseded, and is demoted the ordinary way. It then reverts to the
+        # shared generation instead of looking split-brained (simulator
+        # --coordinators 3 seeds 944, 1688, 3029, 3051). After a clean
+        # handover its generation is this one already: no-op.
+        revert_generation=handover.identity.current,
     )
     cmds += [PushAssignment(name, old), PushAssignment(name, new)]
     return cmds

@@ -11,7 +11,10 @@ everything in between, without I/O:
   at most ``read_batch_chunks`` per read (one thread hop), while fewer than
   ``window_chunks`` are unapplied and in-flight bytes are below
   ``window_bytes`` -- both bound memory on both sides, and each window's worth
-  becomes one group commit on the secondary. A chunk is admitted while the
+  becomes one group commit on the secondary. In-flight bytes are payload
+  bytes: a chunk sent as zeros without a payload (``sent(...,
+  payload_bytes=0)``, issue 14) holds no memory and counts 0, so a run of
+  holes is bounded by ``window_chunks`` alone. A chunk is admitted while the
   in-flight bytes are *below* the byte bound, so the last chunk admitted may
   overshoot it (by less than its own length); and an empty window always
   admits one chunk, however large, or an oversized chunk would wait forever;
@@ -153,7 +156,7 @@ class ResyncSendWindow:
         # (length, crc32c) of the chunks in flight, by index: [applied, next).
         # Not their data: the digest needs only the record, and the window
         # does not keep up to window_bytes of payload alive after the send.
-        self._inflight: dict[int, tuple[int, int]] = {}
+        self._inflight: dict[int, tuple[int, int, int]] = {}  # index -> (length, crc32c, payload bytes)
         self._inflight_bytes = 0
         self._refusals: dict[int, int] = {}
         self._digest = RoundDigest()
@@ -227,13 +230,17 @@ class ResyncSendWindow:
         assert len(self._inflight) == self._next - self._applied, "in flight is not [applied, next)"
 
     # ------------------------------------------------------------ events
-    def sent(self, index: int, length: int, crc32c: int) -> None:
+    def sent(self, index: int, length: int, crc32c: int, payload_bytes: int | None = None) -> None:
         """Chunk ``index`` is on its way: ``length`` bytes of data, with the
-        ``crc32c`` the chunk carries (computed over the data as read)."""
+        ``crc32c`` the chunk carries (computed over the data as read), of
+        which ``payload_bytes`` travel (default: all; 0 for zeros sent as a
+        length): what counts against ``window_bytes``."""
         if index != self._next or index >= len(self.pieces):
             raise AssertionError(f"chunk {index} sent, but chunk {self._next} is next of {len(self.pieces)}")
-        self._inflight[index] = (length, crc32c)
-        self._inflight_bytes += length
+        payload = length if payload_bytes is None else payload_bytes
+        assert 0 <= payload <= length, (payload, length)
+        self._inflight[index] = (length, crc32c, payload)
+        self._inflight_bytes += payload
         self._next += 1
         self._check()
 
@@ -248,8 +255,8 @@ class ResyncSendWindow:
             )
         newly = range(self._applied, max(self._applied, applied_below))
         for i in newly:
-            length, crc = self._inflight.pop(i)
-            self._inflight_bytes -= length
+            length, crc, payload = self._inflight.pop(i)
+            self._inflight_bytes -= payload
             self._digest.add(i, self.pieces[i][0], length, crc)
         self._applied = newly.stop
         self._check()
@@ -270,7 +277,7 @@ class ResyncSendWindow:
             raise ResyncWindowError(f"chunk {index} refused {count} times: {message}")
         # Go back: everything from the refused chunk on is re-sent.
         for j in range(index, self._next):
-            self._inflight_bytes -= self._inflight.pop(j)[0]
+            self._inflight_bytes -= self._inflight.pop(j)[2]
         self._next = index
         self._check()
         return Refusal(index, count, message)
