@@ -102,6 +102,11 @@ class Counters:
     corrupt_next: int = 0
 
 
+def _zero_chunk(index: int, offset: int, n: int) -> pb.ResyncChunk:
+    """Chunk ``index``: ``n`` zero bytes at ``offset``, sent as a length (issue 14)."""
+    return pb.ResyncChunk(index=index, offset=offset, zero_length=n, crc32c=zeros_crc32c(n))
+
+
 class RoundSender:
     """Send one round over one Resync stream, resuming where the secondary says."""
 
@@ -148,7 +153,7 @@ class RoundSender:
         if self.counters.corrupt_next <= 0 and self.store.reads_as_zeros(snap, off, n):
             # A hole (issue 14): known without reading it (reading a hole
             # still costs the kernel a zeroed page per block).
-            return pb.ResyncChunk(index=i, offset=off, zero_length=n, crc32c=zeros_crc32c(n))
+            return _zero_chunk(i, off, n)
         data = self.store.read_at(snap, off, n)
         if self.counters.corrupt_next > 0:
             crc = google_crc32c.value(data)
@@ -160,7 +165,7 @@ class RoundSender:
             # A hole or a zeroed range (issue 14): one memcmp tells, and it
             # travels without its payload; the secondary punches it. A full
             # copy of a mostly empty volume then ships metadata, not zeros.
-            return pb.ResyncChunk(index=i, offset=off, zero_length=n, crc32c=zeros_crc32c(n))
+            return _zero_chunk(i, off, n)
         return pb.ResyncChunk(index=i, offset=off, data=data, crc32c=google_crc32c.value(data))
 
     def _read_many(self, first: int, end: int) -> list[pb.ResyncChunk]:
