@@ -52,6 +52,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import io
+import itertools
 import logging
 import random
 import time
@@ -134,6 +135,17 @@ _RETRYABLE_CODES = frozenset(
 def new_volume_uuid() -> str:
     """A new pair's volume UUID (a seam: the simulator patches it to stay deterministic)."""
     return uuid.uuid4().hex
+
+
+_HANDOVER_SEQ = itertools.count(1)
+
+
+def new_handover_id(coordinator: str) -> str:
+    """A name for one switchover attempt (PrepareHandoverRequest.handover_id).
+    Unique across attempts of this process (the counter) and across restarts
+    and coordinators (the address, the wall clock); drawn without a random
+    number so that the simulator's schedules do not shift."""
+    return f"{coordinator or '-'}/{time.time():.6f}/{next(_HANDOVER_SEQ)}"
 
 
 def validate_address(address: str) -> str | None:
@@ -945,6 +957,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
         self._report_at[address] = self._clock()
         views = {r.name: _volume_report(r) for r in request.volumes}
         self._heartbeat_progress_events(address, request.volumes)
+        conflicted = False
         async with self._lock:
             for view in views.values():
                 try:
@@ -954,6 +967,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
                     # The store refused or did not answer (deposed, cut from
                     # etcd): said, not a traceback; the next heartbeat retries.
                     log.warning("volume %s: cannot apply the heartbeat report of %s: %s", view.volume, address, e)
+                    conflicted = conflicted or isinstance(e, StoreConflict)
                 except Exception:
                     # Never fail the heartbeat itself: the node would think we are gone.
                     log.exception("volume %s: cannot apply the heartbeat report of %s", view.volume, address)
@@ -961,6 +975,12 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
             # state must be durable.
             leases = self._grant_leases(address, views)
             assignments = self.assignments_for(address)
+        if conflicted:
+            # Our copy is stale (a write of ours that committed with its
+            # answer lost, or another writer's): without a reload every
+            # later compare-and-swap on the volume loses again, for ever
+            # (simulator --coordinators 3, seed 20171).
+            await self._reload_after_conflict()
         if any(v.no_data for v in views.values()):
             self.wake()  # a replica without data: a rebuild or a promotion is decided at once
         return pb.HeartbeatReply(known=True, assignments=assignments, leases=leases)
@@ -1396,6 +1416,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
         self, pair: PairRecord, timeout_s: float, context: aio.ServicerContext
     ) -> pb.SwitchoverReply:
         name, old, epoch = pair.name, pair.primary, pair.epoch
+        handover_id = new_handover_id(self.coordinator_address)
         # Real time, not the injected clock: the stall is a measurement, and
         # the half-timeout check races the node's own (real) handover timer.
         t0 = time.monotonic()
@@ -1403,11 +1424,14 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
             # Half the timeout: the other half is for persisting and demoting
             # before the old primary reopens its gate by itself.
             reply = await self._stub(old).PrepareHandover(
-                pb.PrepareHandoverRequest(volume=name, epoch=epoch, timeout_s=timeout_s),
+                pb.PrepareHandoverRequest(volume=name, epoch=epoch, timeout_s=timeout_s, handover_id=handover_id),
                 timeout=timeout_s / 2,
             )
         except (aio.AioRpcError, OSError) as e:
-            await self._release_handover(old, name, epoch)
+            # Also after a refusal: the answer may be a timeout whose request
+            # did close the gate. The id keeps this from reopening a gate
+            # another attempt closed.
+            await self._release_handover(old, name, epoch, handover_id)
             code = e.code() if isinstance(e, aio.AioRpcError) else grpc.StatusCode.UNAVAILABLE
             if code not in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.INVALID_ARGUMENT):
                 code = grpc.StatusCode.UNAVAILABLE
@@ -1445,7 +1469,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
                 self._switch_hold[name] = pair.secondary
                 self._carry_out(outcome)
         if isinstance(outcome, Problem):
-            await self._release_handover(old, name, epoch)
+            await self._release_handover(old, name, epoch, handover_id)
             await _refuse(context, outcome)
         swapped = self._pairs[name]
         # The old primary first: it refuses the writes waiting at its gate
@@ -1474,11 +1498,13 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
             acked_seq=handover.acked_seq,
         )
 
-    async def _release_handover(self, address: str, volume: str, epoch: int) -> None:
-        """Best effort: reopen the old primary's gate now (else it reopens by itself at its timeout)."""
+    async def _release_handover(self, address: str, volume: str, epoch: int, handover_id: str) -> None:
+        """Best effort: reopen the gate attempt ``handover_id`` closed on the
+        old primary now (else it reopens by itself at its timeout)."""
         try:
             await self._stub(address).PrepareHandover(
-                pb.PrepareHandoverRequest(volume=volume, epoch=epoch, release=True), timeout=self.rpc_timeout_s
+                pb.PrepareHandoverRequest(volume=volume, epoch=epoch, release=True, handover_id=handover_id),
+                timeout=self.rpc_timeout_s,
             )
         except (aio.AioRpcError, OSError) as e:
             log.warning(
@@ -1806,9 +1832,21 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
                         error,
                     )
                     return
-                self._carry_out(cmds)
+                conflict: bool | None = None
+                try:
+                    self._carry_out(cmds)
+                except (NotLeader, StoreUnavailable, StoreConflict) as e:
+                    # The failure is not recorded (the background check
+                    # decides again); said, not a task's lost traceback.
+                    log.warning("volume %s: StartResync at epoch %d failed (%s), and recording that failed: %s",
+                                name, epoch, error, e)
+                    conflict = isinstance(e, StoreConflict)
                 now = self._clock()
                 delay = self._backoff.get(name, Backoff(not_before=now)).not_before - now
+            if conflict is not None:
+                if conflict:
+                    await self._reload_after_conflict()
+                return
             log.warning(
                 "volume %s: resync not started (%s); next attempt in %.1f s", name, error, max(0.0, delay)
             )

@@ -155,6 +155,8 @@ class _Handover:
 
     epoch: int
     t0: float
+    #: The coordinator's name for this attempt (PrepareHandoverRequest.handover_id).
+    handover_id: str = ""
     drained: bool = False
     expiry: asyncio.Task[None] | None = None
     #: The data identity both replicas shared when the drain ended.
@@ -760,7 +762,7 @@ class PrimaryVolume:
         return False
 
     # ------------------------------------------------------------ switchover (docs/FAILOVER.md section 5)
-    async def prepare_handover(self, epoch: int, timeout_s: float) -> tuple[int, float]:
+    async def prepare_handover(self, epoch: int, timeout_s: float, handover_id: str = "") -> tuple[int, float]:
         """Close the gate (new writes wait there; they do not fail), drain
         (every write sequenced is durable here and acknowledged by the
         secondary), check the pair is in sync, and keep the gate closed for
@@ -771,7 +773,7 @@ class PrimaryVolume:
         if self._handover is not None or self._handed_over:
             raise FailedPrecondition(f"volume {self.lv.name!r}: a handover is already in progress on this node")
         t0 = time.monotonic()
-        handover = self._handover = _Handover(epoch, t0)
+        handover = self._handover = _Handover(epoch, t0, handover_id)
         self._hold_gate()
         try:
             # After _hold_gate no new batch is sequenced (the sequencer looks at
@@ -830,13 +832,23 @@ class PrimaryVolume:
             log.warning("volume %s: handover abandoned (%s); the gate is open again, writes resume",
                         self.lv.name, why)
 
-    def release_handover(self, epoch: int) -> bool:
-        """The coordinator gave up the switchover: reopen the gate now."""
+    def release_handover(self, epoch: int, handover_id: str = "") -> str:
+        """The coordinator gave up the switchover: reopen the gate now, if
+        it is the gate that attempt closed. Returns what was done (the
+        reply's message). Why the id: a coordinator whose
+        PrepareHandover was refused (another attempt, from a deposed leader
+        or an earlier try that timed out, holds the gate) releases as well,
+        and must not reopen a gate it did not close: that attempt may still
+        be about to swap the roles."""
         handover = self._handover
         if handover is None or handover.epoch != epoch:
-            return False
+            return "no handover in progress"
+        if handover_id and handover.handover_id and handover_id != handover.handover_id:
+            log.info("volume %s: release of handover %s ignored: the gate is held for handover %s",
+                     self.lv.name, handover_id, handover.handover_id)
+            return f"the gate is held for another handover ({handover.handover_id}); left closed"
         self._end_handover(handover, "the coordinator did not swap the roles")
-        return True
+        return "gate reopened"
 
     def hand_over(self, new_primary: str, new_epoch: int) -> Identity | None:
         """The demotion of a switchover: if this primary drained and still

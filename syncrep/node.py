@@ -418,9 +418,8 @@ class Node:
                     f"{request.epoch}; retry once the assignments agree"
                 )
             if request.release:
-                released = pv.release_handover(request.epoch)
                 return pb.PrepareHandoverReply(
-                    epoch=lv.epoch, message="gate reopened" if released else "no handover in progress"
+                    epoch=lv.epoch, message=pv.release_handover(request.epoch, request.handover_id)
                 )
             if not 0 < request.timeout_s <= MAX_HANDOVER_TIMEOUT_S:
                 raise InvalidArgument(
@@ -428,7 +427,7 @@ class Node:
                 )
         # Outside the lock: the drain waits for writes, and the demotion
         # (an assignment) must be able to come in while the gate is held.
-        acked, drain_s = await pv.prepare_handover(lv.epoch, request.timeout_s)
+        acked, drain_s = await pv.prepare_handover(lv.epoch, request.timeout_s, request.handover_id)
         return pb.PrepareHandoverReply(
             epoch=lv.epoch, acked_seq=acked, identity=pb.Identity(**lv.identity.proto_fields()),  # type: ignore[arg-type]
             drain_s=drain_s, message=f"drained up to seq {acked} in {drain_s:.3f} s; writes wait at the gate",

@@ -97,3 +97,19 @@ def test_a_switchover_persisted_with_its_answer_lost_ends_back_in_sync(seed: int
     extents are resynced, the pair ends in sync, identical."""
     ok, trace, _ = sim.run_seed(seed, 8.0, coordinators=3)
     assert ok, trace[-1]
+
+
+def test_a_write_committed_with_its_answer_lost_during_a_store_pause_is_reloaded_not_retried_for_ever() -> None:
+    """Seed 20171 (--coordinators 3): the store pauses (no quorum) while the
+    leader records a failed StartResync; the write commits with its answer
+    lost, so the leader's copy of the volume is one revision behind. Before
+    the fix every heartbeat's compare-and-swap on the volume lost against
+    its own write, "reload and decide again" was said but no reload was
+    made, and the pair never left degraded (and the start-resync task died
+    with an unretrieved exception). Now a lost compare-and-swap in a
+    heartbeat reloads, and the pair is back in sync."""
+    ok, trace, _ = sim.run_seed(20171, 8.0, coordinators=3)
+    assert ok, "\n".join(trace[-30:])
+    assert not any("Task exception was never retrieved" in line for line in trace)
+    conflicts = [line for line in trace if "cannot apply the heartbeat report" in line and "store conflict" in line]
+    assert 1 <= len(conflicts) <= 3, conflicts

@@ -189,7 +189,7 @@ async def test_handover_not_followed_by_a_swap_reopens_the_gate_and_loses_nothin
     not the one asking, as if it died after PrepareHandover): the gate
     reopens at the handover timeout, the held writes complete, the pair stays
     as it was. Then a handover released at once (what the coordinator does
-    when it gives up)."""
+    when it gives up), after a release by another attempt left it closed."""
     c = await make_cluster(cluster_factory)
     w = Workload(c, VOL, SIZE, writers=4, seed=seed)
     await w.start()
@@ -215,10 +215,22 @@ async def test_handover_not_followed_by_a_swap_reopens_the_gate_and_loses_nothin
         assert w.acked > acked
         # A handover released at once: the writes resume without waiting for the timeout.
         await stub.PrepareHandover(
-            pb.PrepareHandoverRequest(volume=VOL, epoch=st0["epoch"], timeout_s=30.0), timeout=10.0)
+            pb.PrepareHandoverRequest(volume=VOL, epoch=st0["epoch"], timeout_s=30.0, handover_id="a"),
+            timeout=10.0)
         t1 = time.monotonic()
+        # Fault: a second attempt (a deposed leader's, or a retry after a
+        # timeout) is refused, and its coordinator releases what it believes
+        # is its own gate: that must not reopen the gate attempt "a" holds.
+        with pytest.raises(grpc.aio.AioRpcError) as other:
+            await stub.PrepareHandover(
+                pb.PrepareHandoverRequest(volume=VOL, epoch=st0["epoch"], timeout_s=30.0, handover_id="b"),
+                timeout=10.0)
+        assert other.value.code() == grpc.StatusCode.FAILED_PRECONDITION, other.value
+        ignored = await stub.PrepareHandover(
+            pb.PrepareHandoverRequest(volume=VOL, epoch=st0["epoch"], release=True, handover_id="b"), timeout=10.0)
+        assert ignored.message.startswith("the gate is held for another handover (a)"), ignored
         released = await stub.PrepareHandover(
-            pb.PrepareHandoverRequest(volume=VOL, epoch=st0["epoch"], release=True), timeout=10.0)
+            pb.PrepareHandoverRequest(volume=VOL, epoch=st0["epoch"], release=True, handover_id="a"), timeout=10.0)
         assert released.message == "gate reopened", released
         await w.wait_acked(100, timeout_s=30.0)
         assert time.monotonic() - t1 < 20.0

@@ -900,6 +900,7 @@ class PrepareHandoverRequest(_message.Message):
     EPOCH_FIELD_NUMBER: _builtins.int
     TIMEOUT_S_FIELD_NUMBER: _builtins.int
     RELEASE_FIELD_NUMBER: _builtins.int
+    HANDOVER_ID_FIELD_NUMBER: _builtins.int
     volume: _builtins.str
     epoch: _builtins.int
     """The pair's current epoch (refused if this node is at another one)."""
@@ -909,6 +910,12 @@ class PrepareHandoverRequest(_message.Message):
     """The coordinator gave the switchover up (nothing swapped): reopen the
     gate of the handover prepared at epoch now.
     """
+    handover_id: _builtins.str
+    """Names one switchover attempt (the coordinator draws it). A release
+    reopens only the gate that the attempt of this id closed: a refused or
+    late PrepareHandover (another attempt holds the gate) must not reopen a
+    gate it did not close. Empty: match by epoch alone (older coordinators).
+    """
     def __init__(
         self,
         *,
@@ -916,10 +923,11 @@ class PrepareHandoverRequest(_message.Message):
         epoch: _builtins.int = ...,
         timeout_s: _builtins.float = ...,
         release: _builtins.bool = ...,
+        handover_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "release", b"release", "timeout_s", b"timeout_s", "volume", b"volume"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "handover_id", b"handover_id", "release", b"release", "timeout_s", b"timeout_s", "volume", b"volume"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
