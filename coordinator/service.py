@@ -164,7 +164,14 @@ def _retryable(e: BaseException) -> bool:
 
 
 async def _abort(context: aio.ServicerContext, code: grpc.StatusCode, message: str) -> NoReturn:
-    await context.abort(code, rpc.status_details(message))
+    """Refuse with ``code``, marked as this coordinator's answer
+    (ANSWERED_METADATA_KEY): a client must not call an UNAVAILABLE that we
+    sent ("not created: the node did not answer in time") "cannot reach the
+    coordinator"."""
+    kept = tuple(context.trailing_metadata() or ())
+    await context.abort(
+        code, rpc.status_details(message), trailing_metadata=(*kept, (ANSWERED_METADATA_KEY, "coordinator"))
+    )
     raise AssertionError("unreachable: context.abort returned")  # pragma: no cover
 
 
@@ -189,6 +196,8 @@ async def _check_node_address(context: aio.ServicerContext, address: str, what: 
 LEADER_METADATA_KEY = "syncrep-leader"
 #: Trailing metadata of a read a follower answered from its copy of the store.
 ROLE_METADATA_KEY = "syncrep-coordinator-role"
+#: Trailing metadata of every refusal this coordinator sends (``_abort``).
+ANSWERED_METADATA_KEY = "syncrep-answered-by"
 
 
 class Leadership(Protocol):

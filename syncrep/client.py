@@ -198,7 +198,7 @@ async def _call(what: str, aw: Awaitable[T], *, unreachable: str | None = None) 
         return await aw
     except grpc.RpcError as e:
         err = ClientError.from_rpc(e, what)
-        if unreachable and err.code == grpc.StatusCode.UNAVAILABLE:
+        if unreachable and err.code == grpc.StatusCode.UNAVAILABLE and not answered_by_server(e):
             err.what = unreachable
             if tls_failure(err.message) and TLS_HINT not in err.message:
                 err.message = f"{err.message} {TLS_HINT}"
@@ -899,6 +899,8 @@ LEADER_RETRY_S = 0.25
 #: (coordinator/service.py's LEADER_METADATA_KEY and ROLE_METADATA_KEY).
 LEADER_METADATA_KEY = "syncrep-leader"
 ROLE_METADATA_KEY = "syncrep-coordinator-role"
+#: Trailing metadata of a refusal the coordinator itself sent (its ANSWERED_METADATA_KEY).
+ANSWERED_METADATA_KEY = "syncrep-answered-by"
 
 
 class CoordinatorSet:
@@ -933,15 +935,25 @@ def _metadata(md: Any, key: str) -> str | None:
     return None
 
 
+def _trailing(err: BaseException) -> Any:
+    trailing = getattr(err, "trailing_metadata", None)
+    try:
+        return trailing() if callable(trailing) else None
+    except Exception:
+        return None
+
+
+def answered_by_server(err: BaseException) -> bool:
+    """Whether ``err`` is a status the coordinator sent (it was reached; an
+    UNAVAILABLE then means something behind it did not answer), not one
+    gRPC made up because the coordinator could not be reached."""
+    return _metadata(_trailing(err), ANSWERED_METADATA_KEY) is not None
+
+
 def redirect_of(err: grpc.RpcError) -> str | None:
     """A coordinator's "I do not lead" answer: the leader it names ("" if it
     knows none), or None when ``err`` is no redirect."""
-    trailing = getattr(err, "trailing_metadata", None)
-    try:
-        md = trailing() if callable(trailing) else None
-    except Exception:
-        md = None
-    return _metadata(md, LEADER_METADATA_KEY)
+    return _metadata(_trailing(err), LEADER_METADATA_KEY)
 
 
 async def _coord_rpc(
@@ -987,7 +999,7 @@ async def _coord_rpc(
         except grpc.RpcError as e:
             leader = redirect_of(e)
             err = ClientError.from_rpc(e, _coord_what(address, op))
-            if err.code == grpc.StatusCode.UNAVAILABLE and leader is None:
+            if err.code == grpc.StatusCode.UNAVAILABLE and leader is None and not answered_by_server(e):
                 err.what = f"cannot reach coordinator {address} ({op})"
                 if tls_failure(err.message) and TLS_HINT not in err.message:
                     err.message = f"{err.message} {TLS_HINT}"
@@ -1412,7 +1424,7 @@ async def _stream_events(
                 await queue.put(None)
             except grpc.RpcError as e:
                 err = ClientError.from_rpc(e, _coord_what(coordinator, what))
-                if err.code == grpc.StatusCode.UNAVAILABLE:
+                if err.code == grpc.StatusCode.UNAVAILABLE and not answered_by_server(e):
                     err.what = f"cannot reach coordinator {coordinator} ({what})"
                     if tls_failure(err.message) and TLS_HINT not in err.message:
                         err.message = f"{err.message} {TLS_HINT}"

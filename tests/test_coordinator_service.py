@@ -22,6 +22,7 @@ import pytest
 from grpc import aio
 
 from coordinator.server import Coordinator
+from syncrep import client as sc
 from syncrep import rpc
 from syncrep.core.driver import ChangePair, Command, ProbeHealth, StartResync
 from syncrep.core.pairstate import PairState
@@ -436,6 +437,18 @@ async def test_create_volume_push_failure_rolls_back(env: Env) -> None:
     await expect_error(grpc.StatusCode.UNAVAILABLE, env.create(), env.secondary.address, "not created")
     assert env.calls == []
     await expect_error(grpc.StatusCode.NOT_FOUND, env.get())
+    # The client library (what `syncrep volume create` prints): the
+    # coordinator answered, so the error names the node it could not
+    # assign, not "cannot reach coordinator" (it said that before).
+    with pytest.raises(sc.ClientError) as refused:
+        await sc.create_volume(env.coord.address, "vol1", 64 * MiB, env.primary.address, env.secondary.address)
+    text = str(refused.value)
+    assert refused.value.code == grpc.StatusCode.UNAVAILABLE, text
+    assert "cannot reach coordinator" not in text and "not created" in text and env.secondary.address in text, text
+    # And a coordinator that is not there still is "cannot reach coordinator".
+    with pytest.raises(sc.ClientError) as unreachable:
+        await sc.create_volume("127.0.0.1:1", "vol1", 64 * MiB, env.primary.address, env.secondary.address)
+    assert "cannot reach coordinator 127.0.0.1:1" in str(unreachable.value), unreachable.value
 
 
 async def test_get_volume_not_found(env: Env) -> None:
