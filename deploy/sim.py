@@ -515,6 +515,12 @@ class Sim:
             # start-up retries would sleep in real time.)
             while not self.etcd.reachable(host):  # noqa: ASYNC110 - waits on virtual time for a fault to end
                 await asyncio.sleep(0.1)
+            if self.down_count.get(host, 0) > 0:
+                # Crashed again while it waited: that crash's end starts it
+                # (starting it here too ran two instances of one coordinator,
+                # one of them unreachable: seed 20637 --coordinators 3).
+                self.log(f"start {host}: skipped, crashed again while it waited for the store")
+                return
         self.crashed.discard(host)
 
         async def boot() -> None:

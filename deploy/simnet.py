@@ -280,10 +280,14 @@ class _Context:
         await asyncio.sleep(0)
 
     async def abort(self, code: grpc.StatusCode, details: str = "", trailing_metadata: Any = None) -> None:
-        raise _Abort(code, details, trailing_metadata)
+        # As grpc.aio: an abort without metadata sends what the handler set.
+        raise _Abort(code, details, trailing_metadata or self.call.trailing)
 
     def set_trailing_metadata(self, trailing_metadata: Any) -> None:
         self.call.trailing = tuple(trailing_metadata or ())
+
+    def trailing_metadata(self) -> tuple[tuple[str, str], ...]:
+        return self.call.trailing
 
     def peer(self) -> str:
         return f"sim:{self.call.src}"

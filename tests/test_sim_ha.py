@@ -113,3 +113,17 @@ def test_a_write_committed_with_its_answer_lost_during_a_store_pause_is_reloaded
     assert not any("Task exception was never retrieved" in line for line in trace)
     conflicts = [line for line in trace if "cannot apply the heartbeat report" in line and "store conflict" in line]
     assert 1 <= len(conflicts) <= 3, conflicts
+
+
+def test_a_coordinator_crashed_again_while_it_waits_for_the_store_starts_once() -> None:
+    """Seed 20637 (--coordinators 3), a harness fault: the leader is killed,
+    its restart waits for the paused store, and a second crash lands on it
+    meanwhile. Both crashes' ends started it, so two instances of coord-1
+    ran, the one the nodes reached not leading, and the primary's degraded
+    report never reached the leader. The restart now yields to the later
+    crash; the pair is back in sync."""
+    ok, trace, _ = sim.run_seed(20637, 8.0, coordinators=3)
+    assert ok, "\n".join(trace[-30:])
+    assert any("start coord-1: skipped, crashed again" in line for line in trace)
+    assert sum(1 for line in trace if line.split()[1:] == ["start", "coord-1"]) == 2, [
+        line for line in trace if "start coord" in line]
