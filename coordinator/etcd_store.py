@@ -100,6 +100,13 @@ DEFAULT_PREFIX = "/syncrep/v1/"
 ETCD_SCHEMA_VERSION = 1
 #: The bound of one store call (every RPC it makes, together).
 DEFAULT_OP_TIMEOUT_S = 2.0
+#: After a call timed out, the next calls fail at once (StoreUnavailable)
+#: until a probe on the store's own loop is answered; the probe is retried
+#: this often. Why: the service calls the store synchronously from its event
+#: loop, so without this a leader cut from etcd sat op_timeout_s in every
+#: call (every heartbeat's save), and its status answers, CoordinatorInfo
+#: and health checks waited behind each one.
+PROBE_INTERVAL_S = 0.5
 #: How long the store keeps retrying an unreachable etcd at start.
 DEFAULT_START_TIMEOUT_S = 30.0
 #: The backoff between those retries (tenacity's exponential jitter).
@@ -367,6 +374,10 @@ class EtcdStore:
         self._wall: Callable[[], float] = clock if clock is not None else (lambda: time.time())
         self._cache: dict[str, _Cached] = {}
         self._closed = False
+        # Set while etcd is taken to be unreachable (a call timed out and no
+        # probe was answered since): (time.monotonic() it began, the call).
+        self._down: tuple[float, str] | None = None
+        self._probe: concurrent.futures.Future[None] | None = None
 
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -411,12 +422,21 @@ class EtcdStore:
         if threading.current_thread() is self._thread:
             coro.close()
             raise RuntimeError(f"EtcdStore.{what} called from the store's own thread (a watch callback?)")
+        down = self._down
+        if down is not None:
+            coro.close()
+            raise StoreUnavailable(
+                f"{self._where()} has not answered since {time.monotonic() - down[0]:.1f} s ago ({down[1]} "
+                f"timed out); {what} not tried: calls fail at once until a probe (every {PROBE_INTERVAL_S:g} s) "
+                "is answered (a write's outcome before that is unknown)"
+            )
         try:
             return self._wait(coro)
         except concurrent.futures.CancelledError:
             # close() cancelled it: the coordinator is stopping.
             raise DBError(f"{self._where()}: the store was closed during {what}") from None
         except concurrent.futures.TimeoutError:
+            self._start_probe(what)
             raise StoreUnavailable(
                 f"{self._where()} did not answer {what} within {self.op_timeout_s:g} s (op_timeout_s): "
                 "is a quorum of its members up and reachable? (a write's outcome is unknown)"
@@ -428,6 +448,33 @@ class EtcdStore:
             ) from None
         except aetcd.exceptions.ClientError as e:
             raise DBError(f"{self._where()}: {what} failed: {type(e).__name__}: {e}") from None
+
+    def _start_probe(self, what: str) -> None:
+        """A call timed out: fail the next ones at once, and probe etcd on the
+        store's loop until it answers (threaded mode only: an injected,
+        inline client never waits)."""
+        if self._loop is None or self._closed or self._down is not None:
+            return
+        self._down = (time.monotonic(), what)
+        log.warning("%s did not answer %s within %g s: later calls fail at once until it answers a probe "
+                    "(every %g s)", self._where(), what, self.op_timeout_s, PROBE_INTERVAL_S)
+        self._probe = asyncio.run_coroutine_threadsafe(self._probe_until_answered(), self._loop)
+
+    async def _probe_until_answered(self) -> None:
+        down = self._down
+        while not self._closed:
+            try:
+                await asyncio.wait_for(self._range(self._key("meta", "schema")), self.op_timeout_s)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # every failure means "not yet"; which one is logged at debug
+                log.debug("%s: probe not answered: %s: %s", self._where(), type(e).__name__, e)
+                await asyncio.sleep(PROBE_INTERVAL_S)
+                continue
+            self._down = None
+            since = time.monotonic() - down[0] if down is not None else 0.0
+            log.warning("%s answers again (after %.1f s); calls go through again", self._where(), since)
+            return
 
     def _wait(self, coro: Coroutine[Any, Any, T]) -> T:
         """``coro``'s result, on the store's loop within ``op_timeout_s``; inline

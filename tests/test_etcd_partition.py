@@ -318,9 +318,11 @@ async def scenario(net_json: dict[str, Any], workdir: Path, etcd_binary: str, se
 
             # (1) It stops acting within its TTL: every poll sent after cut + TTL says "not leader".
             leader_answers_sent: list[float] = []  # wall time each "leader" answer's poll was sent
+            info_s: list[float] = []  # how long each answer took (a figure, not checked)
             while True:
                 sent_t, sent_wall = time.monotonic(), time.time()
                 i = await _info(old_addr)
+                info_s.append(time.monotonic() - sent_t)
                 assert i["state"] != "unreachable", f"the client cannot reach the cut coordinator: {i}"
                 if i["state"] == "follower":
                     stopped_s = time.monotonic() - cut_t
@@ -339,8 +341,11 @@ async def scenario(net_json: dict[str, Any], workdir: Path, etcd_binary: str, se
                 assert time.monotonic() - cut_t < REASON_BOUND_S, (
                     f"{old} does not say within {REASON_BOUND_S:g} s that it cannot reach etcd: {i}")
                 await asyncio.sleep(POLL_S)
+                sent_t = time.monotonic()
                 i = await _info(old_addr)
-            out.update(etcd_reason_after_cut_s=round(time.monotonic() - cut_t, 3), why=i["why_not_leader"])
+                info_s.append(time.monotonic() - sent_t)
+            out.update(etcd_reason_after_cut_s=round(time.monotonic() - cut_t, 3), why=i["why_not_leader"],
+                       info_answer_max_s=round(max(info_s), 3), info_answers=len(info_s))
 
             # (3) A mutating command sent to it is refused, naming why; never carried out (checked at the end).
             async with rpc.channel(old_addr) as ch:

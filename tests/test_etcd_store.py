@@ -542,12 +542,23 @@ def test_paused_etcd_raises_store_unavailable(etcd: EtcdCluster) -> None:
             with pytest.raises(StoreUnavailable, match=etcd.endpoints[0]):
                 s.save_pair(replace(p, epoch=2), StateChange(PairState.IN_SYNC, "while paused"))
             assert time.monotonic() - t0 < 1.5
-            with pytest.raises(StoreUnavailable):
-                s.list_pairs()
+            # The next calls are not tried (they fail at once, without
+            # waiting op_timeout_s each: the service's loop would sit in them).
+            for _ in range(3):
+                with pytest.raises(StoreUnavailable, match="not tried"):
+                    s.list_pairs()
         finally:
             etcd.members[0].resume()
+        # Once the probe is answered, calls go through again (bounded poll).
+        deadline = time.monotonic() + 30.0
+        while True:
+            try:
+                (now,) = s.reload()
+                break
+            except StoreUnavailable:
+                assert time.monotonic() < deadline, "calls still fail 30 s after etcd resumed"
+                time.sleep(0.05)  # the poll interval of a bounded wait for the probe
         # The write's outcome was unknown; the next CAS or a reload settles it.
-        (now,) = s.reload()
         assert now.epoch in (1, 2)
         s.save_pair(replace(now, epoch=now.epoch + 1), StateChange(PairState.IN_SYNC, "after resume"))
         assert s.events("vol1")[-1].reason == "after resume"
