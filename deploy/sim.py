@@ -1649,13 +1649,62 @@ class _TraceHandler(logging.Handler):
             pass
 
 
-def run_seed(seed: int, length_s: float = 8.0, coordinators: int = 1) -> tuple[bool, list[str], dict[str, Any]]:
-    """One schedule (``coordinators``: 1 on SQLite, or 3 on the in-memory etcd). Returns (passed, trace lines, stats)."""
+#: ``--tls`` (inherited by the worker processes): every call carries its host's certificate identity.
+TLS_ENV = "SYNCREP_SIM_TLS"
+_IDENTITIES: dict[str, dict[str, list[bytes]]] = {}
+
+
+def _sim_identity(host: str) -> dict[str, list[bytes]]:
+    """``host``'s auth_context() on a mutual-TLS server: a node certificate
+    naming the host for the node and coordinator hosts, the admin's client
+    certificate for every other caller (the workload, the checker). Real
+    certificates (syncrep.certs, the `syncrep cert` code), made once per
+    process: key generation is slow, and they decide nothing by their bytes."""
+    who = host if host in (*HOSTS, *COORD_HOSTS_HA) else "admin"
+    auth = _IDENTITIES.get(who)
+    if auth is None:
+        from syncrep import certs
+
+        d = Path(tempfile.mkdtemp(prefix="syncrep-sim-certs-"))
+        try:
+            ca_key = d / "ca.key"
+            if not (d / "ca.crt").exists():
+                certs.create_ca(d, ca_key)
+            if who == "admin":
+                certs.create_client_cert(d, ca_key, "admin")
+                crt = (d / "client.admin.crt").read_bytes()
+                auth = {"x509_common_name": [b"admin"], "x509_subject_alternative_name": []}
+            else:
+                certs.create_node_cert(d, ca_key, [who])
+                crt = (d / "node.crt").read_bytes()
+                auth = {"x509_common_name": [certs.NODE_CN.encode()],
+                        "x509_subject_alternative_name": [who.encode()]}
+        finally:
+            shutil.rmtree(d, ignore_errors=True)
+        auth.update(transport_security_type=[b"ssl"], x509_pem_cert=[crt])
+        _IDENTITIES[who] = auth
+    return auth
+
+
+def run_seed(seed: int, length_s: float = 8.0, coordinators: int = 1,
+             tls: bool | None = None) -> tuple[bool, list[str], dict[str, Any]]:
+    """One schedule (``coordinators``: 1 on SQLite, or 3 on the in-memory etcd;
+    ``tls``: every call carries its host's certificate identity and every
+    server authorizes it, default from $SYNCREP_SIM_TLS). Returns (passed,
+    trace lines, stats)."""
+    if tls is None:
+        tls = os.environ.get(TLS_ENV) == "1"
     trace: list[str] = []
     base = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
     root = Path(tempfile.mkdtemp(prefix=f"syncrep-sim-{seed}-", dir=base))
     loop = VirtualTimeLoop()
     sim = Sim(seed, root, trace, length_s, coordinators)
+    if tls:
+        # Made here, before the clocks and secrets are patched: a certificate
+        # made inside a schedule would draw from its random stream.
+        for who in (*HOSTS, *COORD_HOSTS_HA, "admin"):
+            _sim_identity(who)
+        sim.net.identities = _sim_identity
     holder = [sim]
     faults = make_schedule(seed, length_s)
     ha_faults = make_ha_schedule(seed, length_s) if coordinators != 1 else []
@@ -1674,6 +1723,8 @@ def run_seed(seed: int, length_s: float = 8.0, coordinators: int = 1) -> tuple[b
             asyncio.set_event_loop(loop)
             loop.set_task_factory(sim.task_factory)  # type: ignore[arg-type]
             trace.append(f"seed {seed} schedule: " + ("; ".join(map(str, faults)) or "no faults"))
+            if tls:
+                trace.append("mutual TLS identities on every call; every server authorizes (syncrep.authz)")
             if coordinators != 1:
                 trace.append(f"{coordinators} coordinators on the in-memory etcd; their faults: "
                              + "; ".join(map(str, ha_faults)))
@@ -1736,7 +1787,8 @@ def _run_many(seeds: list[int], length_s: float, trace_dir: Path,
             failed += 1
             path = trace_dir / _trace_name(seed, coordinators)
             path.write_text("\n".join(trace) + "\n")
-            mode = "" if coordinators == 1 else f" --coordinators {coordinators}"
+            mode = ("" if coordinators == 1 else f" --coordinators {coordinators}") + (
+                " --tls" if os.environ.get(TLS_ENV) == "1" else "")
             messages.append(f"seed {seed} FAILED: {trace[-1]}  (trace: {path}; replay: "
                             f"python -m deploy.sim --seed {seed}{mode} --trace)")
     return passed, failed, messages
@@ -1756,9 +1808,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--coordinators", type=int, choices=(1, 3), default=1,
                     help="1 coordinator on SQLite (default), or 3 on the simulated etcd (leader election, "
                          "fencing; their kills, cuts from the store and store pauses as faults)")
+    ap.add_argument("--tls", action="store_true",
+                    help="every call carries its host's mutual-TLS certificate identity (real certificates, "
+                         "no encryption) and every server runs the authorization table (syncrep.authz), "
+                         f"as the real processes do (also ${TLS_ENV}=1)")
     ap.add_argument("--trace-dir", type=Path, default=Path(tempfile.gettempdir()),
                     help="where failing schedules' traces are written (default the temp dir)")
     args = ap.parse_args(argv)
+    if args.tls:
+        os.environ[TLS_ENV] = "1"  # the worker processes (and a re-exec) inherit it
     if os.environ.get("PYTHONHASHSEED") != "0":
         # str hashing is randomised per process; a set of strings would then
         # iterate differently on every run. Same seed, same run: re-execute.

@@ -32,6 +32,16 @@ follower coordinator's redirect names the leader in it (issue 12).
   breaks with UNAVAILABLE, as gRPC keepalives declare it dead. A unary call
   without a deadline fails the same way.
 
+**Mutual TLS identities** (``SimNet(identities=...)``, ``python -m deploy.sim
+--tls``): no bytes are encrypted, but every call carries the calling host's
+certificate identity, as gRPC's ``auth_context()`` gives it on a mutual-TLS
+server (real certificates, made by ``syncrep.certs`` for the run: a node
+certificate per node and coordinator host naming that host, the admin's
+client certificate for everything else), and a server runs the
+authorization of ``syncrep.authz.Interceptor`` it was built with before the
+handler. So the real authorization table and the per-stream checks (a
+Replicate stream only from the volume's primary) run under every fault.
+
 Delivery takes ``latency_s`` plus a seeded jitter, in order per direction of a
 call (a stream is one TCP connection). Everything runs on the event loop; no
 threads, no real time.
@@ -49,7 +59,7 @@ from typing import Any
 import grpc
 from grpc import aio
 
-from syncrep import rpc
+from syncrep import authz, rpc
 
 __all__ = ["KEEPALIVE_DEAD_S", "SimNet", "current_host"]
 
@@ -136,6 +146,7 @@ class _Call:
         self.trailing_seen: tuple[tuple[str, str], ...] = ()  # as the client received it
         self.finished = asyncio.get_running_loop().create_future()  # client-side completion
         self.server_task: asyncio.Task[Any] | None = None
+        self.server: SimServer | None = None
         self.started = False
         self.deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
         self.server_done = False
@@ -152,6 +163,7 @@ class _Call:
             return
         ctx = contextvars.copy_context()
         ctx.run(current_host.set, server.host)
+        self.server = server
         self.server_task = asyncio.get_running_loop().create_task(self._serve(), context=ctx)
         server.calls[self] = None
         self.net.calls[self] = None
@@ -160,6 +172,13 @@ class _Call:
         h = self.handler
         context = _Context(self)
         try:
+            if self.net.identities is not None and self.server is not None:
+                # What the server's authz.Interceptor does before the handler
+                # (a refusal aborts: _Abort, below).
+                for icp in self.server.interceptors:
+                    if isinstance(icp, authz.Interceptor) and not await authz.check_call(
+                            icp.policy, self.method, context):
+                        return
             if h.request_streaming:
                 request: Any = _RequestIterator(self)
             else:
@@ -285,6 +304,12 @@ class _Context:
 
     def set_trailing_metadata(self, trailing_metadata: Any) -> None:
         self.call.trailing = tuple(trailing_metadata or ())
+
+    def auth_context(self) -> dict[str, list[bytes]]:
+        """The caller's verified certificate, as gRPC's mutual TLS gives it
+        (empty without identities: a plaintext server)."""
+        ids = self.call.net.identities
+        return ids(self.call.src) if ids is not None else {}
 
     def trailing_metadata(self) -> tuple[tuple[str, str], ...]:
         return self.call.trailing
@@ -481,9 +506,10 @@ class _HandlerCallDetails:
 
 
 class SimServer:
-    def __init__(self, net: SimNet, listen: str) -> None:
+    def __init__(self, net: SimNet, listen: str, interceptors: Any = ()) -> None:
         self.net = net
         self.listen = listen
+        self.interceptors = tuple(interceptors)
         self.host = current_host.get()
         self.address = ""
         self.methods: dict[str, Any] = {}
@@ -532,8 +558,11 @@ class SimServer:
 class SimNet:
     """The network: servers by address, hosts by name, the cuts between hosts."""
 
-    def __init__(self, rng: random.Random, latency_s: float = 0.0002, jitter_s: float = 0.0003) -> None:
+    def __init__(self, rng: random.Random, latency_s: float = 0.0002, jitter_s: float = 0.0003,
+                 identities: Callable[[str], dict[str, list[bytes]]] | None = None) -> None:
         self.rng = rng
+        # host -> its auth_context() as a mutual-TLS server sees it; None: plaintext.
+        self.identities = identities
         self.latency_s = latency_s
         self.jitter_s = jitter_s
         self.servers: dict[str, SimServer] = {}
@@ -550,8 +579,8 @@ class SimNet:
         self.tamper: Callable[[str, str, str, Any], Any] | None = None
 
     # -- rpc.Transport
-    def server(self, listen: str) -> SimServer:
-        return SimServer(self, listen)
+    def server(self, listen: str, interceptors: Any = ()) -> SimServer:
+        return SimServer(self, listen, interceptors)
 
     def channel(self, address: str) -> _Channel:
         return _Channel(self, address)

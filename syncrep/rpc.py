@@ -56,7 +56,7 @@ class Transport(Protocol):
     (``deploy/simnet.py``, used by the deterministic simulator). The product
     code never knows which: it only calls ``Server`` and ``channel`` below."""
 
-    def server(self, listen: str) -> Any: ...
+    def server(self, listen: str, interceptors: Sequence[Any] = ()) -> Any: ...
 
     def channel(self, address: str) -> Any: ...
 
@@ -571,7 +571,7 @@ class Server:
         self.server = (
             aio.server(options=_SERVER_OPTIONS, interceptors=[Guard(), *interceptors])
             if transport is None
-            else transport.server(listen)
+            else transport.server(listen, interceptors)
         )
         self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)

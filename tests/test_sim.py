@@ -213,3 +213,29 @@ def test_a_forced_promote_resolved_keeping_the_old_primary_discards_the_promoted
     assert [(k, d) for k, d, _ in stats["resolves"]] == [("node-a", "node-b")], stats
     assert any("final: in sync, replicas identical" in line and "primary node-a" in line for line in trace)
 
+
+
+def test_tls_identities_run_the_authorization_on_every_call() -> None:
+    """--tls: every call carries its host's certificate identity (real
+    certificates) and every server runs syncrep.authz; a schedule with faults
+    still passes (seed 1: its faults and recovery, all authorized)."""
+    ok, trace, _ = sim.run_seed(1, 8.0, tls=True)
+    assert ok, "\n".join(trace[-30:])
+    assert any("mutual TLS identities on every call" in line for line in trace)
+    assert not any("syncrep.authz: refused" in line for line in trace), [
+        line for line in trace if "refused" in line][:3]
+
+
+def test_a_planted_bug_a_node_presenting_another_nodes_certificate_is_refused(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fault planted in the harness: node-a presents node-b's certificate.
+    The coordinator refuses its registration (its address is not among the
+    certificate's SANs), so the schedule cannot even create its volume: the
+    authorization really runs in the simulator."""
+    real = sim._sim_identity
+    for who in (*sim.HOSTS, *sim.COORD_HOSTS_HA, "admin"):
+        real(who)  # made outside the schedule, as run_seed does
+    monkeypatch.setattr(sim, "_sim_identity", lambda host: real("node-b" if host == "node-a" else host))
+    ok, trace, _ = sim.run_seed(1, 8.0, tls=True)
+    assert not ok
+    assert any("may not register as node node-a:7001" in line for line in trace), trace[-5:]
