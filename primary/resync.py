@@ -27,9 +27,10 @@ it already applied travels twice.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -73,21 +74,94 @@ def round_pieces(store: BlockStore, spec: RoundSpec, chunk_bytes: int) -> list[t
     return plan_pieces(extents, store.block_size, chunk_bytes)
 
 
-class RateLimiter:
-    """Caps bytes per second (0 = unlimited) over the life of one resync."""
+class TokenBucket:
+    """A node-wide cap in bytes per second (0 = unlimited) shared by every
+    resync of the node (``--node-resync-max-rate``). A take may overdraw
+    (a chunk is larger than the burst); the takers then sleep off the debt,
+    so the long-run rate holds whatever the number of volumes. The burst is
+    a quarter of a second of the rate: idle time does not bank credit."""
 
-    def __init__(self, max_rate_bytes_per_s: int) -> None:
+    def __init__(self, max_rate_bytes_per_s: int, clock: Callable[[], float] = time.monotonic) -> None:
         self.rate = max_rate_bytes_per_s
+        self.burst = self.rate / 4
+        self._clock = clock
+        self._tokens = self.burst
+        self._t = clock()
+
+    def debit(self, n: int) -> float:
+        """Take ``n`` bytes; the seconds the caller must wait before sending them."""
+        if self.rate <= 0:
+            return 0.0
+        now = self._clock()
+        self._tokens = min(self.burst, self._tokens + (now - self._t) * self.rate) - n
+        self._t = now
+        return -self._tokens / self.rate if self._tokens < 0 else 0.0
+
+    async def take(self, n: int) -> None:
+        wait = self.debit(n)
+        if wait > 0:
+            await asyncio.sleep(wait)
+
+
+class RateLimiter:
+    """Caps bytes per second (0 = unlimited) over the life of one resync;
+    then the node-wide ``budget`` (if any) as well."""
+
+    def __init__(self, max_rate_bytes_per_s: int, budget: TokenBucket | None = None) -> None:
+        self.rate = max_rate_bytes_per_s
+        self.budget = budget
         self.t0 = time.monotonic()
         self.sent = 0
 
     async def take(self, n: int) -> None:
         self.sent += n
-        if self.rate <= 0:
-            return
-        ahead = self.sent / self.rate - (time.monotonic() - self.t0)
-        if ahead > 0:
-            await asyncio.sleep(ahead)
+        if self.rate > 0:
+            ahead = self.sent / self.rate - (time.monotonic() - self.t0)
+            if ahead > 0:
+                await asyncio.sleep(ahead)
+        if self.budget is not None:
+            await self.budget.take(n)
+
+
+class ResyncBudget:
+    """What the resyncs of one node share (issue 14, after the EBS
+    re-mirroring storm of April 2011: a node back with 200 degraded volumes
+    must not start 200 resyncs at once): at most ``max_concurrent`` run
+    (``--max-concurrent-resyncs``; the others wait in FIFO order, still
+    tracking their writes), all under one ``rate`` (``--node-resync-max-rate``)."""
+
+    def __init__(self, max_concurrent: int, max_rate_bytes_per_s: int = 0) -> None:
+        if max_concurrent < 1:
+            raise ValueError(f"max_concurrent must be >= 1, got {max_concurrent}")
+        self.max_concurrent = max_concurrent
+        self.rate = TokenBucket(max_rate_bytes_per_s)
+        self._slots = asyncio.Semaphore(max_concurrent)
+        self.running: set[str] = set()
+        self.queued: list[str] = []
+
+    @contextlib.asynccontextmanager
+    async def slot(self, volume: str) -> AsyncIterator[float]:
+        """Hold one of the node's resync slots while the body runs; yields
+        the seconds it waited for it (logged when it had to)."""
+        t0 = time.monotonic()
+        if self._slots.locked():
+            log.warning("volume %s: resync queued: %d resyncs run on this node (%s), at most %d "
+                        "(--max-concurrent-resyncs); %d queued before it", volume, len(self.running),
+                        ", ".join(sorted(self.running)), self.max_concurrent, len(self.queued))
+        self.queued.append(volume)
+        try:
+            await self._slots.acquire()
+        finally:
+            self.queued.remove(volume)
+        waited = time.monotonic() - t0
+        self.running.add(volume)
+        try:
+            if waited > 0.001:
+                log.warning("volume %s: resync starts after %.1f s in the node's queue", volume, waited)
+            yield waited
+        finally:
+            self.running.discard(volume)
+            self._slots.release()
 
 
 @dataclass

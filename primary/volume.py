@@ -34,7 +34,7 @@ from typing import Any, cast
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
 
 from primary.link import LinkError, Payload, ReplicationLink, Zeros, identity_msg, span, wire_bytes
-from primary.resync import Counters, RateLimiter, ResyncError, RoundSender, round_pieces
+from primary.resync import Counters, RateLimiter, ResyncBudget, ResyncError, RoundSender, round_pieces
 from syncrep import volumes
 from syncrep.aio import wait_event
 from syncrep.blockstore import Extent
@@ -170,11 +170,15 @@ class PrimaryVolume:
         options: NodeOptions,
         address: str,
         reporter: Reporter,
+        budget: ResyncBudget | None = None,
     ) -> None:
         self.lv = lv
         self.options = options
         self.address = address
         self.reporter = reporter
+        # Shared by every primary volume of the node (Node builds one).
+        self.budget = budget if budget is not None else ResyncBudget(
+            options.max_concurrent_resyncs, options.node_resync_max_rate_bytes_per_s)
         store = lv.store
         # The pair record as durable (``rec``) and as last submitted to the
         # I/O thread for persistence (``_submitted``); see syncrep/core/pair.py.
@@ -1138,7 +1142,8 @@ class PrimaryVolume:
 
     async def _resync_main(self, epoch: int) -> None:
         try:
-            await self._resync(epoch)
+            async with self.budget.slot(self.lv.name):
+                await self._resync(epoch)
         except asyncio.CancelledError:
             raise
         except (ResyncError, LinkError, OSError) as e:
@@ -1152,7 +1157,7 @@ class PrimaryVolume:
         until the final round has switched the pair back to in sync. The plan
         is persisted after every step that changes it, so a restart resumes."""
         store = self.lv.store
-        limiter = RateLimiter(self.options.resync_max_rate_bytes_per_s)
+        limiter = RateLimiter(self.options.resync_max_rate_bytes_per_s, self.budget.rate)
         plan = ResyncPlan.load(store.meta_get(META_RESYNC_PLAN))
         if plan is None or plan.fault_snapshot != self.fault_snapshot_id:
             mode = ResyncMode.from_proto(self.lv.resync_mode)

@@ -320,6 +320,13 @@ NODE_FLAGS: tuple[_NodeFlag, ...] = (
     _NodeFlag("resync_max_rate_bytes_per_s", "--resync-max-rate",
               "resync bandwidth cap, a size per second such as 100MiB (0 = unlimited)",
               type=_rate, is_size=True),
+    _NodeFlag("max_concurrent_resyncs", "--max-concurrent-resyncs",
+              "most resyncs this node runs at once as a primary; the others queue (in order) and start as "
+              "slots free up, their writes tracked meanwhile: a node back with many degraded volumes "
+              "does not start them all at once", type=_positive_int),
+    _NodeFlag("node_resync_max_rate_bytes_per_s", "--node-resync-max-rate",
+              "bandwidth cap shared by all resyncs of this node, a size per second such as 200MiB "
+              "(0 = unlimited); --resync-max-rate still caps each one", type=_rate, is_size=True),
     _NodeFlag("diff_delay_s", "--diff-delay-s",
               "resync variant B (direct): seconds to wait before taking the second diff snapshot",
               type=_seconds),

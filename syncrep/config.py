@@ -47,6 +47,10 @@ class NodeOptions:
     # Resync (method step 3).
     resync_chunk_bytes: int = 1024 * 1024
     resync_max_rate_bytes_per_s: int = 0  # 0 = unlimited
+    # The node's resync budget (issue 14): at most this many resyncs run at
+    # once on the node (the others queue), all under one rate (0 = unlimited).
+    max_concurrent_resyncs: int = 4
+    node_resync_max_rate_bytes_per_s: int = 0
     diff_delay_s: float = 0.0  # variant B: wait before the second diff snapshot
     # Diff rounds continue while the remaining difference shrinks and exceeds
     # this; the last round is sent with writes paused, so it bounds the stall.

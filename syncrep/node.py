@@ -34,6 +34,7 @@ import grpc
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential_jitter
 
 from primary.link import identity_msg
+from primary.resync import ResyncBudget
 from primary.volume import PrimaryVolume
 from secondary.replica import ReplicaServicer
 from secondary.resync import ResyncReceiver, ResyncState
@@ -97,6 +98,10 @@ class Node:
         self.data_dir = Path(data_dir)
         self.registry = VolumeRegistry(self.data_dir, options.durability)
         self.primaries: dict[str, PrimaryVolume] = {}
+        # What the resyncs this node sends share (--max-concurrent-resyncs,
+        # --node-resync-max-rate): one node back with many degraded volumes
+        # must not start a resync storm.
+        self.resync_budget = ResyncBudget(options.max_concurrent_resyncs, options.node_resync_max_rate_bytes_per_s)
         # Metrics (--metrics-listen): the open streams are counted by the
         # innermost interceptor, after the authorisation.
         self.streams = metrics.StreamCounter()
@@ -243,7 +248,7 @@ class Node:
     async def _become_primary(self, lv: LocalVolume) -> PrimaryVolume:
         pv = self.primaries.get(lv.name)
         if pv is None:
-            pv = PrimaryVolume(lv, self.options, self.address, self._report)
+            pv = PrimaryVolume(lv, self.options, self.address, self._report, self.resync_budget)
             self.primaries[lv.name] = pv
             try:
                 await pv.start()
