@@ -399,8 +399,9 @@ class RecordingPrimary:
 
     started: list[RecordingPrimary] = []
 
-    def __init__(self, lv: Any, options: Any, address: str, reporter: Any) -> None:
+    def __init__(self, lv: Any, options: Any, address: str, reporter: Any, budget: Any = None) -> None:
         self.lv = lv
+        self.budget = budget  # the node's ResyncBudget, shared by its primaries
         self.leases: list[tuple[pb.Lease, float]] = []
         self.stopped = False
         self.promote_pending_at_start: str | None = None
