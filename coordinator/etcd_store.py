@@ -377,7 +377,6 @@ class EtcdStore:
         # Set while etcd is taken to be unreachable (a call timed out and no
         # probe was answered since): (time.monotonic() it began, the call).
         self._down: tuple[float, str] | None = None
-        self._probe: concurrent.futures.Future[None] | None = None
 
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -458,7 +457,7 @@ class EtcdStore:
         self._down = (time.monotonic(), what)
         log.warning("%s did not answer %s within %g s: later calls fail at once until it answers a probe "
                     "(every %g s)", self._where(), what, self.op_timeout_s, PROBE_INTERVAL_S)
-        self._probe = asyncio.run_coroutine_threadsafe(self._probe_until_answered(), self._loop)
+        asyncio.run_coroutine_threadsafe(self._probe_until_answered(), self._loop)
 
     async def _probe_until_answered(self) -> None:
         down = self._down

@@ -140,9 +140,9 @@ class ResyncBudget:
         self.queued: list[str] = []
 
     @contextlib.asynccontextmanager
-    async def slot(self, volume: str) -> AsyncIterator[float]:
-        """Hold one of the node's resync slots while the body runs; yields
-        the seconds it waited for it (logged when it had to)."""
+    async def slot(self, volume: str) -> AsyncIterator[None]:
+        """Hold one of the node's resync slots while the body runs (the wait
+        for it is logged when there was one)."""
         t0 = time.monotonic()
         if self._slots.locked():
             log.warning("volume %s: resync queued: %d resyncs run on this node (%s), at most %d "
@@ -158,7 +158,7 @@ class ResyncBudget:
         try:
             if waited > 0.001:
                 log.warning("volume %s: resync starts after %.1f s in the node's queue", volume, waited)
-            yield waited
+            yield
         finally:
             self.running.discard(volume)
             self._slots.release()
