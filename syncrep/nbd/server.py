@@ -97,6 +97,7 @@ from syncrep.core.pairstate import PairState
 from syncrep.core.vocab import MAX_WRITE_BYTES
 from syncrep.errors import FailedPrecondition, PermissionDenied, SyncrepError, Unavailable
 from syncrep.nbd import protocol as p
+from syncrep.nbd.reader import BufferedReader
 from syncrep.pb import syncrep_pb2 as pb
 
 if TYPE_CHECKING:
@@ -544,7 +545,8 @@ class _TlsFailed(Exception):
 
 @dataclass(eq=False)
 class _Conn:
-    reader: asyncio.StreamReader
+    #: The handshake's StreamReader, then (transmission) a BufferedReader over the same transport.
+    reader: asyncio.StreamReader | BufferedReader
     writer: asyncio.StreamWriter
     peer: str
     export: _Export | None = None
@@ -756,6 +758,9 @@ class NbdServer:
             return
         conn.export = export
         b = export.backend
+        assert isinstance(conn.reader, asyncio.StreamReader)
+        # Requests and their payloads are read into one buffer from here on (syncrep/nbd/reader.py).
+        conn.reader = BufferedReader.take_over(conn.reader, conn.writer)
         log.info("nbd client %s: serving export %r (%s, %d bytes, %d-byte blocks%s)",
                  conn.peer, b.name, "read-only" if export.read_only else "read-write", b.size, b.block_size,
                  "" if conn.user is None else f", TLS, user {conn.user!r}")
