@@ -263,6 +263,23 @@ class Election:
 
     stop = resign
 
+    def use_tls(self, tls: EtcdTls) -> None:
+        """SIGHUP (issue 11; on the election's loop, from ``EtcdStore.reload_tls``):
+        the next step runs on a new client presenting ``tls``'s certificates. The
+        lease is etcd's, not the connection's: it carries over. The old client
+        is closed after ``op_timeout_s`` (a step in flight on it finishes)."""
+        self._tls = tls
+        if not self._own_client or self._endpoints is None or self._client is None:
+            return  # an injected client, or not running: start() uses the new _tls
+        old, self._client = self._client, connect_client(self._endpoints, self.op_timeout_s, tls)
+        loop = asyncio.get_running_loop()
+
+        async def close_old() -> None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(old.close(), self.op_timeout_s)
+
+        loop.call_later(self.op_timeout_s, lambda: loop.create_task(close_old()))
+
     # ------------------------------------------------------------ the loop
 
     def _notify(self) -> None:

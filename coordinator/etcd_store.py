@@ -234,6 +234,14 @@ def connect_client(endpoints: Sequence[str], timeout_s: float = DEFAULT_OP_TIMEO
     return _Client(grpc_target(endpoints), timeout_s, tls)
 
 
+async def _close_quietly(client: Any) -> None:
+    """Close a client replaced by a reload (its calls have had their time)."""
+    try:
+        await client.close()
+    except Exception as e:  # a channel to a dead etcd: nothing to keep
+        log.debug("etcd: closing a replaced client: %s", e)
+
+
 def _unavailable_errors() -> tuple[type[BaseException], ...]:
     return (
         aetcd.exceptions.ConnectionFailedError,
@@ -381,6 +389,10 @@ class EtcdStore:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._client: Any = client
+        # The client the volumes/ watch streams on (a SIGHUP keeps it open:
+        # reload_tls), and clients replaced by reload_tls still to close.
+        self._watch_client: Any = None
+        self._retired: list[Any] = []
         if client is not None:
             self._start()
             return
@@ -400,6 +412,40 @@ class EtcdStore:
 
     async def _make_client(self) -> Any:
         return connect_client(self.endpoints, self.op_timeout_s, self.tls)
+
+    def reload_tls(self, tls: EtcdTls, election: Any = None) -> str:
+        """SIGHUP (issue 11): the connections to etcd made from now on present
+        ``tls``'s certificates (read and checked by the caller:
+        ``EtcdTls.from_certs_dir``); calls go to a new client at once, and the
+        election's too when given (it runs on this loop). What is in flight is
+        not cut: a call on the old client finishes on it, which is then closed
+        after ``op_timeout_s``; the volumes/ watch keeps streaming on its own
+        connection until the store closes (a watch restarted would miss the
+        changes made meanwhile). Returns what was done; "" without TLS or with
+        an injected client (nothing of ours to replace)."""
+        if self._loop is None or self.tls is None or self._closed:
+            return ""
+        loop = self._loop
+
+        async def swap() -> None:
+            old, self._client = self._client, connect_client(self.endpoints, self.op_timeout_s, tls)
+            self.tls = tls
+            if old is not None:
+                self._retired.append(old)  # closed by close(), or below
+            if old is not None and old is not self._watch_client:
+
+                async def close_old() -> None:
+                    if old in self._retired:  # not closed by close() meanwhile
+                        self._retired.remove(old)
+                        await _close_quietly(old)
+
+                loop.call_later(self.op_timeout_s, lambda: loop.create_task(close_old()))
+            if election is not None:
+                election.use_tls(tls)
+
+        asyncio.run_coroutine_threadsafe(swap(), loop).result(timeout=self.op_timeout_s)
+        return (f"etcd client certificates reloaded from {tls.source or '?'} (connections to etcd made from "
+                "now on present them; those open keep theirs)")
 
     def _where(self) -> str:
         return f"etcd at {','.join(self.endpoints)} (prefix {self.prefix})"
@@ -679,12 +725,15 @@ class EtcdStore:
                 with contextlib.suppress(Exception):
                     self._wait(client.close())
             return
-        if client is not None:
-            fut = asyncio.run_coroutine_threadsafe(client.close(), self._loop)
+        for c in [client, *self._retired]:
+            if c is None:
+                continue
+            fut = asyncio.run_coroutine_threadsafe(c.close(), self._loop)
             try:
                 fut.result(timeout=self.op_timeout_s)
             except Exception as e:  # closing a channel to a dead etcd: nothing to keep
                 log.debug("%s: closing the client: %s", self._where(), e)
+        self._retired.clear()
         self._closed = True
         # Calls still in flight (a store call from a thread, the election's
         # keepalive) end now, cancelled, rather than time out against a closed
@@ -1081,6 +1130,7 @@ class EtcdStore:
         base = self._key("volumes", "")
 
         async def start() -> Any:
+            self._watch_client = self._client
             watch = await self._client.watch_prefix(base)
 
             async def pump() -> None:

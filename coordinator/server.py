@@ -245,6 +245,8 @@ class Coordinator:
             raise
         self.db, self.servicer, self._server, self.election = db, servicer, server, election
         self.address = address
+        if self.etcd_tls is not None and self.etcd_tls.source and self.etcd_client is None:
+            rpc.add_reload_hook(self._reload_etcd_tls)
         await servicer.start_background()
         if self.metrics_listen:
             await self._start_metrics(servicer)
@@ -259,8 +261,28 @@ class Coordinator:
                         address, self.store_spec.url)
         return port
 
+    def _reload_etcd_tls(self) -> str:
+        """SIGHUP: re-read the certificates presented to etcd from where they
+        came from (``--etcd-certs-dir`` or ``--certs-dir``); the store's and
+        the election's later connections use them. CertError (the old ones
+        stay) when the new files are broken or the swap does not finish."""
+        from coordinator.etcd_store import EtcdTls
+        from syncrep import certs
+
+        old, db = self.etcd_tls, self.db
+        if old is None or db is None:
+            return ""
+        tls = EtcdTls.from_certs_dir(Path(old.source), old.server_name)  # CertError: broken new files
+        try:
+            done = db.reload_tls(tls, self.election)
+        except Exception as e:
+            raise certs.CertError(f"etcd client certificates from {old.source} NOT reloaded: {e!r}") from None
+        self.etcd_tls = tls
+        return str(done)
+
     async def stop(self, grace_s: float = rpc.SHUTDOWN_GRACE_S) -> None:
         """Stop accepting RPCs (in-flight ones get ``grace_s``), stop the loops, close the database."""
+        rpc.remove_reload_hook(self._reload_etcd_tls)
         server, servicer, db = self._server, self.servicer, self.db
         self._server = self.servicer = self.db = None
         if self.metrics is not None:

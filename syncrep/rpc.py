@@ -143,12 +143,14 @@ def reload() -> str:
     global _channel_creds, _generation
     sec = security
     if sec is None or sec.certs_dir is None:
-        return "no certificates to reload (plaintext)"
-    files = _load_tls(sec)
-    with _lock:
-        _channel_creds = None
-        _generation += 1
-    done = [f"certificates reloaded from {sec.certs_dir} ({files.cert_path.name}, CN {files.name!r})"]
+        # The hooks still run: a plaintext coordinator may talk TLS to etcd (etcds://).
+        done = ["no gRPC certificates to reload (plaintext)"]
+    else:
+        files = _load_tls(sec)
+        with _lock:
+            _channel_creds = None
+            _generation += 1
+        done = [f"certificates reloaded from {sec.certs_dir} ({files.cert_path.name}, CN {files.name!r})"]
     for hook in list(_reload_hooks):
         try:
             done.append(hook())
@@ -165,6 +167,12 @@ _reload_hooks: list[Callable[[], str]] = []
 def add_reload_hook(hook: Callable[[], str]) -> None:
     """Run ``hook`` at every :func:`reload` (SIGHUP), after the gRPC credentials."""
     _reload_hooks.append(hook)
+
+
+def remove_reload_hook(hook: Callable[[], str]) -> None:
+    """Stop running ``hook`` (what it reloads has stopped); absent: nothing."""
+    with contextlib.suppress(ValueError):
+        _reload_hooks.remove(hook)
 
 
 def _load_tls(sec: Security) -> certs.TlsFiles:

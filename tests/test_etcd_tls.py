@@ -11,6 +11,9 @@ compared block for block, every acknowledged write checked.
 
 from __future__ import annotations
 
+import queue
+import shutil
+import signal
 import subprocess
 import sys
 import urllib.error
@@ -19,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import wait_until
 from etcd_fixture import EtcdCluster, fixture_etcd, fixture_etcd_tls3  # noqa: F401
 from test_coordinator_ha import leader_kill9_then_secondary_lost, make_cluster
 
@@ -134,6 +138,15 @@ async def test_three_coordinators_on_tls_etcd_leader_kill9_then_secondary_lost(
         log = c.log_tail(name, 400)
         assert "over TLS (certificates from" in log, log
         assert "plaintext and unauthenticated" not in log, log
+    # SIGHUP first: the store's and the election's clients are replaced, and
+    # the scenario below (an election after a kill -9, a degraded pair
+    # recorded) then runs on the new ones.
+    for name in c.coordinator_names:
+        c.kill(name, signal.SIGHUP)
+    for name in c.coordinator_names:
+        await wait_until(lambda n=name: "etcd client certificates reloaded from" in c.log_tail(n, 400),
+                         f"{name} logs the etcd reload", timeout_s=10.0, interval_s=0.1)
+        assert c.is_running(name), f"{name} died on SIGHUP"
     await leader_kill9_then_secondary_lost(c, seed)
 
 
@@ -169,3 +182,65 @@ def test_etcds_defaults_to_the_coordinators_own_certificates(tmp_path: Path) -> 
         assert cli._etcd_tls(argparse.Namespace(etcd_certs_dir=None, etcd_server_name=None), "etcd://h:1") is None
     finally:
         rpc.configure(saved)
+
+
+async def test_sighup_reload_of_etcd_certificates_uses_the_new_files_and_keeps_the_watch(
+    etcd_tls3: EtcdCluster, tmp_path: Path
+) -> None:
+    """Fault: the certificate a coordinator presents to etcd is replaced and
+    reloaded (``EtcdStore.reload_tls``, what SIGHUP calls), twice: first by
+    one etcd does not trust (another CA signed it), then by a fresh one of the
+    right CA. Each reload takes effect on the next call (a new connection):
+    the untrusted one is refused by etcd, the fresh one works again. The
+    volumes/ watch, a stream in flight on the connection opened at start,
+    keeps delivering every change throughout."""
+    etcd = etcd_tls3
+    assert etcd.certs_dir is not None
+    ca_key = etcd.certs_dir.parent / "pki-ca.key"
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    shutil.copy(etcd.certs_dir / certs.CA_CERT_FILE, mine / certs.CA_CERT_FILE)
+    certs.create_node_cert(mine, ca_key, ["127.0.0.1"])
+    other = tmp_path / "other-pki"
+    certs.create_all(other, tmp_path / "other-ca.key", ["127.0.0.1"], users=())
+    writer = EtcdStore(etcd.endpoints, op_timeout_s=2.0, start_timeout_s=10.0,
+                       tls=EtcdTls.from_certs_dir(etcd.certs_dir, "127.0.0.1"))
+    store = EtcdStore(etcd.endpoints, op_timeout_s=1.0, start_timeout_s=10.0,
+                      tls=EtcdTls.from_certs_dir(mine, "127.0.0.1"))
+    seen: queue.Queue[str] = queue.Queue()
+    stop_watch = store.watch_changes(seen.put)
+    try:
+        def changed(name: str) -> None:
+            while seen.get(timeout=10.0) != name:
+                pass
+
+        store.create_pair(_pair("before"), "before the reload")
+        changed("before")
+
+        foreign = certs.load_node_tls(other)
+        untrusted = EtcdTls(etcd.certs_dir.joinpath(certs.CA_CERT_FILE).read_bytes(), foreign.cert, foreign.key,
+                            "127.0.0.1", source=str(other))
+        assert "reloaded from" in store.reload_tls(untrusted)
+        with pytest.raises(StoreUnavailable):
+            store.get_pair("before")
+        writer.create_pair(_pair("during"), "while the untrusted certificate is loaded")
+        changed("during")  # the watch's own connection was not touched
+
+        certs.create_node_cert(mine, ca_key, ["127.0.0.1"], overwrite=True)
+        fresh = EtcdTls.from_certs_dir(mine, "127.0.0.1")
+        store.reload_tls(fresh)
+        assert store.tls is fresh
+
+        def answers() -> bool:
+            try:
+                return store.get_pair("during") is not None
+            except StoreUnavailable:
+                return False  # the breaker waits for its probe (every 0.5 s) to be answered
+
+        await wait_until(answers, "the store answers with the fresh certificate", timeout_s=20.0, interval_s=0.2)
+        store.create_pair(_pair("after"), "after the second reload")
+        changed("after")
+    finally:
+        stop_watch()
+        store.close()
+        writer.close()
