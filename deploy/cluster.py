@@ -409,6 +409,10 @@ class LocalCluster:
             cmd += ["--coordinator", ",".join(self.procs[n].address for n in self.coordinator_names)]
         elif self.store != "sqlite":
             cmd += ["--store", self.store]
+            if self.tls and self.store.startswith("etcd://"):
+                # A TLS coordinator refuses plaintext etcd unless told; the harness's
+                # plaintext test etcd is an explicit choice (as --insecure is).
+                cmd += ["--etcd-insecure"]
         return cmd + self.security_args() + p.extra_args
 
     def _environ(self) -> dict[str, str]:

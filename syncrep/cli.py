@@ -487,7 +487,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where the state lives: 'sqlite' under --data-dir (one coordinator; the default), "
                         "or an etcd cluster shared by several coordinators, one of which leads (elected "
                         "with an etcd lease) while the others answer status and redirect the rest; "
-                        "etcds:// talks TLS to etcd (see --etcd-certs-dir), etcd:// plaintext")
+                        "etcds:// talks TLS to etcd (see --etcd-certs-dir), etcd:// plaintext (refused with "
+                        "--certs-dir unless --etcd-insecure)")
     _add_etcd_tls_flags(p)
     p.add_argument("--election-ttl-s", type=_election_ttl, default=5, metavar="S",
                    help="with --store etcd://: the TTL of the leader's election lease, whole seconds; a "
@@ -968,6 +969,10 @@ def _add_etcd_tls_flags(p: argparse.ArgumentParser) -> None:
                    help="with etcds://: the name every etcd member's certificate must carry (one channel "
                         "balances over all members, so one name is checked for all; default: the host of "
                         "the first endpoint)")
+    p.add_argument("--etcd-insecure", action="store_true", default=False,
+                   help="with etcd://: accept plaintext to etcd although this process runs with --certs-dir "
+                        "(refused otherwise: without TLS anyone who reaches etcd reads and changes every "
+                        "volume's record; use etcds:// instead)")
 
 
 def _etcd_tls(args: argparse.Namespace, store_url: str) -> Any:
@@ -977,11 +982,22 @@ def _etcd_tls(args: argparse.Namespace, store_url: str) -> Any:
     from coordinator.store import parse_store_url
 
     spec = parse_store_url(store_url)
+    insecure_ok = bool(getattr(args, "etcd_insecure", False))
+    if spec.tls and insecure_ok:
+        raise CliError(f"--etcd-insecure is for a plaintext etcd:// store, not {store_url} (TLS): drop one of them")
     if not spec.tls:
         for flag, value in (("--etcd-certs-dir", args.etcd_certs_dir), ("--etcd-server-name",
                                                                         args.etcd_server_name)):
             if value is not None:
                 raise CliError(f"{flag} is for TLS to etcd: give the store as etcds://..., not {store_url}")
+        sec = rpc.security
+        if spec.kind == "etcd" and sec is not None and sec.certs_dir is not None and not insecure_ok:
+            # Secure by default (issue 11): plaintext to etcd only when asked for, as for gRPC.
+            raise CliError(
+                f"--store {store_url}: plaintext to etcd from a process that runs mutual TLS is refused: "
+                "anyone who reaches etcd could read and change every volume's record. Serve etcd over TLS "
+                f"and use --store etcds://{','.join(spec.endpoints)} (the client certificate: "
+                "--etcd-certs-dir DIR, default --certs-dir), or pass --etcd-insecure to accept plaintext")
         return None
     certs_dir = args.etcd_certs_dir
     if certs_dir is None:

@@ -24,7 +24,7 @@ Every flag of every ``syncrep`` command can also be given
 
       [process.coordinator]
       listen = "0.0.0.0:7000"
-      store = "etcd://10.0.0.1:2379,10.0.0.2:2379,10.0.0.3:2379"
+      store = "etcds://10.0.0.1:2379,10.0.0.2:2379,10.0.0.3:2379"
 
 Precedence: a flag on the command line over the environment over the file
 over the built-in default. ``syncrep config show`` prints the effective

@@ -117,6 +117,39 @@ def test_etcd_tls_flags_refuse_bad_input(tmp_path: Path, args: list[str], needle
     assert "campaigning" not in r.stderr, r.stderr
 
 
+def test_a_tls_coordinator_refuses_plaintext_etcd_unless_told(tmp_path: Path) -> None:
+    """Bad input (secure by default): a coordinator with --certs-dir given a
+    plaintext ``etcd://`` store refuses to start, saying what to use instead;
+    ``--etcd-insecure`` with an ``etcds://`` store is refused too. With
+    ``--etcd-insecure`` it starts (and warns): etcd on port 1 is unreachable,
+    so it gives up after its start timeout, having got past the check."""
+    certs.create_all(tmp_path / "certs", tmp_path / "ca.key", ["127.0.0.1"], users=())
+    base = ["--listen", "127.0.0.1:0", "--advertise", "127.0.0.1:1", "--data-dir", str(tmp_path / "c"),
+            "--certs-dir", str(tmp_path / "certs")]
+    r = _coordinator_cli(*base, "--store", "etcd://127.0.0.1:1")
+    assert r.returncode == 1, (r.stdout, r.stderr)
+    assert "plaintext to etcd from a process that runs mutual TLS is refused" in r.stderr, r.stderr
+    assert "--store etcds://127.0.0.1:1" in r.stderr and "--etcd-insecure" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and "campaigning" not in r.stderr, r.stderr
+    r = _coordinator_cli(*base, "--store", "etcds://127.0.0.1:1", "--etcd-insecure")
+    assert r.returncode == 1 and "--etcd-insecure is for a plaintext etcd:// store" in r.stderr, r.stderr
+    # Told: past the check, it tries etcd (and says so); stopped there.
+    proc = subprocess.Popen([sys.executable, "-m", "syncrep", "coordinator", *base, "--store", "etcd://127.0.0.1:1",
+                             "--etcd-insecure"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    lines: list[str] = []
+    try:
+        assert proc.stderr is not None
+        for line in proc.stderr:  # ends at EOF if it exits
+            lines.append(line)
+            if "etcd" in line and "127.0.0.1:1" in line:
+                break
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+    text = "".join(lines)
+    assert "127.0.0.1:1" in text and "is refused" not in text and "Traceback" not in text, text
+
+
 def test_migrate_to_etcds_without_certificates_is_refused(tmp_path: Path) -> None:
     """Bad input: ``coordinator migrate --to etcds://`` with --insecure and no
     --etcd-certs-dir: refused before reading anything."""
@@ -152,8 +185,9 @@ async def test_three_coordinators_on_tls_etcd_leader_kill9_then_secondary_lost(
 
 async def test_a_tls_coordinator_on_plaintext_etcd_warns(cluster_factory: Any, etcd: EtcdCluster) -> None:
     """No fault: a coordinator whose own traffic is mutual TLS, on a plaintext
-    ``etcd://``, says at start that the etcd traffic is plaintext and what to
-    use instead (the default stays plaintext for compatibility: docs/HA.md)."""
+    ``etcd://`` it was told to accept (``--etcd-insecure``, which the harness
+    passes for its plaintext etcd), says at start that the etcd traffic is
+    plaintext and what to use instead."""
     c = await make_cluster(cluster_factory, etcd, create=False)
     for name in c.coordinator_names:
         log = c.log_tail(name, 400)
@@ -179,7 +213,10 @@ def test_etcds_defaults_to_the_coordinators_own_certificates(tmp_path: Path) -> 
         assert tls.ca_crt == (tmp_path / "certs" / certs.CA_CERT_FILE).read_bytes()
         args = argparse.Namespace(etcd_certs_dir=None, etcd_server_name="etcd.example")
         assert cli._etcd_tls(args, "etcds://[::1]:2379").server_name == "etcd.example"
-        assert cli._etcd_tls(argparse.Namespace(etcd_certs_dir=None, etcd_server_name=None), "etcd://h:1") is None
+        plain = argparse.Namespace(etcd_certs_dir=None, etcd_server_name=None, etcd_insecure=True)
+        assert cli._etcd_tls(plain, "etcd://h:1") is None
+        with pytest.raises(cli.CliError, match="plaintext to etcd"):
+            cli._etcd_tls(argparse.Namespace(etcd_certs_dir=None, etcd_server_name=None), "etcd://h:1")
     finally:
         rpc.configure(saved)
 
