@@ -454,6 +454,23 @@ async def test_node_certificate_not_the_primary_refused(
 # ---------------------------------------------------------------- certificates that do not verify
 
 
+def handshake_failures(c: LocalCluster, name: str) -> list[str]:
+    """The lines of ``name``'s log where gRPC's core (on the process's stderr)
+    says a TLS handshake failed: syncrep's handlers never see such a peer."""
+    return [line for line in c.log_tail(name, 5000).splitlines() if "Handshake failed" in line]
+
+
+async def server_logged_handshake_failure(c: LocalCluster, name: str, before: list[str], reason: str) -> None:
+    """The server logged the refused handshake, with its reason (one line per
+    attempt: a gRPC channel may try again within its call's deadline)."""
+    async def logged() -> bool:
+        return len(handshake_failures(c, name)) > len(before)
+
+    await wait_until(logged, f"{name} logs the failed TLS handshake", timeout_s=10.0, interval_s=0.1)
+    new = handshake_failures(c, name)[len(before):]
+    assert all(reason in line for line in new), new
+
+
 async def test_expired_client_certificate_refused(
     cluster_factory: Callable[..., LocalCluster], tmp_path: Path
 ) -> None:
@@ -470,9 +487,11 @@ async def test_expired_client_certificate_refused(
     assert r.returncode == 1, r
     assert f"{d / 'client.carol.crt'} expired on" in r.stderr and "--overwrite" in r.stderr, r.stderr
     # Presented anyway (raw gRPC), the server refuses the handshake: UNAVAILABLE.
+    before = handshake_failures(c, "coordinator")
     async with channel(c.coordinator_addr, user_creds(d, "carol")) as ch:
         e = await refused(pbg.CoordinatorServiceStub(ch).ListVolumes(pb.ListVolumesRequest(), timeout=RPC_TIMEOUT_S))
         assert e.code() == grpc.StatusCode.UNAVAILABLE, e
+    await server_logged_handshake_failure(c, "coordinator", before, "certificate has expired")
 
 
 async def test_client_certificate_from_another_ca_refused(
@@ -489,9 +508,11 @@ async def test_client_certificate_from_another_ca_refused(
     assert TLS_HINT in r.stderr and "UNAVAILABLE" in r.stderr, r.stderr
     # The other CA's client certificate, with the cluster's CA trusted: the server refuses it.
     cert, key = certs.client_cert_files(other / "certs", "admin")
+    before = handshake_failures(c, "coordinator")
     async with channel(c.coordinator_addr, credentials(c.certs_dir, cert, key)) as ch:
         e = await refused(pbg.CoordinatorServiceStub(ch).ListVolumes(pb.ListVolumesRequest(), timeout=RPC_TIMEOUT_S))
         assert e.code() == grpc.StatusCode.UNAVAILABLE, e
+    await server_logged_handshake_failure(c, "coordinator", before, "CERTIFICATE_VERIFY_FAILED")
 
 
 async def test_server_whose_sans_do_not_name_the_address_refused(
