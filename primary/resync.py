@@ -30,7 +30,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,9 +39,9 @@ import grpc
 
 from primary.link import identity_msg
 from syncrep import rpc
-from syncrep.blockstore import BlockStore, Extent, zeros, zeros_crc32c
+from syncrep.blockstore import BlockStore, Extent, iter_block_runs, zeros, zeros_crc32c
 from syncrep.core.identity import Identity
-from syncrep.core.resync_plan import ResyncPlan, RoundSpec, plan_pieces
+from syncrep.core.resync_plan import Pieces, ResyncPlan, RoundSpec, plan_pieces, plan_pieces_from_runs
 from syncrep.core.resync_window import ResyncSendWindow, ResyncWindowError, SendLimits
 from syncrep.core.vocab import RoundKind
 from syncrep.pb import syncrep_pb2 as pb
@@ -66,12 +66,13 @@ class ResyncError(Exception):
     pass
 
 
-def round_pieces(store: BlockStore, spec: RoundSpec, chunk_bytes: int) -> list[tuple[int, int]]:
+def round_pieces(store: BlockStore, spec: RoundSpec, chunk_bytes: int) -> Pieces:
+    """The round's chunks. A diff round's come straight from the diff bitmap's
+    runs (no Extent per run in between), into 16 bytes per chunk (Pieces)."""
     if spec.kind == RoundKind.DIFF:
-        extents = store.diff(spec.base, spec.target)
-    else:
-        extents = [Extent(o, n) for o, n in spec.extents]
-    return plan_pieces(extents, store.block_size, chunk_bytes)
+        runs = iter_block_runs(store.diff_bitmap(spec.base, spec.target))
+        return plan_pieces_from_runs(runs, store.block_size, chunk_bytes)
+    return plan_pieces([Extent(o, n) for o, n in spec.extents], store.block_size, chunk_bytes)
 
 
 class TokenBucket:
@@ -192,7 +193,7 @@ class RoundSender:
         epoch: int,
         plan: ResyncPlan,
         spec: RoundSpec,
-        pieces: list[tuple[int, int]],
+        pieces: Sequence[tuple[int, int]],
         final: bool,
         limiter: RateLimiter,
         counters: Counters,

@@ -8,11 +8,14 @@ ids and byte counts, so the tables read like a trace of a real resync.
 
 from __future__ import annotations
 
+import random
+import tracemalloc
 from typing import Any
 
 import pytest
+from pyroaring import BitMap
 
-from syncrep.blockstore.extents import Extent
+from syncrep.blockstore.extents import Extent, blocks_to_extents, iter_block_runs
 from syncrep.core.resync_plan import (
     FinalRound,
     MeasurePending,
@@ -22,8 +25,10 @@ from syncrep.core.resync_plan import (
     RoundSpec,
     SendRound,
     TakeRoundSnapshot,
+    Pieces,
     next_step,
     plan_pieces,
+    plan_pieces_from_runs,
 )
 from syncrep.core.vocab import ResyncMode, RoundKind
 
@@ -204,3 +209,61 @@ def test_plan_round_trips_through_json() -> None:
 )
 def test_plan_pieces(extents: list[Extent], block: int, chunk: int, want: list[tuple[int, int]]) -> None:
     assert plan_pieces(extents, block, chunk) == want
+
+
+def _reference_pieces(extents: list[Extent], block: int, chunk: int) -> list[tuple[int, int]]:
+    """plan_pieces as it was (a list of tuples), the oracle for the compact one."""
+    out: list[tuple[int, int]] = []
+    step = max(block, chunk - chunk % block)
+    for e in extents:
+        off, end = e.offset - e.offset % block, -(-(e.offset + e.length) // block) * block
+        while off < end:
+            n = min(step, end - off)
+            out.append((off, n))
+            off += n
+    return out
+
+
+@pytest.mark.parametrize("trial", range(40))
+def test_pieces_from_diff_bitmap_runs_are_the_same_chunks_as_from_extents(trial: int, seed: int) -> None:
+    """A diff round's chunks come from the bitmap's runs straight into Pieces
+    (primary/resync.round_pieces): the same chunks, in the same order, as the
+    extent path and the list it replaced. Seed: ``seed`` + trial."""
+    rng = random.Random(seed + trial)
+    block = rng.choice([512, 4096, 65536])
+    chunk = rng.choice([block, 3 * block + 1, 1 << 20, 4 << 20])
+    bm = BitMap()
+    for _ in range(rng.randrange(0, 30)):
+        first = rng.randrange(0, 1 << 16)
+        bm.add_range(first, first + rng.randrange(1, 600))
+    want = _reference_pieces(blocks_to_extents(bm, block), block, chunk)
+    got = plan_pieces_from_runs(iter_block_runs(bm), block, chunk)
+    assert got == want and plan_pieces(blocks_to_extents(bm, block), block, chunk) == want, f"seed {seed + trial}"
+    assert len(got) == len(want) and got.total_bytes == sum(n for _, n in want) == len(bm) * block
+    assert all(got[i] == want[i] for i in range(len(want))) and got[1:4] == want[1:4]
+
+
+def test_a_round_of_many_chunks_is_held_in_about_16_bytes_per_chunk() -> None:
+    """Issue 14 (1 TiB volumes, a large dirty set: the plan in bounded memory):
+    a diff round of 2^18 one-block runs (every other 4 KiB block of 2 GiB, the
+    worst case: one chunk per run) is held in at most 24 bytes per chunk (two
+    array('Q'), with their growth slack); the list of tuples it replaced
+    took about 5x that, measured here in the same way."""
+    n = 1 << 18
+    bm = BitMap(range(0, 2 * n, 2))
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        pieces = plan_pieces_from_runs(iter_block_runs(bm), 4096, 1 << 20)
+        compact = tracemalloc.get_traced_memory()[0] - before
+        before = tracemalloc.get_traced_memory()[0]
+        old = _reference_pieces([Extent(2 * i * 4096, 4096) for i in range(n)], 4096, 1 << 20)
+        listed = tracemalloc.get_traced_memory()[0] - before  # includes the Extents it needed
+    finally:
+        tracemalloc.stop()
+    assert isinstance(pieces, Pieces) and len(pieces) == n == len(old)
+    assert pieces[n - 1] == old[n - 1] == ((2 * n - 2) * 4096, 4096)
+    per_chunk = compact / n
+    print(f"\nresync plan memory per chunk: Pieces {per_chunk:.1f} B, list of tuples + Extents {listed / n:.1f} B")
+    assert per_chunk <= 24, per_chunk
+    assert listed / n >= 4 * per_chunk, (listed / n, per_chunk)

@@ -16,7 +16,7 @@ from .errors import (
     UnknownSnapshotError,
     VolumeBusyError,
 )
-from .extents import Extent, blocks_to_extents, extents_to_blocks, merge_extents
+from .extents import Extent, blocks_to_extents, extents_to_blocks, iter_block_runs, merge_extents
 from .store import BlockStore, Durability, SnapshotInfo, zeros, zeros_crc32c
 
 __all__ = [
@@ -37,6 +37,7 @@ __all__ = [
     "VolumeBusyError",
     "blocks_to_extents",
     "extents_to_blocks",
+    "iter_block_runs",
     "merge_extents",
     "zeros",
     "zeros_crc32c",

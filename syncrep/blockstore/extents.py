@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from pyroaring import BitMap
@@ -55,19 +55,22 @@ def extents_to_blocks(extents: Iterable[Extent], block_size: int) -> BitMap:
     return bm
 
 
-def block_runs(blocks: Iterable[int]) -> list[tuple[int, int]]:
-    """Merge sorted block indices into ``(first_block, count)`` runs."""
-    runs: list[tuple[int, int]] = []
+def iter_block_runs(blocks: Iterable[int]) -> Iterator[tuple[int, int]]:
+    """Merge sorted block indices into ``(first_block, count)`` runs, one at a time."""
     start = prev = -2
     for b in blocks:
         if b != prev + 1:
             if start >= 0:
-                runs.append((start, prev - start + 1))
+                yield start, prev - start + 1
             start = b
         prev = b
     if start >= 0:
-        runs.append((start, prev - start + 1))
-    return runs
+        yield start, prev - start + 1
+
+
+def block_runs(blocks: Iterable[int]) -> list[tuple[int, int]]:
+    """Merge sorted block indices into ``(first_block, count)`` runs."""
+    return list(iter_block_runs(blocks))
 
 
 def blocks_to_extents(blocks: Iterable[int], block_size: int) -> list[Extent]:

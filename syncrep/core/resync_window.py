@@ -40,7 +40,10 @@ Invariant (asserted): the chunks in flight are exactly ``[applied, next)``
 from __future__ import annotations
 
 import hashlib
+import itertools
 import struct
+from array import array
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 __all__ = ["Refusal", "ReplyEvents", "ResyncSendWindow", "ResyncWindowError", "RoundDigest", "SendLimits"]
@@ -143,7 +146,7 @@ class ReplyEvents:
 class ResyncSendWindow:
     """The send window of one resync round over one stream."""
 
-    def __init__(self, pieces: list[tuple[int, int]], start: int, limits: SendLimits) -> None:
+    def __init__(self, pieces: Sequence[tuple[int, int]], start: int, limits: SendLimits) -> None:
         n = len(pieces)
         if not 0 <= start <= n:
             # The same words as before the window was its own class.
@@ -161,9 +164,9 @@ class ResyncSendWindow:
         self._refusals: dict[int, int] = {}
         self._digest = RoundDigest()
         # prefix[i] = bytes in pieces[:i]: progress without rescanning the list
-        self._prefix = [0]
-        for _, length in pieces:
-            self._prefix.append(self._prefix[-1] + length)
+        # (8 bytes per chunk: a round may have millions, see resync_plan.Pieces).
+        self._prefix = array("Q", [0])
+        self._prefix.extend(itertools.accumulate(length for _, length in pieces))
 
     # ------------------------------------------------------------ queries
     @property
