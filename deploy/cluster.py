@@ -52,9 +52,11 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
+import errno
 import json
 import logging
 import os
+import random
 import shutil
 import signal
 import socket
@@ -148,9 +150,46 @@ class ClusterError(RuntimeError):
         super().__init__(text)
 
 
+#: Where free_port draws from: below the kernel's ephemeral range, so that the
+#: port is not taken meanwhile as the local end of somebody's outgoing
+#: connection (a CI run failed so: etcd "bind: address already in use" on a
+#: port bind(0) had handed out, which a client socket then held).
+_PORT_FLOOR = 10000
+_handed_out: set[int] = set()
+_handed_lock = threading.Lock()
+
+
+def _ephemeral_low() -> int:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A port that was free a moment ago (bind port 0, read it back, close)."""
+    """A port that was free a moment ago, that this process has not handed out
+    before, drawn at random below the ephemeral range (see ``_PORT_FLOOR``);
+    bind(0) when that range is too small."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    top = _ephemeral_low() - 1
+    if top - _PORT_FLOOR >= 1000:
+        rng = random.SystemRandom()
+        for _ in range(200):
+            port = rng.randrange(_PORT_FLOOR, top + 1)
+            with _handed_lock:
+                if port in _handed_out:
+                    continue
+            with socket.socket(family, socket.SOCK_STREAM) as s:
+                try:
+                    s.bind((host, port))
+                except OSError as e:
+                    if e.errno == errno.EADDRINUSE:
+                        continue
+                    raise
+            with _handed_lock:
+                _handed_out.add(port)
+            return port
     with socket.socket(family, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
